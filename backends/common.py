@@ -1,0 +1,71 @@
+"""What every backend shares: the dispatch outputs, per-call statistics, and capacity-mode padding."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
+
+import torch
+
+# dtype codes used when ranks compare what they are about to exchange
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_FROM_CODE = {v: k for k, v in DTYPE_CODES.items()}
+
+
+class DispatchOutputs(NamedTuple):
+    """The outputs of MoeDispatch on this rank (SPEC.md section 3).
+
+    recv_x: [V, H], x's dtype, one row per received (source token, local expert) pair.
+    recv_topk_idx: [V] int64, global expert id of the row (-1 on capacity padding).
+    recv_topk_weights: [V] float32, the source's weight for that (token, expert) (0 on padding).
+    recv_src_idx: [V] int64, token index on the source rank (-1 on padding).
+    recv_src_rank: [V] int64, source rank (-1 on padding).
+    n_tokens_to_rank: [W] int64, distinct tokens this rank sends to each rank.
+    n_tokens_from_rank: [W] int64, distinct tokens this rank receives from each rank.
+    n_tokens_per_expert: [E_local] int64, rows of recv_x per local expert, in local-expert order.
+    """
+
+    recv_x: torch.Tensor
+    recv_topk_idx: torch.Tensor
+    recv_topk_weights: torch.Tensor
+    recv_src_idx: torch.Tensor
+    recv_src_rank: torch.Tensor
+    n_tokens_to_rank: torch.Tensor
+    n_tokens_from_rank: torch.Tensor
+    n_tokens_per_expert: torch.Tensor
+
+
+@dataclass
+class CommStats:
+    """What one call did, for traces: bytes to and from other ranks, and host synchronisations."""
+
+    bytes_sent: int = 0  # payload rows and metadata that left this rank (self excluded)
+    bytes_recv: int = 0
+    payload_rows_sent: int = 0  # wire rows of x (or partial rows) sent to other ranks
+    host_syncs: int = 0
+    sync_reasons: list = field(default_factory=list)
+
+    def sync(self, reason: str) -> None:
+        self.host_syncs += 1
+        self.sync_reasons.append(reason)
+
+
+def pad_to_capacity(out: DispatchOutputs, capacity: Optional[int]) -> DispatchOutputs:
+    """Capacity mode (SPEC.md section 5): leading extent C, padding rows marked -1 with weight 0."""
+    if capacity is None:
+        return out
+    v = out.recv_x.shape[0]
+    if v > capacity:
+        raise RuntimeError(f"moe_dispatch: capacity overflow: this rank receives {v} rows but "
+                           f"max_recv_tokens={capacity}; needed capacity {v}, given {capacity}")
+    pad = capacity - v
+
+    def padded(t: torch.Tensor, fill) -> torch.Tensor:
+        return torch.cat([t, torch.full((pad,) + tuple(t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
+
+    return out._replace(
+        recv_x=padded(out.recv_x, 0),
+        recv_topk_idx=padded(out.recv_topk_idx, -1),
+        recv_topk_weights=padded(out.recv_topk_weights, 0.0),
+        recv_src_idx=padded(out.recv_src_idx, -1),
+        recv_src_rank=padded(out.recv_src_rank, -1),
+    )

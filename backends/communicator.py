@@ -1,0 +1,229 @@
+"""The expert-parallel group a host IR runs on: ranks, device, store, timeout and collectives.
+
+A `Communicator` wraps a `torch.distributed` process group (or no group at all, for a single rank).
+Backends talk to their peers only through it, so that a collective that times out surfaces as a
+`TimeoutError` (SPEC.md section 9) and so that launcher detection (SPEC.md section 6) lives in one place.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300.0
+_TIMEOUT_MARKERS = ("timed out", "timeout", "Timeout", "TIMEOUT", "deadline")
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Rank layout read from a launcher's environment variables."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str
+
+
+def detect_launcher(environ: Optional[dict] = None) -> Optional[LaunchEnv]:
+    """Reads torchrun, SLURM or Open MPI variables; returns None when no launcher started us."""
+    env = os.environ if environ is None else environ
+    layouts = (
+        ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+        ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+        ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    )
+    for launcher, rank_var, size_var, local_var in layouts:
+        if rank_var in env and size_var in env:
+            rank, size = int(env[rank_var]), int(env[size_var])
+            local = int(env.get(local_var, rank))
+            return LaunchEnv(rank, size, local, launcher)
+    return None
+
+
+def timeout_from_env(environ: Optional[dict] = None) -> float:
+    env = os.environ if environ is None else environ
+    raw = env.get("FUSER_MOE_TIMEOUT_S", str(DEFAULT_TIMEOUT_S))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"FUSER_MOE_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"FUSER_MOE_TIMEOUT_S must be positive, got {value}")
+    return value
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, TimeoutError) or any(m in text for m in _TIMEOUT_MARKERS)
+
+
+class Communicator:
+    """The ranks of one expert-parallel group.
+
+    Args:
+        group: a `torch.distributed` process group, or None for the default group. Ignored when
+            `torch.distributed` is not initialised (then this is a single-rank communicator).
+        device: the device this rank computes on (`torch.device`); defaults to the CPU.
+        timeout_s: how long a peer may stay silent before a call raises `TimeoutError`. For a group
+            passed in by the user this only bounds fuser_moe's own waits (the CUDA backend's barrier,
+            store look-ups); the group's collectives keep the user's timeout.
+        owns_group: True when fuser_moe initialised the process group and must destroy it on close.
+    """
+
+    def __init__(self, group=None, device=None, timeout_s: Optional[float] = None, owns_group: bool = False):
+        self._distributed = dist.is_available() and dist.is_initialized()
+        self.group = group if (group is not None or not self._distributed) else dist.group.WORLD
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.timeout_s = float(timeout_s) if timeout_s is not None else timeout_from_env()
+        self.owns_group = owns_group
+        self._closers: list = []
+        if self._distributed:
+            self.rank = dist.get_rank(self.group)
+            self.world_size = dist.get_world_size(self.group)
+            self.global_ranks = list(dist.get_process_group_ranks(self.group))
+        else:
+            self.rank, self.world_size, self.global_ranks = 0, 1, [0]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_environment(cls, device=None) -> "Communicator":
+        """The communicator `fd.execute` uses when it is given none (SPEC.md section 6).
+
+        The default process group if one is initialised; otherwise one initialised from the launcher's
+        environment (Gloo for CPU tensors, NCCL for CUDA tensors); otherwise a single rank.
+        """
+        if dist.is_available() and dist.is_initialized():
+            return cls(device=device)
+        launch = detect_launcher()
+        if launch is None or launch.world_size == 1:
+            return cls(device=device)
+        timeout_s = timeout_from_env()
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if dev.type == "cuda":
+            torch.cuda.set_device(launch.local_rank)
+            dev = torch.device("cuda", launch.local_rank)
+        os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend=pg_backend_for(dev),
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        return cls(device=dev, timeout_s=timeout_s, owns_group=True)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def is_distributed(self) -> bool:
+        return self._distributed and self.world_size > 1
+
+    @property
+    def store(self):
+        """The group's key-value store (a PrefixStore unique to this group), or None on one rank."""
+        if not self._distributed:
+            return None
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        prefix = "fuser_moe/" + "_".join(str(r) for r in self.global_ranks)
+        return dist.PrefixStore(prefix, _get_default_store())
+
+    def all_hosts_local(self) -> bool:
+        """True when every rank of the group runs on this host."""
+        if not self.is_distributed:
+            return True
+        names = self.all_gather_object(socket.gethostname())
+        return len(set(names)) == 1
+
+    # ------------------------------------------------------------------ collectives
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TimeoutError:
+            raise
+        except RuntimeError as exc:
+            if _is_timeout(exc):
+                raise TimeoutError(
+                    f"{what}: a peer did not answer within the timeout on rank {self.rank} "
+                    f"of {self.world_size}: {exc}"
+                ) from exc
+            raise
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,
+                          output_split_sizes: Optional[Sequence[int]] = None,
+                          input_split_sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Variable-split all-to-all; on one rank it is a copy."""
+        if not self.is_distributed:
+            output.copy_(input)
+            return output
+        self._call(
+            "all_to_all_single", dist.all_to_all_single, output, input,
+            output_split_sizes=None if output_split_sizes is None else list(output_split_sizes),
+            input_split_sizes=None if input_split_sizes is None else list(input_split_sizes),
+            group=self.group,
+        )
+        return output
+
+    def all_gather_object(self, obj: Any) -> list:
+        if not self.is_distributed:
+            return [obj]
+        out = [None] * self.world_size
+        self._call("all_gather_object", dist.all_gather_object, out, obj, group=self.group)
+        return out
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.is_distributed:
+            self._call("all_reduce", dist.all_reduce, tensor, op=dist.ReduceOp.MAX, group=self.group)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            self._call("barrier", dist.barrier, group=self.group)
+
+    def agree(self, error: Optional[BaseException]) -> None:
+        """Makes every rank raise when any rank found an error (SPEC.md section 9).
+
+        Each rank passes the error it found in its own input, or None. The rank that found one raises
+        it; every other rank raises the same type saying which rank rejected its input. Nothing else
+        has travelled yet, so the group stays usable afterwards.
+        """
+        summary = None if error is None else (type(error).__name__, str(error))
+        if not self.is_distributed:
+            if error is not None:
+                raise error
+            return
+        verdicts = self.all_gather_object(summary)
+        if error is not None:
+            raise error
+        for peer, verdict in enumerate(verdicts):
+            if verdict is not None:
+                kind, message = verdict
+                exc_type = {"ValueError": ValueError, "TypeError": TypeError,
+                            "RuntimeError": RuntimeError, "TimeoutError": TimeoutError}.get(kind, RuntimeError)
+                raise exc_type(f"rank {peer} rejected its input ({kind}: {message})")
+
+    # ------------------------------------------------------------------ lifetime
+    def on_close(self, closer) -> None:
+        """Registers a callable that releases a resource tied to this group (buffers, mappings)."""
+        self._closers.append(closer)
+
+    def close(self) -> None:
+        while self._closers:
+            self._closers.pop()()
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    def __repr__(self) -> str:
+        return f"Communicator(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+
+def pg_backend_for(device: torch.device) -> str:
+    """Gloo for CPU tensors, NCCL for CUDA tensors; both where CUDA exists so either tensor works."""
+    if device.type == "cuda":
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"

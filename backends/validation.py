@@ -1,0 +1,124 @@
+"""Checked mode (SPEC.md section 9): input checks shared by every backend.
+
+Each function raises the error the contract names for the first problem it finds. Backends call them
+inside `checked(comm, ...)`, which makes every rank raise when any rank's input is bad, before
+anything travels, so that no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .communicator import Communicator
+from .routing import placement_list
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX = (torch.int64, torch.int32)
+
+
+def checked(comm: Communicator, check: Callable[[], object]):
+    """Runs `check` on this rank and agrees with every peer; returns what `check` returned."""
+    error: Optional[BaseException] = None
+    result = None
+    try:
+        result = check()
+    except (ValueError, TypeError, RuntimeError) as exc:
+        error = exc
+    comm.agree(error)
+    return result
+
+
+def validate_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int,
+                      expert_to_rank: Optional[Sequence[int]], world_size: int) -> None:
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"moe_dispatch: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if topk_idx.dtype not in _INDEX:
+        raise TypeError(f"moe_dispatch: topk_idx must be int64 or int32, got {topk_idx.dtype}")
+    if topk_weights.dtype != torch.float32:
+        raise TypeError(f"moe_dispatch: topk_weights must be float32, got {topk_weights.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"moe_dispatch: x must be 2-D [T, H], got shape {list(x.shape)}")
+    if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_dispatch: topk_idx must be [T, K] with T={x.shape[0]} (x is {list(x.shape)}), "
+                         f"got {list(topk_idx.shape)}")
+    if topk_weights.shape != topk_idx.shape:
+        raise ValueError(f"moe_dispatch: topk_weights shape {list(topk_weights.shape)} does not match "
+                         f"topk_idx shape {list(topk_idx.shape)}")
+    if not (x.device == topk_idx.device == topk_weights.device):
+        raise ValueError(f"moe_dispatch: tensors are on different devices: x on {x.device}, topk_idx on "
+                         f"{topk_idx.device}, topk_weights on {topk_weights.device}")
+    placement_list(num_experts, world_size, expert_to_rank)
+    if topk_idx.numel() == 0:
+        return
+    idx = topk_idx.long()
+    bad = (idx < -1) | (idx >= num_experts)
+    if bool(bad.any()):
+        t, k = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"moe_dispatch: topk_idx[{t}, {k}] = {int(idx[t, k])} is outside [-1, {num_experts}) "
+                         f"(token {t})")
+    sorted_idx, _ = torch.sort(idx, dim=1)
+    dup = (sorted_idx[:, 1:] == sorted_idx[:, :-1]) & (sorted_idx[:, 1:] >= 0)
+    if bool(dup.any()):
+        t, k = (int(v) for v in dup.nonzero()[0])
+        raise ValueError(f"moe_dispatch: token {t} picks expert {int(sorted_idx[t, k + 1])} twice in "
+                         f"topk_idx[{t}] = {idx[t].tolist()}")
+
+
+def validate_combine(x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor, src_rank: torch.Tensor,
+                     n_tokens_to_rank: torch.Tensor, n_tokens_from_rank: torch.Tensor, num_tokens: int,
+                     world_size: int) -> None:
+    """Checks of combine's own inputs; `validate_combine_sources` checks them against the peers'."""
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"moe_combine: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if topk_weights.dtype != torch.float32:
+        raise TypeError(f"moe_combine: topk_weights must be float32, got {topk_weights.dtype}")
+    for name, t in (("src_idx", src_idx), ("src_rank", src_rank), ("n_tokens_to_rank", n_tokens_to_rank),
+                    ("n_tokens_from_rank", n_tokens_from_rank)):
+        if t.dtype != torch.int64:
+            raise TypeError(f"moe_combine: {name} must be int64, got {t.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"moe_combine: x must be 2-D [V, H], got shape {list(x.shape)}")
+    lengths = {"x": x.shape[0], "topk_weights": topk_weights.shape[0], "src_idx": src_idx.shape[0],
+               "src_rank": src_rank.shape[0]}
+    if any(t.dim() != 1 for t in (topk_weights, src_idx, src_rank)) or len(set(lengths.values())) != 1:
+        raise ValueError(f"moe_combine: x, topk_weights, src_idx and src_rank must have one row each per "
+                         f"received pair, got lengths {lengths} (shapes x {list(x.shape)}, topk_weights "
+                         f"{list(topk_weights.shape)}, src_idx {list(src_idx.shape)}, src_rank {list(src_rank.shape)})")
+    for name, t in (("n_tokens_to_rank", n_tokens_to_rank), ("n_tokens_from_rank", n_tokens_from_rank)):
+        if list(t.shape) != [world_size]:
+            raise ValueError(f"moe_combine: {name} must have shape [{world_size}] (the world size), got "
+                             f"{list(t.shape)}")
+    devices = {t.device for t in (x, topk_weights, src_idx, src_rank, n_tokens_to_rank, n_tokens_from_rank)}
+    if len(devices) != 1:
+        raise ValueError(f"moe_combine: tensors are on different devices: {sorted(map(str, devices))}")
+    if not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ValueError(f"moe_combine: num_tokens must be a non-negative int, got {num_tokens!r}")
+    real = src_rank >= 0
+    bad_rank = (src_rank < -1) | (src_rank >= world_size)
+    if bool(bad_rank.any()):
+        v = int(bad_rank.nonzero()[0, 0])
+        raise ValueError(f"moe_combine: src_rank[{v}] = {int(src_rank[v])} is outside [0, {world_size})")
+    bad_idx = real & (src_idx < 0)
+    if bool(bad_idx.any()):
+        v = int(bad_idx.nonzero()[0, 0])
+        raise ValueError(f"moe_combine: src_idx[{v}] = {int(src_idx[v])} is negative")
+
+
+def validate_combine_sources(src_idx: torch.Tensor, src_rank: torch.Tensor, n_tokens_from_rank: torch.Tensor,
+                             tokens_of_rank: Sequence[int], n_to_of_rank: Sequence[Sequence[int]],
+                             rank: int) -> None:
+    """Checks against what every peer said: src_idx within its source's num_tokens, counts consistent."""
+    real = src_rank >= 0
+    limit = torch.tensor(list(tokens_of_rank), dtype=torch.int64, device=src_idx.device)
+    over = real & (src_idx >= limit[src_rank.clamp(min=0)])
+    if bool(over.any()):
+        v = int(over.nonzero()[0, 0])
+        s = int(src_rank[v])
+        raise ValueError(f"moe_combine: src_idx[{v}] = {int(src_idx[v])} is outside [0, num_tokens={tokens_of_rank[s]}) "
+                         f"of its source rank {s}")
+    n_from = n_tokens_from_rank.tolist()
+    for s, row in enumerate(n_to_of_rank):
+        if row[rank] != n_from[s]:
+            raise ValueError(f"moe_combine: n_tokens_from_rank[{s}] = {n_from[s]} here, but rank {s} says it "
+                             f"sent {row[rank]} tokens to rank {rank} (n_tokens_to_rank there)")

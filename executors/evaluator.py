@@ -1,0 +1,234 @@
+"""`HostIrEvaluator`: runs a host IR on this rank (SPEC.md section 7).
+
+One handler per node type, chosen with `functools.singledispatchmethod` (nvFuser's `handle(Node*)`).
+A handler reads its inputs from the environment, calls one runtime function and binds the outputs;
+it holds no algorithm. Every bound tensor is checked against its TensorView, and a value is dropped
+from the environment after its last use.
+"""
+from __future__ import annotations
+
+import os
+import time
+from functools import singledispatchmethod
+from typing import Optional, Sequence
+
+import torch
+
+from fuser_moe.backends.common import CommStats
+from fuser_moe.backends.communicator import Communicator
+from fuser_moe.ir import (Add, Cast, Expr, Extent, GroupedMm, HostIrContainer, MoeCombine, MoeDispatch, Mul, Silu,
+                          Size, TensorView, Val)
+
+from .backend_selection import get_backend, resolve_backend
+from .trace import Trace, TraceEvent
+
+
+def _describe(tv: Val, value) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return (tv.ref(), tuple(value.shape), str(value.dtype).replace("torch.", ""))
+    return (tv.ref(), (), type(value).__name__)
+
+
+class HostIrEvaluator:
+    """Evaluates a `HostIrContainer` on this rank.
+
+    Args:
+        container: the host program.
+        communicator: the expert-parallel group; when None it is found from the environment at the
+            first run (SPEC.md section 6), on the device of the first input tensor.
+        trace: record a `TraceEvent` per expression in `self.trace`. `FUSER_MOE_TRACE=DIR` turns
+            tracing on and writes `DIR/trace_rank{r}.json` after every run.
+        check_inputs: checked mode of SPEC.md section 9; False skips input validation.
+    """
+
+    def __init__(self, container: HostIrContainer, communicator: Optional[Communicator] = None,
+                 trace: bool = False, check_inputs: bool = True):
+        self.container = container
+        self.communicator = communicator
+        self.trace_dir = os.environ.get("FUSER_MOE_TRACE") or None
+        self.tracing = bool(trace or self.trace_dir)
+        self.check_inputs = check_inputs
+        self.trace = Trace(communicator.rank if communicator is not None else 0)
+        self._runs = 0
+        self._env: dict = {}
+        self._extents: dict = {}
+        self._last_uses = container.last_uses()
+
+    # ------------------------------------------------------------------ binding
+    def _value(self, v: Val):
+        if isinstance(v, Extent) or (v.is_const and not isinstance(v, TensorView)):
+            if v.is_const:
+                return v.value
+            if id(v) in self._extents:
+                return self._extents[id(v)]
+        if id(v) not in self._env:
+            raise RuntimeError(f"{v.ref()} is read before it is defined (or after its last use)")
+        return self._env[id(v)]
+
+    def _bind_extent(self, extent: Extent, size: int, what: str) -> None:
+        if extent.is_const:
+            if extent.value != size:
+                raise TypeError(f"{what}: extent {extent.ref()} must be {extent.value}, got {size}")
+            return
+        known = self._extents.get(id(extent))
+        if known is not None and known != size:
+            raise TypeError(f"{what}: extent {extent.ref()} is {known} elsewhere in this run, got {size}")
+        self._extents[id(extent)] = size
+
+    def _bind(self, v: Val, value, role: str) -> None:
+        """Binds `value` to `v` after checking it against v's type; a mismatch is a TypeError naming v."""
+        what = f"{role} {v.ref()}"
+        if isinstance(v, TensorView):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{what} must be a torch.Tensor of type {v.type_str()}, got {type(value).__name__}")
+            if value.dtype != v.dtype.to_torch():
+                raise TypeError(f"{what} must have dtype {v.dtype.to_torch()} ({v.type_str()}), got {value.dtype}")
+            if value.dim() != v.ndim:
+                raise TypeError(f"{what} must be {v.ndim}-D ({v.type_str()}), got shape {list(value.shape)}")
+            for extent, size in zip(v.extents, value.shape):
+                self._bind_extent(extent, int(size), what)
+        else:
+            if isinstance(value, torch.Tensor):
+                value = int(value.item())
+            if not isinstance(value, int):
+                raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+        self._env[id(v)] = value
+
+    # ------------------------------------------------------------------ running
+    def _communicator(self, inputs: Sequence) -> Communicator:
+        if self.communicator is None:
+            device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+            self.communicator = Communicator.from_environment(device=device)
+            self.trace.rank = self.communicator.rank
+        return self.communicator
+
+    def run(self, inputs: Sequence) -> list:
+        """Binds `inputs` to the container's inputs, runs every expression, returns the outputs."""
+        c = self.container
+        if len(inputs) != len(c.inputs):
+            raise ValueError(f"the fusion takes {len(c.inputs)} inputs "
+                             f"({', '.join(v.typed() for v in c.inputs)}), got {len(inputs)}")
+        self._env, self._extents = {}, {}
+        for v, value in zip(c.inputs, inputs):
+            self._bind(v, value, "input")
+        self._communicator(inputs)
+        outputs_ids = {id(v) for v in c.outputs}
+        try:
+            for i, expr in enumerate(c.exprs):
+                self._run_expr(expr)
+                for v in expr.inputs:  # free what no later expression reads
+                    if self._last_uses.get(id(v)) == i and id(v) not in outputs_ids:
+                        self._env.pop(id(v), None)
+            results = [self._value(v) for v in c.outputs]
+        finally:
+            self._env = {}
+        self._runs += 1
+        if self.tracing:
+            self.trace.finish_run()
+            if self.trace_dir:
+                self.trace.to_chrome(os.path.join(self.trace_dir, f"trace_rank{self.trace.rank}.json"))
+        return results
+
+    def _run_expr(self, expr: Expr) -> None:
+        if not self.tracing:
+            self._stats = CommStats()
+            self._choice = (None, None)
+            self.handle(expr)
+            return
+        device = next((self._env[id(v)].device for v in expr.inputs
+                       if isinstance(v, TensorView) and id(v) in self._env), torch.device("cpu"))
+        event = TraceEvent(op=expr.op_name, node=expr.to_string(), rank=self.trace.rank, run=self._runs,
+                           inputs=[_describe(v, self._value(v)) for v in expr.inputs])
+        self._stats, self._choice = CommStats(), (None, None)
+        cuda_events = None
+        if device.type == "cuda":
+            cuda_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            cuda_events[0].record()
+        event.start_us = time.time() * 1e6
+        t0 = time.perf_counter()
+        self.handle(expr)
+        if cuda_events is not None:
+            cuda_events[1].record()
+            event._events = cuda_events
+        event.wall_ms = (time.perf_counter() - t0) * 1e3
+        event.backend, event.reason = self._choice
+        event.outputs = [_describe(v, self._env[id(v)]) for v in expr.outputs]
+        event.bytes_sent, event.bytes_recv = self._stats.bytes_sent, self._stats.bytes_recv
+        event.host_syncs, event.sync_reasons = self._stats.host_syncs, list(self._stats.sync_reasons)
+        self.trace.add(event)
+
+    def _backend_for(self, expr, device: torch.device):
+        name, reason = resolve_backend(expr.backend(), device, self.communicator)
+        self._choice = (name, reason)
+        return get_backend(name)
+
+    # ------------------------------------------------------------------ handlers
+    @singledispatchmethod
+    def handle(self, expr: Expr) -> None:
+        raise NotImplementedError(f"HostIrEvaluator has no handler for {type(expr).__name__}")
+
+    @handle.register
+    def _(self, expr: MoeDispatch) -> None:
+        x, idx, w = (self._value(v) for v in expr.inputs)
+        backend = self._backend_for(expr, x.device)
+        out = backend.dispatch(self.communicator, x, idx, w, num_experts=expr.num_experts(),
+                               expert_to_rank=expr.expert_to_rank(), max_recv_tokens=expr.max_recv_tokens(),
+                               check_inputs=self.check_inputs, stats=self._stats)
+        for name, value in zip(out._fields, out):
+            self._bind(expr.out(name), value, f"{expr.op_name} output")
+
+    @handle.register
+    def _(self, expr: MoeCombine) -> None:
+        x, w, src_idx, src_rank, n_to, n_from, num_tokens = (self._value(v) for v in expr.inputs)
+        backend = self._backend_for(expr, x.device)
+        out = backend.combine(self.communicator, x, w, src_idx, src_rank, n_to, n_from, int(num_tokens),
+                              check_inputs=self.check_inputs, stats=self._stats)
+        self._bind(expr.out_combined_x(), out, f"{expr.op_name} output")
+
+    @handle.register
+    def _(self, expr: GroupedMm) -> None:
+        a, b, sizes = (self._value(v) for v in expr.inputs)
+        self._bind(expr.outputs[0], grouped_mm(a, b, sizes), f"{expr.op_name} output")
+
+    @handle.register
+    def _(self, expr: Silu) -> None:
+        self._bind(expr.outputs[0], torch.nn.functional.silu(self._value(expr.inputs[0])), "Silu output")
+
+    @handle.register
+    def _(self, expr: Mul) -> None:
+        a, b = (self._value(v) for v in expr.inputs)
+        self._bind(expr.outputs[0], a * b, "Mul output")
+
+    @handle.register
+    def _(self, expr: Add) -> None:
+        a, b = (self._value(v) for v in expr.inputs)
+        self._bind(expr.outputs[0], a + b, "Add output")
+
+    @handle.register
+    def _(self, expr: Cast) -> None:
+        self._bind(expr.outputs[0], self._value(expr.inputs[0]).to(expr.attr("dtype").to_torch()), "Cast output")
+
+    @handle.register
+    def _(self, expr: Size) -> None:
+        self._bind(expr.outputs[0], int(self._value(expr.in_a()).shape[expr.dim()]), "Size output")
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    """out[rows of group g] = a[rows of group g] @ b[g]; rows past the groups (capacity padding) are 0.
+
+    Args: a [M, H_in], b [G, H_in, H_out] of a's dtype, group_sizes [G] integer with sum <= M.
+    """
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"grouped_mm: a is {list(a.shape)} but b is {list(b.shape)}: inner sizes differ")
+    if group_sizes.numel() != b.shape[0]:
+        raise ValueError(f"grouped_mm: {group_sizes.numel()} group sizes for {b.shape[0]} matrices in b")
+    sizes = group_sizes.tolist()
+    if sum(sizes) > a.shape[0] or min(sizes, default=0) < 0:
+        raise ValueError(f"grouped_mm: group sizes {sizes} do not fit the {a.shape[0]} rows of a")
+    out = torch.zeros(a.shape[0], b.shape[2], dtype=a.dtype, device=a.device)
+    start = 0
+    for g, n in enumerate(sizes):
+        if n:
+            out[start:start + n] = a[start:start + n] @ b[g]
+        start += n
+    return out

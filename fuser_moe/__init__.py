@@ -1,0 +1,17 @@
+"""fuser_moe: a host-IR runtime for expert-parallel MoE dispatch and combine.
+
+Write a program with `FusionDefinition`; it becomes a host IR whose `MoeDispatch` and `MoeCombine`
+nodes run on every rank through the NCCL backend or the CUDA backend. See SPEC.md for the contract.
+"""
+from fuser_moe.backends.common import DispatchOutputs
+from fuser_moe.backends.communicator import Communicator
+from fuser_moe.executors import HostIrEvaluator, Trace
+from fuser_moe.ir import CommunicatorBackend, DataType, HostIrContainer, MoeCombine, MoeDispatch, TensorView, Val
+from fuser_moe.python_frontend import FusionDefinition
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Communicator", "CommunicatorBackend", "DataType", "DispatchOutputs", "FusionDefinition", "HostIrContainer",
+    "HostIrEvaluator", "MoeCombine", "MoeDispatch", "TensorView", "Trace", "Val", "__version__",
+]

@@ -1,0 +1,238 @@
+"""`FusionDefinition`: the Python way to write a host program (SPEC.md section 6).
+
+    with FusionDefinition() as fd:
+        x = fd.define_tensor(shape=[-1, H], dtype=DataType.BFloat16)
+        ...
+        d = fd.ops.moe_dispatch(x, idx, w, num_experts=E)
+        out = fd.ops.moe_combine(d.recv_x, d.recv_topk_weights, ..., num_tokens=fd.ops.size(x, 0))
+        fd.add_output(out)
+    (combined,) = fd.execute([x_t, idx_t, w_t])
+
+Ops check their operands as the program is built: a wrong dtype raises TypeError naming the op, the
+operand and what was expected; a wrong rank raises ValueError.
+"""
+from __future__ import annotations
+
+from collections import namedtuple
+from typing import Optional, Sequence, Union
+
+from fuser_moe.ir import (Add, Cast, CommunicatorBackend, DataType, Extent, GroupedMm, HostIrContainer,
+                          MoeCombine, MoeDispatch, Mul, Silu, Size, TensorView, Val)
+from fuser_moe.ir.base import type_check
+
+DispatchResult = namedtuple("DispatchResult", MoeDispatch.OUTPUT_NAMES)
+DispatchResult.__doc__ = "The TensorViews of a MoeDispatch, by name (SPEC.md section 3)."
+
+
+def _operand(op: str, name: str, v) -> TensorView:
+    type_check(isinstance(v, TensorView), op, name, "a TensorView defined in this FusionDefinition",
+               type(v).__name__)
+    return v
+
+
+class Ops:
+    """`fd.ops`: builders for every node. Each returns the TensorView(s) it defines."""
+
+    def __init__(self, fd: "FusionDefinition"):
+        self._fd = fd
+
+    def _emit(self, expr, hints=None):
+        self._fd._check_open()
+        self._fd.container.push_back(expr, hints)
+        return expr
+
+    # ------------------------------------------------------------------ communication
+    def moe_dispatch(self, x: TensorView, topk_idx: TensorView, topk_weights: TensorView, *, num_experts: int,
+                     expert_to_rank: Optional[Sequence[int]] = None,
+                     backend: Union[CommunicatorBackend, str] = CommunicatorBackend.AUTO,
+                     max_recv_tokens: Optional[int] = None) -> DispatchResult:
+        """Dispatch tokens to the ranks that hold their experts (SPEC.md section 3).
+
+        Args:
+            x: [T, H] Float, Half or BFloat16 tokens.
+            topk_idx: [T, K] Int or Int32, global expert ids; -1 means no expert for that slot.
+            topk_weights: [T, K] Float.
+            num_experts: E, experts in all.
+            expert_to_rank: optional placement [E]; contiguous blocks by default.
+            backend: CommunicatorBackend.NCCL, CUDA or AUTO.
+            max_recv_tokens: capacity C; outputs get leading extent C (SPEC.md section 5).
+        Returns: DispatchResult of TensorViews: recv_x [V, H] (x's dtype), recv_topk_idx [V] Int,
+            recv_topk_weights [V] Float, recv_src_idx [V] Int, recv_src_rank [V] Int, n_tokens_to_rank [W]
+            Int, n_tokens_from_rank [W] Int, n_tokens_per_expert [E_local] Int.
+        """
+        op = "moe_dispatch"
+        x, topk_idx, topk_weights = (_operand(op, n, v) for n, v in
+                                     (("x", x), ("topk_idx", topk_idx), ("topk_weights", topk_weights)))
+        rows = Extent(max_recv_tokens) if max_recv_tokens is not None else Extent()
+        hidden = x.axis(1) if x.ndim == 2 else Extent()
+        world = self._fd._world_extent
+        Int, Float = DataType.Int, DataType.Float
+        outs = [TensorView(x.dtype, [rows, hidden]), TensorView(Int, [rows]), TensorView(Float, [rows]),
+                TensorView(Int, [rows]), TensorView(Int, [rows]), TensorView(Int, [world]), TensorView(Int, [world]),
+                TensorView(Int, [Extent()])]
+        expr = MoeDispatch(outs, x, topk_idx, topk_weights, num_experts=num_experts, expert_to_rank=expert_to_rank,
+                           backend=backend, max_recv_tokens=max_recv_tokens)
+        self._emit(expr, MoeDispatch.OUTPUT_NAMES)
+        return DispatchResult(*outs)
+
+    def moe_combine(self, x: TensorView, topk_weights: TensorView, src_idx: TensorView, src_rank: TensorView,
+                    n_tokens_to_rank: TensorView, n_tokens_from_rank: TensorView, *, num_tokens: Union[int, Val],
+                    backend: Union[CommunicatorBackend, str] = CommunicatorBackend.AUTO) -> TensorView:
+        """Return weighted expert outputs to their tokens and sum them (SPEC.md section 4).
+
+        Args:
+            x: [V, H] expert outputs, row-aligned with the dispatch's recv_x.
+            topk_weights: [V] Float; src_idx: [V] Int; src_rank: [V] Int; n_tokens_to_rank and
+                n_tokens_from_rank: [W] Int; all from the matching dispatch.
+            num_tokens: T of this rank: an int, or a scalar such as `fd.ops.size(x, 0)`.
+            backend: CommunicatorBackend.NCCL, CUDA or AUTO.
+        Returns: combined_x [num_tokens, H] in x's dtype.
+        """
+        op = "moe_combine"
+        operands = [_operand(op, n, v) for n, v in zip(MoeCombine.INPUT_NAMES[:6],
+                                                       (x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
+                                                        n_tokens_from_rank))]
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, Val)) or isinstance(num_tokens, TensorView):
+            raise TypeError(f"{op}: operand 'num_tokens' must be an int or a scalar Int, got {num_tokens!r}")
+        if isinstance(num_tokens, int):
+            if num_tokens < 0:
+                raise ValueError(f"{op}: num_tokens must be non-negative, got {num_tokens}")
+            count: Val = Val(DataType.Int, num_tokens)
+            rows = Extent(num_tokens)
+        else:
+            count = num_tokens
+            size_of = count.definition
+            rows = size_of.in_a().axis(size_of.dim()) if isinstance(size_of, Size) else Extent()
+        hidden = operands[0].axis(1) if operands[0].ndim == 2 else Extent()
+        out = TensorView(operands[0].dtype, [rows, hidden])
+        self._emit(MoeCombine(out, *operands, count, backend=backend), ["combined_x"])
+        return out
+
+    # ------------------------------------------------------------------ local compute
+    def grouped_mm(self, a: TensorView, b: TensorView, group_sizes: TensorView) -> TensorView:
+        """Rows of `a` [M, H_in] in contiguous groups of `group_sizes` [G], times `b` [G, H_in, H_out]."""
+        a, b, group_sizes = (_operand("grouped_mm", n, v) for n, v in (("a", a), ("b", b), ("group_sizes", group_sizes)))
+        out_cols = b.axis(2) if b.ndim == 3 else Extent()
+        rows = a.axis(0) if a.ndim == 2 else Extent()
+        out = TensorView(a.dtype, [rows, out_cols])
+        self._emit(GroupedMm(out, a, b, group_sizes))
+        return out
+
+    def silu(self, a: TensorView) -> TensorView:
+        a = _operand("silu", "a", a)
+        out = TensorView(a.dtype, list(a.extents))
+        self._emit(Silu(out, a))
+        return out
+
+    def mul(self, a: TensorView, b: TensorView) -> TensorView:
+        a, b = _operand("mul", "a", a), _operand("mul", "b", b)
+        out = TensorView(a.dtype, list(a.extents))
+        self._emit(Mul(out, a, b))
+        return out
+
+    def add(self, a: TensorView, b: TensorView) -> TensorView:
+        a, b = _operand("add", "a", a), _operand("add", "b", b)
+        out = TensorView(a.dtype, list(a.extents))
+        self._emit(Add(out, a, b))
+        return out
+
+    def cast(self, a: TensorView, dtype: DataType) -> TensorView:
+        a = _operand("cast", "a", a)
+        type_check(isinstance(dtype, DataType), "cast", "dtype", "a DataType", dtype)
+        out = TensorView(dtype, list(a.extents))
+        self._emit(Cast(out, a, dtype))
+        return out
+
+    def size(self, a: TensorView, dim: int) -> Val:
+        """The extent of dimension `dim` of `a`, as a scalar Int."""
+        a = _operand("size", "a", a)
+        out = Val(DataType.Int)
+        self._emit(Size(out, a, dim), ["size"])
+        return out
+
+
+class FusionDefinition:
+    """Builds a host program inside a `with` block; `execute` runs it on this rank.
+
+    Methods: `define_tensor`, `define_scalar`, `add_output`, `ops.*`, `execute`; `print(fd)` shows the
+    host IR, one node a line.
+    """
+
+    def __init__(self):
+        self.container = HostIrContainer()
+        self.ops = Ops(self)
+        self._open = False
+        self._built = False
+        self._world_extent = Extent()
+        self._world_extent.name = "w"
+        self._evaluators: dict = {}
+
+    def __enter__(self) -> "FusionDefinition":
+        if self._built:
+            raise RuntimeError("this FusionDefinition is already built; make a new one")
+        self._open = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._open = False
+        if exc_type is None:
+            if not self.container.outputs:
+                raise ValueError("a FusionDefinition needs at least one output: call fd.add_output(...)")
+            self._built = True
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise RuntimeError("define the fusion inside `with FusionDefinition() as fd:`")
+
+    def define_tensor(self, shape: Sequence[int], dtype: DataType = DataType.Float, name: Optional[str] = None) -> TensorView:
+        """An input tensor. `shape` gives one entry per dimension: a size, or -1 for a size known at run time."""
+        self._check_open()
+        if not isinstance(dtype, DataType):
+            raise TypeError(f"define_tensor: dtype must be a DataType, got {dtype!r}")
+        extents = []
+        for s in shape:
+            if not isinstance(s, int) or s < -1:
+                raise ValueError(f"define_tensor: shape entries must be sizes or -1, got {list(shape)}")
+            extents.append(Extent() if s == -1 else Extent(s))
+        return self.container.add_input(TensorView(dtype, extents), name or "t")  # type: ignore[return-value]
+
+    def define_scalar(self, dtype: DataType = DataType.Int, name: Optional[str] = None) -> Val:
+        """An input scalar (an int at run time)."""
+        self._check_open()
+        return self.container.add_input(Val(dtype), name or "n")
+
+    def add_output(self, v: Val) -> None:
+        self._check_open()
+        self.container.add_output(v)
+
+    def execute(self, inputs: Sequence, communicator=None, trace: bool = False, check_inputs: bool = True) -> list:
+        """Runs the program on this rank and returns its outputs as a list.
+
+        Args:
+            inputs: tensors (and ints for scalar inputs) in definition order.
+            communicator: the expert-parallel group; by default the initialised process group, else one
+                from the launcher's environment, else a single rank (SPEC.md section 6).
+            trace: record a trace; read it from `fd.last_trace` (or the evaluator's `trace`).
+            check_inputs: checked mode (SPEC.md section 9).
+        """
+        from fuser_moe.executors import HostIrEvaluator
+
+        if not self._built:
+            raise RuntimeError("execute() is called after the `with FusionDefinition() as fd:` block closes")
+        key = (id(communicator), bool(trace), bool(check_inputs))
+        evaluator = self._evaluators.get(key)
+        if evaluator is None:
+            evaluator = HostIrEvaluator(self.container, communicator, trace=trace, check_inputs=check_inputs)
+            self._evaluators[key] = evaluator
+        self.last_evaluator = evaluator
+        return evaluator.run(inputs)
+
+    @property
+    def last_trace(self):
+        ev = getattr(self, "last_evaluator", None)
+        return None if ev is None else ev.trace
+
+    def __str__(self) -> str:
+        return self.container.to_string()
+
+    __repr__ = __str__

@@ -16,7 +16,7 @@ import torch
 
 from fuser_moe.backends.common import CommStats
 from fuser_moe.backends.communicator import Communicator
-from fuser_moe.ir import (Add, Cast, Expr, Extent, GroupedMm, HostIrContainer, MoeCombine, MoeDispatch, Mul, Silu,
+from fuser_moe.ir import (Add, Cast, DataType, Expr, Extent, GroupedMm, HostIrContainer, MoeCombine, MoeDispatch, Mul, Silu,
                           Size, TensorView, Val)
 
 from .backend_selection import get_backend, resolve_backend
@@ -25,7 +25,11 @@ from .trace import Trace, TraceEvent
 
 def _describe(tv: Val, value) -> tuple:
     if isinstance(value, torch.Tensor):
-        return (tv.ref(), tuple(value.shape), str(value.dtype).replace("torch.", ""))
+        try:
+            dtype = DataType.from_torch(value.dtype).short
+        except TypeError:
+            dtype = str(value.dtype).replace("torch.", "")
+        return (tv.ref(), tuple(value.shape), dtype)
     return (tv.ref(), (), type(value).__name__)
 
 
@@ -109,13 +113,22 @@ class HostIrEvaluator:
             raise ValueError(f"the fusion takes {len(c.inputs)} inputs "
                              f"({', '.join(v.typed() for v in c.inputs)}), got {len(inputs)}")
         self._env, self._extents = {}, {}
-        for v, value in zip(c.inputs, inputs):
-            self._bind(v, value, "input")
         self._communicator(inputs)
+        comm_positions = [i for i, e in enumerate(c.exprs) if isinstance(e, (MoeDispatch, MoeCombine))]
+        try:
+            for v, value in zip(c.inputs, inputs):
+                self._bind(v, value, "input")
+        except (TypeError, ValueError) as exc:
+            self._fail_together(exc, comm_positions)
         outputs_ids = {id(v) for v in c.outputs}
         try:
             for i, expr in enumerate(c.exprs):
-                self._run_expr(expr)
+                try:
+                    self._run_expr(expr)
+                except (TypeError, ValueError, RuntimeError) as exc:
+                    if i not in comm_positions:
+                        self._fail_together(exc, [p for p in comm_positions if p > i])
+                    raise
                 for v in expr.inputs:  # free what no later expression reads
                     if self._last_uses.get(id(v)) == i and id(v) not in outputs_ids:
                         self._env.pop(id(v), None)
@@ -128,6 +141,17 @@ class HostIrEvaluator:
             if self.trace_dir:
                 self.trace.to_chrome(os.path.join(self.trace_dir, f"trace_rank{self.trace.rank}.json"))
         return results
+
+    def _fail_together(self, error: BaseException, later_comm_nodes: list) -> None:
+        """Raises `error` on this rank, and on every peer too when a communication node is still ahead.
+
+        In checked mode every communication node starts by agreeing on errors with all ranks
+        (`Communicator.agree`), so a rank that fails before reaching one takes part in that agreement
+        instead: the peers raise "rank r rejected its input" rather than wait for it forever.
+        """
+        if later_comm_nodes and self.check_inputs and self.communicator.is_distributed:
+            self.communicator.agree(error)
+        raise error
 
     def _run_expr(self, expr: Expr) -> None:
         if not self.tracing:

@@ -75,7 +75,7 @@ class Trace:
                          _shape_str(e.outputs), _bytes_str(e.bytes_sent), _bytes_str(e.bytes_recv),
                          str(e.host_syncs), f"{e.wall_ms:.3f}",
                          "-" if e.device_ms is None else f"{e.device_ms:.3f}"))
-        widths = [min(max(len(r[c]) for r in rows), 48) for c in range(len(header))]
+        widths = [min(max(len(r[c]) for r in rows), 64) for c in range(len(header))]
         lines = [f"trace of rank {self.rank}: {len(self.events)} events"]
         for r in rows:
             lines.append("  ".join(cell[:w].ljust(w) for cell, w in zip(r, widths)).rstrip())

@@ -1,0 +1,5 @@
+import sys
+
+from fuser_moe.cli import main
+
+sys.exit(main())

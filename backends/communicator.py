@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
-_TIMEOUT_MARKERS = ("timed out", "timeout", "Timeout", "TIMEOUT", "deadline")
+_TIMEOUT_MARKERS = ("timed out", "timeout", "deadline exceeded")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def timeout_from_env(environ: Optional[dict] = None) -> float:
 
 
 def _is_timeout(exc: BaseException) -> bool:
-    text = str(exc)
+    text = str(exc).lower()
     return isinstance(exc, TimeoutError) or any(m in text for m in _TIMEOUT_MARKERS)
 
 

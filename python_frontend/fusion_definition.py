@@ -63,6 +63,8 @@ class Ops:
         op = "moe_dispatch"
         x, topk_idx, topk_weights = (_operand(op, n, v) for n, v in
                                      (("x", x), ("topk_idx", topk_idx), ("topk_weights", topk_weights)))
+        if max_recv_tokens is not None and (not isinstance(max_recv_tokens, int) or max_recv_tokens < 0):
+            raise ValueError(f"{op}: max_recv_tokens must be a non-negative int or None, got {max_recv_tokens!r}")
         rows = Extent(max_recv_tokens) if max_recv_tokens is not None else Extent()
         hidden = x.axis(1) if x.ndim == 2 else Extent()
         world = self._fd._world_extent

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -16,6 +18,8 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
+_rounds_lock = threading.Lock()
+_exchange_rounds: dict = {}  # store prefix -> next exchange round
 _TIMEOUT_MARKERS = ("timed out", "timeout", "deadline exceeded")
 
 
@@ -82,6 +86,7 @@ class Communicator:
         self.timeout_s = float(timeout_s) if timeout_s is not None else timeout_from_env()
         self.owns_group = owns_group
         self._closers: list = []
+        self._store = None
         if self._distributed:
             self.rank = dist.get_rank(self.group)
             self.world_size = dist.get_world_size(self.group)
@@ -127,17 +132,15 @@ class Communicator:
         """The group's key-value store (a PrefixStore unique to this group), or None on one rank."""
         if not self._distributed:
             return None
-        from torch.distributed.distributed_c10d import _get_default_store
+        if self._store is None:
+            from torch.distributed.distributed_c10d import _get_default_store
 
-        prefix = "fuser_moe/" + "_".join(str(r) for r in self.global_ranks)
-        return dist.PrefixStore(prefix, _get_default_store())
+            self._store = dist.PrefixStore(self._store_prefix, _get_default_store())
+        return self._store
 
-    def all_hosts_local(self) -> bool:
-        """True when every rank of the group runs on this host."""
-        if not self.is_distributed:
-            return True
-        names = self.all_gather_object(socket.gethostname())
-        return len(set(names)) == 1
+    @property
+    def _store_prefix(self) -> str:
+        return "fuser_moe/" + "_".join(str(r) for r in self.global_ranks)
 
     # ------------------------------------------------------------------ collectives
     def _call(self, what: str, fn, *args, **kwargs):
@@ -168,6 +171,30 @@ class Communicator:
         )
         return output
 
+    def exchange(self, obj: Any) -> list:
+        """All-gather of a small picklable object through the group's store, in rank order.
+
+        No collective runs, so this is safe for either backend (the CUDA backend makes no NCCL call)
+        and every backend's checked mode agrees through the same channel. Every rank must call it the
+        same number of times; rounds are numbered per group. A peer that never answers makes
+        `store.get` time out, which is raised as `TimeoutError`.
+        """
+        if not self.is_distributed:
+            return [obj]
+        with _rounds_lock:
+            n = _exchange_rounds.get(self._store_prefix, 0)
+            _exchange_rounds[self._store_prefix] = n + 1
+        store = self.store
+        self._call("store exchange", store.set, f"x/{n}/{self.rank}", pickle.dumps(obj))
+        out = [pickle.loads(self._call("store exchange", store.get, f"x/{n}/{s}")) for s in range(self.world_size)]
+        if n > 0:
+            # Every peer has published round n, so it has finished reading round n-1: drop our old key.
+            try:
+                store.delete_key(f"x/{n - 1}/{self.rank}")
+            except Exception:  # noqa: BLE001 - only housekeeping
+                pass
+        return out
+
     def all_gather_object(self, obj: Any) -> list:
         if not self.is_distributed:
             return [obj]
@@ -196,7 +223,7 @@ class Communicator:
             if error is not None:
                 raise error
             return
-        verdicts = self.all_gather_object(summary)
+        verdicts = self.exchange(summary)
         if error is not None:
             raise error
         for peer, verdict in enumerate(verdicts):

@@ -123,7 +123,7 @@ class NcclBackend:
         if check_inputs:
             checked(comm, lambda: validate_combine(x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
                                                    n_tokens_from_rank, num_tokens, world))
-            facts = comm.all_gather_object((num_tokens, n_tokens_to_rank.tolist(), hidden, str(x.dtype)))
+            facts = comm.exchange((num_tokens, n_tokens_to_rank.tolist(), hidden, str(x.dtype)))
             stats.sync("input checks")
 
             def against_peers():

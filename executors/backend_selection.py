@@ -51,7 +51,7 @@ def _group_facts(comm: Communicator) -> dict:
     mine = {"host": socket.gethostname(),
             "device": device.index if device.type == "cuda" else None,
             "n_gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0}
-    everyone = comm.all_gather_object(mine)
+    everyone = comm.exchange(mine)
     same_host = len({f["host"] for f in everyone}) == 1
     peer_ok, missing = True, []
     if same_host and device.type == "cuda":
@@ -60,7 +60,7 @@ def _group_facts(comm: Communicator) -> dict:
             if other is not None and other != device.index and not torch.cuda.can_device_access_peer(device.index, other):
                 peer_ok = False
                 missing.append((device.index, other))
-    verdicts = comm.all_gather_object((peer_ok, missing))
+    verdicts = comm.exchange((peer_ok, missing))
     facts = {"same_host": same_host, "peer_access": all(v[0] for v in verdicts),
              "missing_peers": [m for v in verdicts for m in v[1]]}
     comm._selection_facts = facts

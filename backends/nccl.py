@@ -13,7 +13,7 @@ import torch
 from . import routing
 from .common import DTYPE_CODES, CommStats, DispatchOutputs, pad_to_capacity
 from .communicator import Communicator
-from .validation import checked, validate_combine, validate_combine_sources, validate_dispatch
+from .validation import check_combine_everywhere, checked, validate_dispatch
 
 
 def _split_sizes_agree(comm: Communicator, header_from: torch.Tensor, top_k: int, hidden: int, dtype) -> None:
@@ -121,30 +121,14 @@ class NcclBackend:
         world, rank = comm.world_size, comm.rank
         hidden = x.shape[1] if x.dim() == 2 else 0
         if check_inputs:
-            checked(comm, lambda: validate_combine(x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
-                                                   n_tokens_from_rank, num_tokens, world))
-            facts = comm.exchange((num_tokens, n_tokens_to_rank.tolist(), hidden, str(x.dtype)))
+            check_combine_everywhere(comm, x, topk_weights, src_idx, src_rank, n_tokens_to_rank, n_tokens_from_rank,
+                                     num_tokens)
             stats.sync("input checks")
 
-            def against_peers():
-                if len({(h, d) for _, _, h, d in facts}) != 1:
-                    raise ValueError(f"moe_combine: ranks disagree on hidden size or dtype: "
-                                     f"{[(h, d) for _, _, h, d in facts]}")
-                validate_combine_sources(src_idx, src_rank, n_tokens_from_rank, [f[0] for f in facts],
-                                         [f[1] for f in facts], rank)
-            checked(comm, against_peers)
-
         groups = routing.group_for_combine(src_rank, src_idx)
-        counts = torch.cat([n_tokens_to_rank, n_tokens_from_rank,
-                            torch.bincount(groups.group_src_rank, minlength=world)[:world]]).tolist()
+        counts = torch.cat([n_tokens_to_rank, n_tokens_from_rank]).tolist()
         stats.sync("split sizes to host")
-        n_to, n_from, n_groups_from = counts[:world], counts[world:2 * world], counts[2 * world:]
-        if check_inputs:
-            def groups_match():
-                if n_groups_from != n_from:
-                    raise ValueError(f"moe_combine: rows name {n_groups_from} distinct tokens per source rank but "
-                                     f"n_tokens_from_rank is {n_from}")
-            checked(comm, groups_match)
+        n_to, n_from = counts[:world], counts[world:]
 
         partials = routing.weighted_partials(x, topk_weights, groups)
         recv_partials = torch.empty(sum(n_to), hidden, dtype=x.dtype, device=x.device)

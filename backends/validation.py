@@ -122,3 +122,45 @@ def validate_combine_sources(src_idx: torch.Tensor, src_rank: torch.Tensor, n_to
         if row[rank] != n_from[s]:
             raise ValueError(f"moe_combine: n_tokens_from_rank[{s}] = {n_from[s]} here, but rank {s} says it "
                              f"sent {row[rank]} tokens to rank {rank} (n_tokens_to_rank there)")
+
+
+def check_combine_everywhere(comm: Communicator, x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor,
+                             src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor,
+                             n_tokens_from_rank: torch.Tensor, num_tokens: int) -> list:
+    """Checked mode of combine on every rank; returns every rank's num_tokens (rank order).
+
+    Three agreements: this rank's own inputs; the inputs against what the peers said (hidden size,
+    dtype, num_tokens of each source, counts); the distinct tokens per source against the counts.
+    """
+    world, rank = comm.world_size, comm.rank
+    checked(comm, lambda: validate_combine(x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
+                                           n_tokens_from_rank, num_tokens, world))
+    facts = comm.exchange((num_tokens, n_tokens_to_rank.tolist(), x.shape[1], str(x.dtype)))
+
+    def against_peers():
+        if len({(h, d) for _, _, h, d in facts}) != 1:
+            raise ValueError(f"moe_combine: ranks disagree on hidden size or dtype: {[(h, d) for _, _, h, d in facts]}")
+        validate_combine_sources(src_idx, src_rank, n_tokens_from_rank, [f[0] for f in facts],
+                                 [f[1] for f in facts], rank)
+        real = src_rank >= 0
+        keys = torch.unique(src_rank[real] * (1 << 32) + src_idx[real])
+        distinct = torch.bincount(keys // (1 << 32), minlength=world)[:world].tolist()
+        n_from = n_tokens_from_rank.tolist()
+        if distinct != n_from:
+            raise ValueError(f"moe_combine: rows name {distinct} distinct tokens per source rank but "
+                             f"n_tokens_from_rank is {n_from}")
+    checked(comm, against_peers)
+    return [f[0] for f in facts]
+
+
+def check_dispatch_everywhere(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                              num_experts: int, expert_to_rank: Optional[Sequence[int]]) -> None:
+    """Checked mode of dispatch on every rank, with top-k, hidden size and dtype agreed across ranks."""
+    checked(comm, lambda: validate_dispatch(x, topk_idx, topk_weights, num_experts, expert_to_rank,
+                                            comm.world_size))
+    facts = comm.exchange((topk_idx.shape[1], x.shape[1], str(x.dtype)))
+
+    def agree_on_shapes():
+        if len(set(facts)) != 1:
+            raise ValueError(f"moe_dispatch: ranks disagree on (top-k, hidden size, dtype): {facts}")
+    checked(comm, agree_on_shapes)

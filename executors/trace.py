@@ -33,6 +33,11 @@ class TraceEvent:
     _events: Any = None  # (start, end) CUDA events until resolved
 
     def resolve_device_time(self) -> None:
+        """Reads what the device computed: elapsed time, and byte counts kept as device scalars."""
+        for name in ("bytes_sent", "bytes_recv"):
+            value = getattr(self, name)
+            if not isinstance(value, int):
+                setattr(self, name, int(value))
         if self._events is not None:
             start, end = self._events
             end.synchronize()

@@ -1,0 +1,369 @@
+"""The CUDA backend: dispatch and combine through symmetric buffers, with no NCCL call (SPEC.md section 8).
+
+Every rank writes straight into its peers' buffers (`transport.push_rows`: a kernel that pushes rows
+over NVLink on GPUs, a copy into POSIX shared memory on CPUs) and phases are ordered by the
+transport's device-side barrier. Counts travel the same way, so the only host synchronisation is the
+one exact-size outputs need (reading the count matrix). In capacity mode (`max_recv_tokens=C`)
+dispatch and combine make none and can be captured in a CUDA graph.
+
+Dispatch, on rank r:
+  1. counts: r pushes its row [n_tokens_to_rank | pairs_to_rank] to every rank; barrier; every rank
+     then holds the whole W x 2W count matrix M and copies it locally (the next call may overwrite it).
+  2. data: the wire row of token t for rank d goes to row sum_{s<r} M[s, d] + (position of t among r's
+     tokens for d) of d's buffer, with its metadata row [t, topk_idx[t], weight bits[t]]; barrier.
+  3. expansion: the receiver keeps the slots whose expert is its own and orders them by (local expert,
+     wire row), which is the contract's (local expert, source rank, source token) order.
+Combine, on expert rank r:
+  1. counts: r pushes its n_tokens_to_rank row to every rank; barrier; copy.
+  2. rows are grouped by (src_rank, src_idx) with a stable sort; one partial row per group (float32 sum
+     in row order of w * y, cast) goes to row sum_{e<r} n_to_s[e] + (group's position among s's
+     groups) of the source rank s's buffer, with the token index; barrier.
+  3. the source adds each token's partials in ascending expert-rank order, in float32.
+Shapes are static wherever the host does not know them, so no step needs the host.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from . import routing
+from .common import CommStats, DispatchOutputs
+from .communicator import Communicator
+from .validation import check_combine_everywhere, check_dispatch_everywhere, checked
+
+_INT64_MAX = torch.iinfo(torch.int64).max
+_KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "combine.cu")
+_SEND_KERNELS = {torch.float32: "fuser_moe_combine_send_f32", torch.bfloat16: "fuser_moe_combine_send_bf16",
+                 torch.float16: "fuser_moe_combine_send_f16"}
+
+
+class _GroupState:
+    """What the backend keeps per communicator: the transport and the device-side overflow words."""
+
+    def __init__(self, comm: Communicator):
+        from .transport import transport_for
+
+        self.transport = transport_for(comm)
+        # (largest capacity needed, capacity given) of the last overflow; raised at the next check.
+        self.overflow = torch.zeros(2, dtype=torch.int64, device=comm.device)
+
+    def raise_pending(self, comm: Communicator) -> None:
+        """Reads the device's error words (a host synchronisation), clears them and raises what they report.
+
+        A barrier timeout comes first (it explains everything after it), then a capacity overflow.
+        """
+        needed, given = self.overflow.tolist()
+        if needed:
+            self.overflow.zero_()
+        transport_error = None
+        try:
+            self.transport.check()
+        except (TimeoutError, RuntimeError) as exc:
+            transport_error = exc
+        if isinstance(transport_error, TimeoutError):
+            raise transport_error
+        if needed:
+            raise RuntimeError(f"cuda backend, rank {comm.rank}: capacity overflow: needed capacity {needed} rows, "
+                               f"given capacity {given} rows; rows past the capacity were dropped")
+        if transport_error is not None:
+            raise transport_error
+
+
+def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    return torch.cumsum(t, dim) - t
+
+
+class CudaBackend:
+    """Symmetric buffers opened through CUDA IPC (or POSIX shared memory for CPU tensors)."""
+
+    name = "cuda"
+
+    def __init__(self):
+        self._states: dict = {}
+
+    # ------------------------------------------------------------------ availability
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if device.type == "cpu":
+            return None
+        if device.type != "cuda":
+            return f"no symmetric-memory transport for {device} tensors"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        try:
+            import cuda.bindings.driver  # noqa: F401
+        except ImportError:
+            return "cuda-python is not installed (pip install 'fuser_moe[cuda]')"
+        return None
+
+    def _state(self, comm: Communicator) -> _GroupState:
+        state = self._states.get(id(comm))
+        if state is None or state.transport.closed:
+            state = self._states[id(comm)] = _GroupState(comm)
+            comm.on_close(lambda: self._states.pop(id(comm), None))
+        return state
+
+    def check(self, comm: Communicator) -> None:
+        """Raises errors the device reported since the last check: capacity overflow, barrier timeout."""
+        self._state(comm).raise_pending(comm)
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                 num_experts: int, expert_to_rank: Optional[Sequence[int]] = None,
+                 max_recv_tokens: Optional[int] = None, check_inputs: bool = True,
+                 stats: Optional[CommStats] = None) -> DispatchOutputs:
+        """Same contract as `NcclBackend.dispatch` (SPEC.md section 3), over symmetric buffers."""
+        stats = stats if stats is not None else CommStats()
+        world, rank = comm.world_size, comm.rank
+        if check_inputs:
+            check_dispatch_everywhere(comm, x, topk_idx, topk_weights, num_experts, expert_to_rank)
+            stats.sync("input checks")
+        placement = routing.make_placement(num_experts, world, expert_to_rank, x.device)
+        state = self._state(comm)
+        tr = state.transport
+        device = x.device
+        tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
+        ranks = torch.arange(world, device=device)
+
+        # 1. counts
+        dest = routing.slot_destinations(topk_idx, placement)  # [T, K]
+        hits = dest.unsqueeze(-1) == ranks  # [T, K, W]
+        routed = hits.any(dim=1)  # [T, W]
+        count_row = torch.cat([routed.sum(0), hits.sum((0, 1))]).view(1, 2 * world)
+        counts = tr.buffer("dispatch_counts", torch.int64, (2 * world,), world)
+        self._push_to_all(tr, count_row, counts, rank, world, device)
+        tr.barrier()
+        matrix = counts.local[:world].clone()  # [src, 2W]: wire rows and pairs from src to each rank
+        n_from = matrix[:, rank].contiguous()
+        n_to = count_row[0, :world].clone()
+
+        if max_recv_tokens is None:
+            host = matrix.tolist()
+            stats.sync("count matrix to host")
+            wire_in = [sum(host[s][d] for s in range(world)) for d in range(world)]
+            wire_rows, out_rows, capacity = wire_in[rank], sum(host[s][world + rank] for s in range(world)), max(wire_in)
+            sent = sum(host[rank][:world]) - host[rank][rank]
+            stats.bytes_sent += sent * (hidden * x.element_size() + (1 + 2 * top_k) * 8) + (world - 1) * 2 * world * 8
+            stats.bytes_recv += (wire_rows - host[rank][rank]) * (hidden * x.element_size() + (1 + 2 * top_k) * 8)
+            stats.payload_rows_sent += sent
+        else:
+            wire_rows, out_rows, capacity = max_recv_tokens, max_recv_tokens, max_recv_tokens
+            sent = n_to.sum() - n_to[rank]
+            stats.bytes_sent = sent * (hidden * x.element_size() + (1 + 2 * top_k) * 8)  # a device scalar
+            stats.payload_rows_sent = sent
+
+        # 2. data: rows straight from x, and their metadata, into the peers' buffers
+        x_buf = tr.buffer("dispatch_x", x.dtype, (hidden,), capacity)
+        meta_buf = tr.buffer("dispatch_meta", torch.int64, (1 + 2 * top_k,), capacity)
+        if tokens:
+            base = matrix[:rank, :world].sum(0)  # where this rank's rows start in each peer's buffer
+            routed64 = routed.long()
+            dst_row = torch.where(routed, base + _exclusive_cumsum(routed64), torch.full_like(routed64, -1)).view(-1)
+            src_row = torch.arange(tokens, device=device).repeat_interleave(world)
+            dst_rank = ranks.repeat(tokens)
+            meta = torch.cat([torch.arange(tokens, device=device).unsqueeze(1), topk_idx.long(),
+                              routing.pack_weights(topk_weights)], dim=1)
+            tr.push_rows(x.contiguous(), src_row, dst_rank, dst_row, x_buf)
+            tr.push_rows(meta, src_row, dst_rank, dst_row, meta_buf)
+        tr.barrier()
+
+        # 3. expansion
+        out = self._expand(state, x_buf, meta_buf, n_from, placement, rank, top_k, wire_rows, out_rows,
+                           capacity_mode=max_recv_tokens is not None)
+        out = out._replace(n_tokens_to_rank=n_to, n_tokens_from_rank=n_from)
+        if max_recv_tokens is None:
+            # Errors the device reported (an overflow or a barrier timeout, here or in an earlier
+            # call): every rank raises, in checked mode, so that none waits at the next barrier.
+            if check_inputs:
+                checked(comm, lambda: state.raise_pending(comm))
+            else:
+                state.raise_pending(comm)
+            stats.sync("device error words")
+        elif check_inputs:
+            pairs_in = int(matrix[:, world + rank].sum())
+            stats.sync("capacity check")
+
+            def fits():
+                if pairs_in > max_recv_tokens:
+                    try:
+                        state.raise_pending(comm)  # clears the words this overflow set
+                    except RuntimeError:
+                        pass
+                    raise RuntimeError(f"moe_dispatch: capacity overflow: this rank receives {pairs_in} rows but "
+                                       f"max_recv_tokens={max_recv_tokens}; needed capacity {pairs_in}, given "
+                                       f"{max_recv_tokens}")
+                state.raise_pending(comm)
+            checked(comm, fits)
+        return out
+
+    @staticmethod
+    def _push_to_all(tr, row: torch.Tensor, buf, rank: int, world: int, device) -> None:
+        """Writes a one-row tensor into row `rank` of every rank's `buf`."""
+        tr.push_rows(row.contiguous(), torch.zeros(world, dtype=torch.int64, device=device),
+                     torch.arange(world, device=device), torch.full((world,), rank, dtype=torch.int64, device=device),
+                     buf)
+
+    @staticmethod
+    def _expand(state, x_buf, meta_buf, n_from: torch.Tensor, placement, rank: int, top_k: int, wire_rows: int,
+                out_rows: int, capacity_mode: bool) -> DispatchOutputs:
+        """Received wire rows -> one row per (token, local expert), in the contract's order, static shapes."""
+        device = n_from.device
+        n_local = placement.n_local[rank]
+        meta = meta_buf.local[:wire_rows]
+        experts = meta[:, 1:1 + top_k]
+        wire_idx = torch.arange(wire_rows, device=device)
+        in_use = (wire_idx < n_from.sum()).unsqueeze(1)
+        clamped = experts.clamp(min=0)
+        mine = in_use & (experts >= 0) & (placement.expert_to_rank[clamped] == rank)
+        local = placement.local_index[clamped]
+        key = torch.where(mine, local * max(wire_rows, 1) + wire_idx.unsqueeze(1),
+                          torch.full_like(local, _INT64_MAX)).view(-1)
+        sorted_key, perm = torch.sort(key, stable=True)
+        sorted_key, perm = sorted_key[:out_rows], perm[:out_rows]
+        wire_row, slot = perm // top_k, perm % top_k
+        src_bounds = torch.cumsum(n_from, 0)
+        wire_src = (wire_row.unsqueeze(1) >= src_bounds.unsqueeze(0)).sum(1)
+        per_expert = torch.zeros(n_local + 1, dtype=torch.int64, device=device)
+        per_expert.scatter_add_(0, torch.where(mine, local, torch.full_like(local, n_local)).view(-1),
+                                torch.ones_like(key))
+        recv_x = x_buf.local[wire_row]
+        topk_idx = experts[wire_row, slot]
+        weights = routing.unpack_weights(meta[wire_row, 1 + top_k + slot])
+        src_idx = meta[wire_row, 0]
+        if capacity_mode:
+            valid = sorted_key != _INT64_MAX
+            minus_one = torch.full_like(topk_idx, -1)
+            recv_x = torch.where(valid.unsqueeze(1), recv_x, torch.zeros((), dtype=recv_x.dtype, device=device))
+            topk_idx = torch.where(valid, topk_idx, minus_one)
+            weights = torch.where(valid, weights, torch.zeros((), dtype=weights.dtype, device=device))
+            src_idx = torch.where(valid, src_idx, minus_one)
+            wire_src = torch.where(valid, wire_src, minus_one)
+            pairs = mine.sum()
+            overflow = state.overflow
+            torch.maximum(overflow[0], torch.where(pairs > out_rows, pairs, torch.zeros_like(pairs)), out=overflow[0])
+            overflow[1].fill_(out_rows)
+        return DispatchOutputs(recv_x, topk_idx, weights, src_idx, wire_src, n_from, n_from,
+                               per_expert[:n_local])
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, comm: Communicator, x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor,
+                src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor, n_tokens_from_rank: torch.Tensor,
+                num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None) -> torch.Tensor:
+        """Same contract as `NcclBackend.combine` (SPEC.md section 4), over symmetric buffers."""
+        stats = stats if stats is not None else CommStats()
+        world, rank = comm.world_size, comm.rank
+        if check_inputs:
+            tokens_of_rank = check_combine_everywhere(comm, x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
+                                                      n_tokens_from_rank, num_tokens)
+            stats.sync("input checks")
+        else:
+            # Buffer sizes must agree on every rank: a host-side exchange, no device synchronisation.
+            tokens_of_rank = comm.exchange(num_tokens)
+        state = self._state(comm)
+        tr = state.transport
+        device, hidden, dtype = x.device, x.shape[1], x.dtype
+
+        # 1. counts
+        counts = tr.buffer("combine_counts", torch.int64, (world,), world)
+        self._push_to_all(tr, n_tokens_to_rank.view(1, world), counts, rank, world, device)
+        tr.barrier()
+        to_matrix = counts.local[:world].clone()  # [s, e] = tokens rank s sent to rank e
+
+        # 2. partial rows to their source ranks
+        capacity = max(tokens_of_rank) * world
+        part_buf = tr.buffer("combine_partials", dtype, (hidden,), capacity)
+        idx_buf = tr.buffer("combine_src_idx", torch.int64, (), capacity)
+        offsets = to_matrix[:, :rank].sum(1)  # where this rank's rows start in each source's buffer
+        group_base = _exclusive_cumsum(n_tokens_from_rank)
+        if device.type == "cuda":
+            sent = self._send_partials_kernel(state, x, topk_weights, src_idx, src_rank, offsets, group_base,
+                                              part_buf, idx_buf)
+        else:
+            sent = self._send_partials_torch(tr, x, topk_weights, src_idx, src_rank, offsets, group_base,
+                                             part_buf, idx_buf)
+        tr.barrier()
+        row_bytes = hidden * x.element_size() + 8
+        stats.bytes_sent = (sent - n_tokens_from_rank[rank]) * row_bytes
+        stats.bytes_recv = (to_matrix[rank].sum() - to_matrix[rank, rank]) * row_bytes
+        stats.payload_rows_sent = sent - n_tokens_from_rank[rank]
+
+        # 3. each token's partials, in ascending expert-rank order, summed in float32
+        out = self._sum_partials(part_buf, idx_buf, to_matrix[rank], num_tokens, capacity, world, hidden, dtype)
+        if check_inputs:
+            checked(comm, lambda: state.raise_pending(comm))
+            stats.sync("device error words")
+        return out
+
+    @staticmethod
+    def _send_partials_torch(tr, x, weights, src_idx, src_rank, offsets, group_base, part_buf, idx_buf):
+        """CPU transport: the shared routing arithmetic, then a push of the partial rows."""
+        groups = routing.group_for_combine(src_rank, src_idx)
+        partials = routing.weighted_partials(x, weights, groups)
+        n_groups = partials.shape[0]
+        g = torch.arange(n_groups, device=x.device)
+        s = groups.group_src_rank
+        dst_row = offsets[s] + g - group_base[s]
+        if n_groups:
+            tr.push_rows(partials, g, s, dst_row, part_buf)
+            tr.push_rows(groups.group_src_idx.contiguous().view(-1), g, s, dst_row, idx_buf)
+        return torch.tensor(n_groups)
+
+    @staticmethod
+    def _send_partials_kernel(state, x, weights, src_idx, src_rank, offsets, group_base, part_buf, idx_buf):
+        """GPU: group ids by a stable sort (static shapes), then one kernel sums and pushes each group."""
+        from .transport.nvrtc import get_kernel
+
+        device = x.device
+        rows = x.shape[0]
+        keys = routing.combine_keys(src_rank, src_idx)
+        sorted_keys, order = torch.sort(keys, stable=True)
+        valid = sorted_keys != _INT64_MAX
+        is_new = valid.clone()
+        if rows > 1:
+            is_new[1:] &= sorted_keys[1:] != sorted_keys[:-1]
+        n_groups = is_new.sum()
+        group_id = torch.cumsum(is_new, 0) - 1
+        positions = torch.arange(rows, device=device)
+        group_start = torch.zeros(rows + 2, dtype=torch.int64, device=device)
+        group_start.scatter_(0, torch.where(is_new, group_id, torch.full_like(group_id, rows + 1)), positions)
+        group_start.scatter_(0, n_groups.view(1), valid.sum().view(1))
+        group_start = group_start[:rows + 1]
+        first_key = sorted_keys.gather(0, group_start[:rows].clamp(max=max(rows - 1, 0))) if rows else sorted_keys
+        in_use = positions < n_groups
+        s = torch.where(in_use, first_key // routing._KEY_STRIDE, torch.full_like(first_key, -1))
+        s_clamped = s.clamp(min=0)
+        dst_row = torch.where(in_use, offsets[s_clamped] + positions - group_base[s_clamped], torch.full_like(s, -1))
+        token = first_key % routing._KEY_STRIDE
+        if rows:
+            kernel = get_kernel(_KERNEL_SOURCE, _SEND_KERNELS[x.dtype], device)
+            threads = 256 if x.shape[1] >= 256 else 32 * max(1, (x.shape[1] + 31) // 32)
+            blocks = max(1, min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+            kernel.launch(blocks, threads, [
+                x.contiguous(), ctypes.c_int64(x.shape[1]), weights.contiguous(), order, group_start, n_groups,
+                ctypes.c_int64(rows), s.contiguous(), dst_row.contiguous(), token.contiguous(), part_buf.peer_ptrs,
+                idx_buf.peer_ptrs, ctypes.c_int64(part_buf.rows), state.overflow])
+        return n_groups
+
+    @staticmethod
+    def _sum_partials(part_buf, idx_buf, to_row: torch.Tensor, num_tokens: int, capacity: int, world: int,
+                      hidden: int, dtype) -> torch.Tensor:
+        device = to_row.device
+        rows = torch.arange(capacity, device=device)
+        bounds = torch.cumsum(to_row, 0)
+        received = rows < bounds[-1]
+        from_rank = (rows.unsqueeze(1) >= bounds.unsqueeze(0)).sum(1)
+        token = idx_buf.local[:capacity]
+        slot = torch.full((world * num_tokens + 1,), -1, dtype=torch.int64, device=device)
+        target = torch.where(received, from_rank * num_tokens + token, torch.full_like(token, world * num_tokens))
+        slot.scatter_(0, target, rows)
+        slot = slot[:world * num_tokens].view(world, num_tokens)
+        partials = part_buf.local
+        acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=device)
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        for e in range(world):
+            present = slot[e] >= 0
+            # A token without a partial from e adds +0.0, which leaves a sum that started at +0.0 unchanged.
+            acc = acc + torch.where(present.unsqueeze(1), partials[slot[e].clamp(min=0)].float(), zero)
+        return acc.to(dtype)

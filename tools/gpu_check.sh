@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU check: what every CUDA-backend change must pass before it is called done, on a GPU machine.
+# Installs the project, then (logs under $OUT, default ./gpu_logs):
+#   suite: kernels compile check; the whole parametrized suite with ranks on the GPUs
+#          (FUSER_MOE_TEST_DEVICE=cuda: every world size up to the GPU count); the demo under torchrun
+#          with both backends.
+#   bench: the benchmark, standard workload (exact mode) and decode workload (capacity mode).
+# Usage: tools/gpu_check.sh [suite|bench|all]    (default all; PYTEST_ARGS passes extra pytest options)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_logs}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+what="${1:-all}"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+{ nvidia-smi; nvidia-smi topo -m; python3 -c 'import torch; print("torch", torch.__version__)'; } >"$OUT/machine.txt" 2>&1
+echo "gpu_check: $ngpu GPU(s); logs in $OUT"
+status=0
+if [ "$what" = suite ] || [ "$what" = all ]; then
+    bash tools/check_kernels.sh 2>&1 | tee "$OUT/kernels.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    FUSER_MOE_TEST_DEVICE=cuda timeout "${SUITE_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider \
+        -o junit_family=xunit1 --junitxml="$OUT/pytest_cuda.xml" -rs tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest_cuda.log" | tail -40
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    for backend in nccl cuda; do
+        timeout 180 torchrun --nproc-per-node "$ngpu" -m fuser_moe demo --device cuda --backend "$backend" \
+            --tokens 512 --hidden 1024 --ffn 2048 --experts 32 --topk 4 >"$OUT/demo_$backend.log" 2>&1
+        rc=$?
+        tail -8 "$OUT/demo_$backend.log"
+        [ "$rc" -eq 0 ] || status=1
+    done
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+    timeout 300 python3 -m fuser_moe bench --device cuda --json "$OUT/bench_standard.json" 2>&1 | tee "$OUT/bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    timeout 200 python3 -m fuser_moe bench --device cuda --tokens 128 --capacity $((128 * 8 * 2)) \
+        --json "$OUT/bench_decode.json" 2>&1 | tee -a "$OUT/bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+echo "gpu_check: exit $status"
+exit "$status"

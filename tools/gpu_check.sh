@@ -12,7 +12,12 @@ OUT="${OUT:-$PWD/gpu_logs}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 what="${1:-all}"
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+# Install where pip can; a machine without network (pip's editable install may want to fetch build
+# tools) runs from the source tree, which fuser_moe/__init__.py maps onto the package path.
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+    echo "gpu_check: pip install failed (see install.log); running from the source tree"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 { nvidia-smi; nvidia-smi topo -m; python3 -c 'import torch; print("torch", torch.__version__)'; } >"$OUT/machine.txt" 2>&1
 echo "gpu_check: $ngpu GPU(s); logs in $OUT"

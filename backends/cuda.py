@@ -38,6 +38,16 @@ _INT64_MAX = torch.iinfo(torch.int64).max
 _KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "combine.cu")
 _SEND_KERNELS = {torch.float32: "fuser_moe_combine_send_f32", torch.bfloat16: "fuser_moe_combine_send_bf16",
                  torch.float16: "fuser_moe_combine_send_f16"}
+_REDUCE_KERNELS = {torch.float32: "fuser_moe_combine_reduce_f32", torch.bfloat16: "fuser_moe_combine_reduce_bf16",
+                   torch.float16: "fuser_moe_combine_reduce_f16"}
+_sm_counts: dict = {}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
 
 
 class _GroupState:
@@ -47,8 +57,16 @@ class _GroupState:
         from .transport import transport_for
 
         self.transport = transport_for(comm)
+        world, device = comm.world_size, comm.device
         # (largest capacity needed, capacity given) of the last overflow; raised at the next check.
-        self.overflow = torch.zeros(2, dtype=torch.int64, device=comm.device)
+        self.overflow = torch.zeros(2, dtype=torch.int64, device=device)
+        # Index vectors of the count exchange, made once (no allocation or fill on the hot path).
+        self.ranks = torch.arange(world, device=device)
+        self.zeros_w = torch.zeros(world, dtype=torch.int64, device=device)
+        self.own_row = torch.full((world,), comm.rank, dtype=torch.int64, device=device)
+        # Largest token count of any rank seen by an exact-mode dispatch: every rank learns the same
+        # value from the count matrix, so combine can size its buffers without asking the peers.
+        self.max_tokens: Optional[int] = None
 
     def raise_pending(self, comm: Communicator) -> None:
         """Reads the device's error words (a host synchronisation), clears them and raises what they report.
@@ -125,23 +143,29 @@ class CudaBackend:
         tr = state.transport
         device = x.device
         tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
-        ranks = torch.arange(world, device=device)
 
         # 1. counts
         dest = routing.slot_destinations(topk_idx, placement)  # [T, K]
-        hits = dest.unsqueeze(-1) == ranks  # [T, K, W]
+        hits = dest.unsqueeze(-1) == state.ranks  # [T, K, W]
         routed = hits.any(dim=1)  # [T, W]
-        count_row = torch.cat([routed.sum(0), hits.sum((0, 1))]).view(1, 2 * world)
-        counts = tr.buffer("dispatch_counts", torch.int64, (2 * world,), world)
-        self._push_to_all(tr, count_row, counts, rank, world, device)
+        count_row = torch.cat([routed.sum(0), hits.sum((0, 1)),
+                               torch.full((1,), tokens, dtype=torch.int64, device=device)]).view(1, 2 * world + 1)
+        counts = tr.buffer("dispatch_counts", torch.int64, (2 * world + 1,), world)
+        self._push_to_all(state, count_row, counts)
         tr.barrier()
-        matrix = counts.local[:world].clone()  # [src, 2W]: wire rows and pairs from src to each rank
+        matrix = counts.local[:world].clone()  # [src, 2W+1]: wire rows and pairs to each rank, tokens
         n_from = matrix[:, rank].contiguous()
         n_to = count_row[0, :world].clone()
 
         if max_recv_tokens is None:
             host = matrix.tolist()
             stats.sync("count matrix to host")
+            if not check_inputs:
+                # The stream has caught up with the host here, so reading the device's error words
+                # costs a small copy, not a wait: report what earlier calls and this call's counts
+                # found. (Checked mode reports this call's own errors at its end, on every rank.)
+                state.raise_pending(comm)
+            state.max_tokens = max([state.max_tokens or 0] + [row[2 * world] for row in host])
             wire_in = [sum(host[s][d] for s in range(world)) for d in range(world)]
             wire_rows, out_rows, capacity = wire_in[rank], sum(host[s][world + rank] for s in range(world)), max(wire_in)
             sent = sum(host[rank][:world]) - host[rank][rank]
@@ -149,6 +173,7 @@ class CudaBackend:
             stats.bytes_recv += (wire_rows - host[rank][rank]) * (hidden * x.element_size() + (1 + 2 * top_k) * 8)
             stats.payload_rows_sent += sent
         else:
+            state.max_tokens = None  # unknown on the host: combine asks the peers
             wire_rows, out_rows, capacity = max_recv_tokens, max_recv_tokens, max_recv_tokens
             sent = n_to.sum() - n_to[rank]
             stats.bytes_sent = sent * (hidden * x.element_size() + (1 + 2 * top_k) * 8)  # a device scalar
@@ -159,10 +184,12 @@ class CudaBackend:
         meta_buf = tr.buffer("dispatch_meta", torch.int64, (1 + 2 * top_k,), capacity)
         if tokens:
             base = matrix[:rank, :world].sum(0)  # where this rank's rows start in each peer's buffer
-            routed64 = routed.long()
-            dst_row = torch.where(routed, base + _exclusive_cumsum(routed64), torch.full_like(routed64, -1)).view(-1)
-            src_row = torch.arange(tokens, device=device).repeat_interleave(world)
-            dst_rank = ranks.repeat(tokens)
+            # Rank-major [W, T] so that the scan runs along the contiguous dimension.
+            routed_t = routed.t().contiguous()
+            position = _exclusive_cumsum(routed_t.long(), dim=1)
+            dst_row = torch.where(routed_t, base.unsqueeze(1) + position, -1).view(-1)
+            src_row = torch.arange(tokens, device=device).repeat(world)
+            dst_rank = state.ranks.repeat_interleave(tokens)
             meta = torch.cat([torch.arange(tokens, device=device).unsqueeze(1), topk_idx.long(),
                               routing.pack_weights(topk_weights)], dim=1)
             tr.push_rows(x.contiguous(), src_row, dst_rank, dst_row, x_buf)
@@ -173,15 +200,11 @@ class CudaBackend:
         out = self._expand(state, x_buf, meta_buf, n_from, placement, rank, top_k, wire_rows, out_rows,
                            capacity_mode=max_recv_tokens is not None)
         out = out._replace(n_tokens_to_rank=n_to, n_tokens_from_rank=n_from)
-        if max_recv_tokens is None:
-            # Errors the device reported (an overflow or a barrier timeout, here or in an earlier
-            # call): every rank raises, in checked mode, so that none waits at the next barrier.
-            if check_inputs:
-                checked(comm, lambda: state.raise_pending(comm))
-            else:
-                state.raise_pending(comm)
+        if max_recv_tokens is None and check_inputs:
+            # Checked mode reports this call's own errors at once; every rank raises together.
+            checked(comm, lambda: state.raise_pending(comm))
             stats.sync("device error words")
-        elif check_inputs:
+        elif max_recv_tokens is not None and check_inputs:
             pairs_in = int(matrix[:, world + rank].sum())
             stats.sync("capacity check")
 
@@ -199,11 +222,9 @@ class CudaBackend:
         return out
 
     @staticmethod
-    def _push_to_all(tr, row: torch.Tensor, buf, rank: int, world: int, device) -> None:
-        """Writes a one-row tensor into row `rank` of every rank's `buf`."""
-        tr.push_rows(row.contiguous(), torch.zeros(world, dtype=torch.int64, device=device),
-                     torch.arange(world, device=device), torch.full((world,), rank, dtype=torch.int64, device=device),
-                     buf)
+    def _push_to_all(state: _GroupState, row: torch.Tensor, buf) -> None:
+        """Writes a one-row tensor into this rank's row of every rank's `buf`."""
+        state.transport.push_rows(row.contiguous(), state.zeros_w, state.ranks, state.own_row, buf)
 
     @staticmethod
     def _expand(state, x_buf, meta_buf, n_from: torch.Tensor, placement, rank: int, top_k: int, wire_rows: int,
@@ -258,6 +279,9 @@ class CudaBackend:
             tokens_of_rank = check_combine_everywhere(comm, x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
                                                       n_tokens_from_rank, num_tokens)
             stats.sync("input checks")
+        elif self._state(comm).max_tokens is not None:
+            # An exact-mode dispatch told every rank the same token counts (the count matrix).
+            tokens_of_rank = [self._state(comm).max_tokens]
         else:
             # Buffer sizes must agree on every rank: a host-side exchange, no device synchronisation.
             tokens_of_rank = comm.exchange(num_tokens)
@@ -267,7 +291,7 @@ class CudaBackend:
 
         # 1. counts
         counts = tr.buffer("combine_counts", torch.int64, (world,), world)
-        self._push_to_all(tr, n_tokens_to_rank.view(1, world), counts, rank, world, device)
+        self._push_to_all(state, n_tokens_to_rank.view(1, world), counts)
         tr.barrier()
         to_matrix = counts.local[:world].clone()  # [s, e] = tokens rank s sent to rank e
 
@@ -290,7 +314,8 @@ class CudaBackend:
         stats.payload_rows_sent = sent - n_tokens_from_rank[rank]
 
         # 3. each token's partials, in ascending expert-rank order, summed in float32
-        out = self._sum_partials(part_buf, idx_buf, to_matrix[rank], num_tokens, capacity, world, hidden, dtype)
+        out = self._sum_partials(part_buf, idx_buf, to_matrix[rank], num_tokens, capacity, world, hidden, dtype,
+                                 state)
         if check_inputs:
             checked(comm, lambda: state.raise_pending(comm))
             stats.sync("device error words")
@@ -338,8 +363,8 @@ class CudaBackend:
         token = first_key % routing._KEY_STRIDE
         if rows:
             kernel = get_kernel(_KERNEL_SOURCE, _SEND_KERNELS[x.dtype], device)
-            threads = 256 if x.shape[1] >= 256 else 32 * max(1, (x.shape[1] + 31) // 32)
-            blocks = max(1, min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+            threads = 128
+            blocks = max(1, min(rows, 8 * _multiprocessors(device)))
             kernel.launch(blocks, threads, [
                 x.contiguous(), ctypes.c_int64(x.shape[1]), weights.contiguous(), order, group_start, n_groups,
                 ctypes.c_int64(rows), s.contiguous(), dst_row.contiguous(), token.contiguous(), part_buf.peer_ptrs,
@@ -348,7 +373,7 @@ class CudaBackend:
 
     @staticmethod
     def _sum_partials(part_buf, idx_buf, to_row: torch.Tensor, num_tokens: int, capacity: int, world: int,
-                      hidden: int, dtype) -> torch.Tensor:
+                      hidden: int, dtype, state: _GroupState) -> torch.Tensor:
         device = to_row.device
         rows = torch.arange(capacity, device=device)
         bounds = torch.cumsum(to_row, 0)
@@ -360,6 +385,15 @@ class CudaBackend:
         slot.scatter_(0, target, rows)
         slot = slot[:world * num_tokens].view(world, num_tokens)
         partials = part_buf.local
+        if device.type == "cuda":
+            from .transport.nvrtc import get_kernel
+
+            out = torch.empty(num_tokens, hidden, dtype=dtype, device=device)
+            if num_tokens:
+                kernel = get_kernel(_KERNEL_SOURCE, _REDUCE_KERNELS[dtype], device)
+                kernel.launch(max(1, min(num_tokens, 8 * _multiprocessors(device))), 128, [
+                    partials, slot, ctypes.c_int64(num_tokens), ctypes.c_int32(world), ctypes.c_int64(hidden), out])
+            return out
         acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=device)
         zero = torch.zeros((), dtype=torch.float32, device=device)
         for e in range(world):

@@ -41,6 +41,39 @@ template <> __device__ __forceinline__ fm_f16 fm_from_float<fm_f16>(float f)
     return r;
 }
 
+// A 16-byte vector of elements: VEC = 16 / sizeof(T) of them.
+template <typename T> struct fm_vec_traits { static constexpr int VEC = 16 / sizeof(T); };
+
+union fm_vec16 {
+    int4 raw;
+    float f32[4];
+    fm_u16 u16[8];
+};
+
+template <typename T> __device__ __forceinline__ float fm_lane_to_float(const fm_vec16& v, int k);
+template <> __device__ __forceinline__ float fm_lane_to_float<float>(const fm_vec16& v, int k) { return v.f32[k]; }
+template <> __device__ __forceinline__ float fm_lane_to_float<fm_bf16>(const fm_vec16& v, int k)
+{
+    return fm_to_float(fm_bf16{v.u16[k]});
+}
+template <> __device__ __forceinline__ float fm_lane_to_float<fm_f16>(const fm_vec16& v, int k)
+{
+    return fm_to_float(fm_f16{v.u16[k]});
+}
+
+template <typename T> __device__ __forceinline__ void fm_lane_from_float(fm_vec16& v, int k, float f);
+template <> __device__ __forceinline__ void fm_lane_from_float<float>(fm_vec16& v, int k, float f) { v.f32[k] = f; }
+template <> __device__ __forceinline__ void fm_lane_from_float<fm_bf16>(fm_vec16& v, int k, float f)
+{
+    v.u16[k] = fm_from_float<fm_bf16>(f).bits;
+}
+template <> __device__ __forceinline__ void fm_lane_from_float<fm_f16>(fm_vec16& v, int k, float f)
+{
+    v.u16[k] = fm_from_float<fm_f16>(f).bits;
+}
+
+__device__ __forceinline__ bool fm_aligned16(const void* p) { return (reinterpret_cast<fm_u64>(p) & 15u) == 0u; }
+
 //   y [rows, hidden], w [rows]: expert outputs and their weights
 //   order [rows]: rows sorted by (src_rank, src_idx), stable, so a group's rows keep their row order
 //   group_start [max_groups + 1]: the group g holds order[group_start[g] .. group_start[g + 1])
@@ -60,6 +93,8 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
                                                 const fm_u64* __restrict__ idx_ptrs, fm_i64 capacity,
                                                 fm_i64* overflow)
 {
+    // Rows are 16-byte aligned when y is and a row is a whole number of vectors.
+    const bool vectorized = fm_aligned16(y) && (hidden % fm_vec_traits<T>::VEC) == 0;
     const fm_i64 groups = *n_groups < max_groups ? *n_groups : max_groups;
     for (fm_i64 g = blockIdx.x; g < groups; g += gridDim.x) {
         const fm_i64 row = dst_row[g];
@@ -77,6 +112,38 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
         const fm_i64 begin = group_start[g];
         const fm_i64 end = group_start[g + 1];
         T* out = reinterpret_cast<T*>(part_ptrs[peer]) + row * hidden;
+        constexpr int VEC = fm_vec_traits<T>::VEC;
+        if (vectorized && fm_aligned16(out)) {
+            // 16-byte loads of every row of the group and one 16-byte store to the peer per vector.
+            const fm_i64 n_vec = hidden / VEC;
+            for (fm_i64 v = threadIdx.x; v < n_vec; v += blockDim.x) {
+                float acc[VEC];
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    acc[k] = 0.0f;
+                }
+                for (fm_i64 i = begin; i < end; ++i) {
+                    const fm_i64 r = order[i];
+                    const float wr = w[r];
+                    fm_vec16 in;
+                    in.raw = reinterpret_cast<const int4*>(y + r * hidden)[v];
+#pragma unroll
+                    for (int k = 0; k < VEC; ++k) {
+                        acc[k] = __fadd_rn(acc[k], __fmul_rn(wr, fm_lane_to_float<T>(in, k)));
+                    }
+                }
+                fm_vec16 packed;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    fm_lane_from_float<T>(packed, k, acc[k]);
+                }
+                reinterpret_cast<int4*>(out)[v] = packed.raw;
+            }
+            if (threadIdx.x == 0) {
+                reinterpret_cast<fm_i64*>(idx_ptrs[peer])[row] = src_idx[g];
+            }
+            continue;
+        }
         for (fm_i64 h = threadIdx.x; h < hidden; h += blockDim.x) {
             float acc = 0.0f;
             for (fm_i64 i = begin; i < end; ++i) {
@@ -105,3 +172,66 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
 FM_COMBINE_SEND(fuser_moe_combine_send_f32, float)
 FM_COMBINE_SEND(fuser_moe_combine_send_bf16, fm_bf16)
 FM_COMBINE_SEND(fuser_moe_combine_send_f16, fm_f16)
+
+// The source's side: combined[t] = float32 sum of t's partial rows in ascending expert-rank order, cast.
+//   partials [capacity, hidden]: this rank's receive buffer; slot [world, num_tokens]: the row of the
+//   partial that rank e sent for token t, or -1 (then nothing is added, as in the contract).
+template <typename T>
+__device__ __forceinline__ void fm_combine_reduce(const T* __restrict__ partials, const fm_i64* __restrict__ slot,
+                                                  fm_i64 num_tokens, int world, fm_i64 hidden, T* __restrict__ out)
+{
+    constexpr int VEC = fm_vec_traits<T>::VEC;
+    const bool vectorized = fm_aligned16(partials) && fm_aligned16(out) && (hidden % VEC) == 0;
+    for (fm_i64 t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+        if (vectorized) {
+            const fm_i64 n_vec = hidden / VEC;
+            for (fm_i64 v = threadIdx.x; v < n_vec; v += blockDim.x) {
+                float acc[VEC];
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    acc[k] = 0.0f;
+                }
+                for (int e = 0; e < world; ++e) {
+                    const fm_i64 r = slot[e * num_tokens + t];
+                    if (r < 0) {
+                        continue;
+                    }
+                    fm_vec16 in;
+                    in.raw = reinterpret_cast<const int4*>(partials + r * hidden)[v];
+#pragma unroll
+                    for (int k = 0; k < VEC; ++k) {
+                        acc[k] = __fadd_rn(acc[k], fm_lane_to_float<T>(in, k));
+                    }
+                }
+                fm_vec16 packed;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    fm_lane_from_float<T>(packed, k, acc[k]);
+                }
+                reinterpret_cast<int4*>(out + t * hidden)[v] = packed.raw;
+            }
+        } else {
+            for (fm_i64 h = threadIdx.x; h < hidden; h += blockDim.x) {
+                float acc = 0.0f;
+                for (int e = 0; e < world; ++e) {
+                    const fm_i64 r = slot[e * num_tokens + t];
+                    if (r >= 0) {
+                        acc = __fadd_rn(acc, fm_to_float(partials[r * hidden + h]));
+                    }
+                }
+                out[t * hidden + h] = fm_from_float<T>(acc);
+            }
+        }
+    }
+}
+
+#define FM_COMBINE_REDUCE(NAME, T)                                                                        \
+    extern "C" __global__ void NAME(const T* partials, const fm_i64* slot, fm_i64 num_tokens, int world,  \
+                                    fm_i64 hidden, T* out)                                                \
+    {                                                                                                     \
+        fm_combine_reduce<T>(partials, slot, num_tokens, world, hidden, out);                             \
+    }
+
+FM_COMBINE_REDUCE(fuser_moe_combine_reduce_f32, float)
+FM_COMBINE_REDUCE(fuser_moe_combine_reduce_bf16, fm_bf16)
+FM_COMBINE_REDUCE(fuser_moe_combine_reduce_f16, fm_f16)

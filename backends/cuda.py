@@ -67,6 +67,9 @@ class _GroupState:
         # Largest token count of any rank seen by an exact-mode dispatch: every rank learns the same
         # value from the count matrix, so combine can size its buffers without asking the peers.
         self.max_tokens: Optional[int] = None
+        # Rows of the exact mode's receive buffers (the same on every rank); rows are sent into them
+        # before the host knows this call's counts, and sent again in the rare call that outgrows them.
+        self.wire_capacity: Optional[int] = None
 
     def raise_pending(self, comm: Communicator) -> None:
         """Reads the device's error words (a host synchronisation), clears them and raises what they report.
@@ -157,49 +160,48 @@ class CudaBackend:
         n_from = matrix[:, rank].contiguous()
         n_to = count_row[0, :world].clone()
 
-        if max_recv_tokens is None:
-            host = matrix.tolist()
-            stats.sync("count matrix to host")
-            if not check_inputs:
-                # The stream has caught up with the host here, so reading the device's error words
-                # costs a small copy, not a wait: report what earlier calls and this call's counts
-                # found. (Checked mode reports this call's own errors at its end, on every rank.)
-                state.raise_pending(comm)
-            state.max_tokens = max([state.max_tokens or 0] + [row[2 * world] for row in host])
-            wire_in = [sum(host[s][d] for s in range(world)) for d in range(world)]
-            wire_rows, out_rows, capacity = wire_in[rank], sum(host[s][world + rank] for s in range(world)), max(wire_in)
-            sent = sum(host[rank][:world]) - host[rank][rank]
-            stats.bytes_sent += sent * (hidden * x.element_size() + (1 + 2 * top_k) * 8) + (world - 1) * 2 * world * 8
-            stats.bytes_recv += (wire_rows - host[rank][rank]) * (hidden * x.element_size() + (1 + 2 * top_k) * 8)
-            stats.payload_rows_sent += sent
-        else:
+        row_bytes = hidden * x.element_size() + (1 + 2 * top_k) * 8
+        host = None
+        if max_recv_tokens is not None:
             state.max_tokens = None  # unknown on the host: combine asks the peers
-            wire_rows, out_rows, capacity = max_recv_tokens, max_recv_tokens, max_recv_tokens
+            capacity = max_recv_tokens
             sent = n_to.sum() - n_to[rank]
-            stats.bytes_sent = sent * (hidden * x.element_size() + (1 + 2 * top_k) * 8)  # a device scalar
+            stats.bytes_sent = sent * row_bytes  # a device scalar, read when the trace is
             stats.payload_rows_sent = sent
+        elif state.wire_capacity is not None:
+            # Exact mode with buffers from earlier calls: send now, learn the sizes while rows travel.
+            capacity = state.wire_capacity
+        else:
+            host = self._read_counts(comm, state, matrix, check_inputs, stats)
+            capacity = max(self._wire_in(host, world))
 
-        # 2. data: rows straight from x, and their metadata, into the peers' buffers
-        x_buf = tr.buffer("dispatch_x", x.dtype, (hidden,), capacity)
-        meta_buf = tr.buffer("dispatch_meta", torch.int64, (1 + 2 * top_k,), capacity)
-        if tokens:
-            base = matrix[:rank, :world].sum(0)  # where this rank's rows start in each peer's buffer
-            # Rank-major [W, T] so that the scan runs along the contiguous dimension.
-            routed_t = routed.t().contiguous()
-            position = _exclusive_cumsum(routed_t.long(), dim=1)
-            dst_row = torch.where(routed_t, base.unsqueeze(1) + position, -1).view(-1)
-            src_row = torch.arange(tokens, device=device).repeat(world)
-            dst_rank = state.ranks.repeat_interleave(tokens)
-            meta = torch.cat([torch.arange(tokens, device=device).unsqueeze(1), topk_idx.long(),
-                              routing.pack_weights(topk_weights)], dim=1)
-            tr.push_rows(x.contiguous(), src_row, dst_rank, dst_row, x_buf)
-            tr.push_rows(meta, src_row, dst_rank, dst_row, meta_buf)
-        tr.barrier()
+        # 2. data, then 3. the receiver's order, all enqueued without the host knowing any size
+        meta = torch.cat([torch.arange(tokens, device=device).unsqueeze(1), topk_idx.long(),
+                          routing.pack_weights(topk_weights)], dim=1)
+        arranged = self._send_and_arrange(state, x, meta, routed, matrix, n_from, placement, rank, top_k, capacity)
 
-        # 3. expansion
-        out = self._expand(state, x_buf, meta_buf, n_from, placement, rank, top_k, wire_rows, out_rows,
-                           capacity_mode=max_recv_tokens is not None)
-        out = out._replace(n_tokens_to_rank=n_to, n_tokens_from_rank=n_from)
+        if max_recv_tokens is None:
+            if host is None:
+                host = self._read_counts(comm, state, matrix, check_inputs, stats, expect_overflow_over=capacity)
+            needed = max(self._wire_in(host, world))
+            if needed > capacity:
+                # Some rows did not fit; every rank saw the same matrix, so all grow and send again.
+                capacity = needed
+                arranged = self._send_and_arrange(state, x, meta, routed, matrix, n_from, placement, rank, top_k,
+                                                  capacity)
+            state.wire_capacity = max(capacity, state.wire_capacity or 0)
+            state.max_tokens = max([state.max_tokens or 0] + [row[2 * world] for row in host])
+            wire_in = self._wire_in(host, world)
+            sent = sum(host[rank][:world]) - host[rank][rank]
+            stats.bytes_sent += sent * row_bytes + (world - 1) * (2 * world + 1) * 8
+            stats.bytes_recv += (wire_in[rank] - host[rank][rank]) * row_bytes
+            stats.payload_rows_sent += sent
+            out_rows = sum(host[s][world + rank] for s in range(world))
+        else:
+            out_rows = max_recv_tokens
+        out = self._gather(state, arranged, n_from, top_k, out_rows, padded=max_recv_tokens is not None)
+        out = out._replace(n_tokens_to_rank=n_to, n_tokens_from_rank=n_from,
+                           n_tokens_per_expert=arranged["per_expert"])
         if max_recv_tokens is None and check_inputs:
             # Checked mode reports this call's own errors at once; every rank raises together.
             checked(comm, lambda: state.raise_pending(comm))
@@ -227,33 +229,93 @@ class CudaBackend:
         state.transport.push_rows(row.contiguous(), state.zeros_w, state.ranks, state.own_row, buf)
 
     @staticmethod
-    def _expand(state, x_buf, meta_buf, n_from: torch.Tensor, placement, rank: int, top_k: int, wire_rows: int,
-                out_rows: int, capacity_mode: bool) -> DispatchOutputs:
-        """Received wire rows -> one row per (token, local expert), in the contract's order, static shapes."""
-        device = n_from.device
+    def _wire_in(host: list, world: int) -> list:
+        """Wire rows each rank receives, from the count matrix on the host."""
+        return [sum(host[s][d] for s in range(world)) for d in range(world)]
+
+    @staticmethod
+    def _read_counts(comm, state: _GroupState, matrix: torch.Tensor, check_inputs: bool, stats: CommStats,
+                     expect_overflow_over: Optional[int] = None) -> list:
+        """The count matrix on the host (the exact mode's one synchronisation), and the device's errors.
+
+        Reading the error words right after costs a small copy, not a wait. When the rows were sent
+        into buffers of `expect_overflow_over` rows and the matrix shows they did not fit, the
+        transport's overflow report is expected (the caller grows and sends again) and is dropped.
+        (Checked mode reports this call's own errors at its end, on every rank.)
+        """
+        host = matrix.tolist()
+        stats.sync("count matrix to host")
+        world = len(host)
+        overflowed = expect_overflow_over is not None and \
+            max(CudaBackend._wire_in(host, world)) > expect_overflow_over
+        if overflowed:
+            try:
+                state.transport.check()
+            except RuntimeError:
+                pass
+        elif not check_inputs:
+            state.raise_pending(comm)
+        return host
+
+    def _send_and_arrange(self, state: _GroupState, x: torch.Tensor, meta: torch.Tensor, routed: torch.Tensor,
+                          matrix: torch.Tensor, n_from: torch.Tensor, placement, rank: int, top_k: int,
+                          capacity: int) -> dict:
+        """Pushes every wire row into its peer's buffer, then sorts the received slots into the contract's order.
+
+        Shapes depend on `capacity` only, so nothing here needs the host to know a count.
+        """
+        tr, device = state.transport, x.device
+        world, tokens = routed.shape[1], routed.shape[0]
+        x_buf = tr.buffer("dispatch_x", x.dtype, (x.shape[1],), capacity)
+        meta_buf = tr.buffer("dispatch_meta", torch.int64, (1 + 2 * top_k,), capacity)
+        if tokens:
+            base = matrix[:rank, :world].sum(0)  # where this rank's rows start in each peer's buffer
+            # Rank-major [W, T] so that the scan runs along the contiguous dimension.
+            routed_t = routed.t().contiguous()
+            position = _exclusive_cumsum(routed_t.long(), dim=1)
+            dst_row = torch.where(routed_t, base.unsqueeze(1) + position, -1).view(-1)
+            src_row = torch.arange(tokens, device=device).repeat(world)
+            dst_rank = state.ranks.repeat_interleave(tokens)
+            tr.push_rows(x.contiguous(), src_row, dst_rank, dst_row, x_buf)
+            tr.push_rows(meta, src_row, dst_rank, dst_row, meta_buf)
+        tr.barrier()
+
         n_local = placement.n_local[rank]
-        meta = meta_buf.local[:wire_rows]
-        experts = meta[:, 1:1 + top_k]
-        wire_idx = torch.arange(wire_rows, device=device)
+        recv_meta = meta_buf.local[:capacity]
+        wire_idx = torch.arange(capacity, device=device)
         in_use = (wire_idx < n_from.sum()).unsqueeze(1)
-        clamped = experts.clamp(min=0)
-        mine = in_use & (experts >= 0) & (placement.expert_to_rank[clamped] == rank)
+        # Rows past this call's wire rows hold whatever an earlier call left: never read their experts.
+        experts = torch.where(in_use, recv_meta[:, 1:1 + top_k], -1)
+        clamped = experts.clamp(min=0, max=placement.num_experts - 1)
+        mine = (experts >= 0) & (placement.expert_to_rank[clamped] == rank)
         local = placement.local_index[clamped]
-        key = torch.where(mine, local * max(wire_rows, 1) + wire_idx.unsqueeze(1),
+        key = torch.where(mine, local * max(capacity, 1) + wire_idx.unsqueeze(1),
                           torch.full_like(local, _INT64_MAX)).view(-1)
         sorted_key, perm = torch.sort(key, stable=True)
-        sorted_key, perm = sorted_key[:out_rows], perm[:out_rows]
-        wire_row, slot = perm // top_k, perm % top_k
-        src_bounds = torch.cumsum(n_from, 0)
-        wire_src = (wire_row.unsqueeze(1) >= src_bounds.unsqueeze(0)).sum(1)
         per_expert = torch.zeros(n_local + 1, dtype=torch.int64, device=device)
         per_expert.scatter_add_(0, torch.where(mine, local, torch.full_like(local, n_local)).view(-1),
                                 torch.ones_like(key))
-        recv_x = x_buf.local[wire_row]
+        return {"x_buf": x_buf, "meta": recv_meta, "experts": experts, "sorted_key": sorted_key, "perm": perm,
+                "per_expert": per_expert[:n_local], "pairs": mine.sum()}
+
+    @staticmethod
+    def _gather(state: _GroupState, arranged: dict, n_from: torch.Tensor, top_k: int, out_rows: int,
+                padded: bool) -> DispatchOutputs:
+        """The first `out_rows` rows in the contract's order; with `padded`, rows past the pairs are padding."""
+        device = n_from.device
+        sorted_key, perm = arranged["sorted_key"][:out_rows], arranged["perm"][:out_rows]
+        if perm.shape[0] < out_rows:  # capacity mode with fewer slots than rows: pad the index
+            fill = torch.zeros(out_rows - perm.shape[0], dtype=perm.dtype, device=device)
+            perm = torch.cat([perm, fill])
+            sorted_key = torch.cat([sorted_key, torch.full_like(fill, _INT64_MAX)])
+        meta, experts = arranged["meta"], arranged["experts"]
+        wire_row, slot = perm // top_k, perm % top_k
+        wire_src = (wire_row.unsqueeze(1) >= torch.cumsum(n_from, 0).unsqueeze(0)).sum(1)
+        recv_x = arranged["x_buf"].local[wire_row]
         topk_idx = experts[wire_row, slot]
         weights = routing.unpack_weights(meta[wire_row, 1 + top_k + slot])
         src_idx = meta[wire_row, 0]
-        if capacity_mode:
+        if padded:
             valid = sorted_key != _INT64_MAX
             minus_one = torch.full_like(topk_idx, -1)
             recv_x = torch.where(valid.unsqueeze(1), recv_x, torch.zeros((), dtype=recv_x.dtype, device=device))
@@ -261,12 +323,11 @@ class CudaBackend:
             weights = torch.where(valid, weights, torch.zeros((), dtype=weights.dtype, device=device))
             src_idx = torch.where(valid, src_idx, minus_one)
             wire_src = torch.where(valid, wire_src, minus_one)
-            pairs = mine.sum()
+            pairs = arranged["pairs"]
             overflow = state.overflow
             torch.maximum(overflow[0], torch.where(pairs > out_rows, pairs, torch.zeros_like(pairs)), out=overflow[0])
             overflow[1].fill_(out_rows)
-        return DispatchOutputs(recv_x, topk_idx, weights, src_idx, wire_src, n_from, n_from,
-                               per_expert[:n_local])
+        return DispatchOutputs(recv_x, topk_idx, weights, src_idx, wire_src, n_from, n_from, n_from)
 
     # ------------------------------------------------------------------ combine
     def combine(self, comm: Communicator, x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor,

@@ -1,172 +1,743 @@
 """`fuser-moe bench`: dispatch and combine timings per SPEC.md section 10.
 
-Standard workload: T=4096 tokens per rank, H=7168, K=8, E=256, bfloat16, each token picking K distinct
-experts uniformly at random; decode: the same with T=128. Every rank times the backend's dispatch and
-combine with CUDA events (host clock on CPUs) after warm-up, the median over repetitions is reported,
-and results are checked against the reference semantics before anything is timed.
+On every T of the chosen workloads (standard T=4096, decode T=128, a sweep of T; H=7168, K=8, E=256,
+bfloat16, each token picking K distinct experts uniformly at random) it measures:
+  - the `nccl` and `cuda` backends in exact mode, in capacity mode (`max_recv_tokens=C`, C chosen
+    from the routing) and in capacity mode under a CUDA graph (captured once per backend and T after
+    warm-up on a side stream, timed by replaying it). The nccl backend reads split sizes on the host,
+    so it cannot be captured: its graph rows say so instead of failing. On the CPU there are no CUDA
+    graphs; a stand-in that re-runs the captured calls keeps that code path exercised (marked
+    `emulated`).
+  - two baselines on the same routing: `all_to_all_single` of the de-duplicated rows alone (the
+    transport floor of the nccl backend: its split sizes, rows gathered beforehand, only the collective
+    timed), and torch's NVSHMEM `all_to_all_vdev_2d` (fuser_moe/bench_symm_mem.py) where it runs.
+Every output is compared bit for bit with the nccl backend's exact-mode outputs (which the test suite
+holds to the reference) before anything is timed; in capacity mode the first V rows must match and
+the padding rows must carry -1 (and weight 0). A case that fails its check, or raises, is recorded
+as such on every rank and not timed; the others go on.
 
-Wire bytes: rows that leave the rank (self excluded) times H times the element size; DeepEP's
-convention counts self rows too. GB/s are per rank, 1e9 bytes per second.
+Timing: CUDA events around each call (the host clock on CPUs) after warm-up; every repetition is
+preceded by a device synchronisation and a barrier; the median and the minimum over repetitions are
+kept per rank, and tables give the median over ranks.
+
+Bytes: wire bytes are rows that leave the rank (self excluded) x H x element size; for dispatch the
+de-duplicated token rows sent, for combine the partial rows sent back (distinct tokens received from
+other ranks: sum(n_tokens_from_rank) minus self). DeepEP's convention counts self rows too. GB/s are
+per rank, 1e9 bytes per second.
+
+`run_benchmark` starts the ranks (or runs on a launcher's, `run_under_launcher`) and returns the
+results document; fuser_moe/bench_report.py makes the tables, the JSON and the plot from it.
 """
 from __future__ import annotations
 
-import json
+import math
+import os
+import platform
+import socket
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from fuser_moe.executors import get_backend
-
+STANDARD_TOKENS = 4096
+DECODE_TOKENS = 128
+DEFAULT_SWEEP = "1:16384"
+WORKLOADS = ("standard", "decode", "sweep")
+BACKENDS = ("nccl", "cuda")
+MODES = ("exact", "capacity", "graph")
+BASELINES = ("all_to_all_single", "all_to_all_vdev_2d")
+OPS = ("dispatch", "combine")
+# Backends whose capacity mode makes no host synchronisation (SPEC.md section 5): only these can be captured.
+GRAPH_CAPABLE = ("cuda",)
+NOT_CAPTURABLE = "not capturable: the nccl backend reads split sizes on the host"
+CAPACITY_ALIGN = 16
+# NVLink multicast can put a shared host's GPUs out of service: it stays off whatever the environment says.
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+_PER_ROW = ("recv_x", "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "recv_src_rank")
+_PAD_MINUS_ONE = ("recv_topk_idx", "recv_src_idx", "recv_src_rank")
+
+
+def disable_multicast() -> None:
+    """Sets NCCL, torch symmetric memory and NVSHMEM to never use NVLink multicast (NVLS)."""
+    os.environ.update(NO_MULTICAST_ENV)
+
+
+def parse_sweep(spec: str) -> list:
+    """T values of the sweep.
+
+    Args:
+        spec: "LO:HI" (the powers of two from LO to HI, both included when they are powers of two),
+            "A,B,C" (those values), or "none" / "" (no sweep).
+    Returns: the sorted distinct values, each >= 1.
+    """
+    spec = (spec or "").strip().lower()
+    if spec in ("", "none", "off"):
+        return []
+    if ":" in spec:
+        lo_text, hi_text = spec.split(":", 1)
+        lo, hi = int(lo_text), int(hi_text)
+        if lo < 1 or hi < lo:
+            raise ValueError(f"sweep {spec!r}: need 1 <= LO <= HI")
+        values, t = [], 1
+        while t <= hi:
+            if t >= lo:
+                values.append(t)
+            t *= 2
+        if not values:
+            raise ValueError(f"sweep {spec!r} holds no power of two")
+        return values
+    values = sorted({int(v) for v in spec.split(",") if v.strip()})
+    if not values or values[0] < 1:
+        raise ValueError(f"sweep {spec!r}: token counts must be >= 1")
+    return values
 
 
 @dataclass
 class BenchConfig:
-    tokens: int = 4096
+    """What one benchmark run measures.
+
+    hidden, topk, experts, dtype: H, K, E and x's dtype of every workload.
+    workloads: label -> T values, e.g. {"standard": [4096], "decode": [128], "sweep": [1, 2, ..., 16384]};
+        a T that appears under several labels is measured once.
+    backends: of "nccl", "cuda". modes: of "exact", "capacity", "graph". baselines: of BASELINES.
+    capacity: a fixed max_recv_tokens for every T; None: chosen per T from the routing (`capacity_for`).
+    capacity_factor: C >= capacity_factor * T * K (the expected pairs per rank on a uniform routing).
+    warmup, reps: calls before timing, timed calls. seed: routing and tokens.
+    check: compare every output with the nccl backend's exact-mode outputs before timing.
+    progress: a line per measurement on stderr (rank 0).
+    json_path: rank 0 writes the results so far here after every T (the driver writes the final one).
+    """
+
     hidden: int = 7168
     topk: int = 8
     experts: int = 256
     dtype: str = "bfloat16"
-    backends: tuple = ("nccl", "cuda")
-    capacity: Optional[int] = None  # max_recv_tokens; None: exact mode
+    workloads: dict = field(default_factory=lambda: {"standard": [STANDARD_TOKENS], "decode": [DECODE_TOKENS],
+                                                     "sweep": parse_sweep(DEFAULT_SWEEP)})
+    backends: tuple = BACKENDS
+    modes: tuple = MODES
+    baselines: tuple = BASELINES
+    capacity: Optional[int] = None
+    capacity_factor: float = 1.25
     warmup: int = 5
     reps: int = 20
     seed: int = 0
     check: bool = True
+    progress: bool = True
+    json_path: Optional[str] = None
+
+    @property
+    def tokens(self) -> list:
+        """Every T to measure, ascending."""
+        return sorted({t for values in self.workloads.values() for t in values})
+
+    def labels(self, tokens: int) -> list:
+        """The workloads T belongs to."""
+        return [name for name, values in self.workloads.items() if tokens in values]
+
+    def capacity_for(self, tokens: int, most_pairs: int) -> int:
+        """C for T tokens: the fixed capacity if one was given, else the larger of capacity_factor * T * K
+        and the most pairs any rank receives, rounded up to a multiple of CAPACITY_ALIGN."""
+        if self.capacity is not None:
+            return self.capacity
+        need = max(math.ceil(self.capacity_factor * tokens * self.topk), most_pairs, 1)
+        return -(-need // CAPACITY_ALIGN) * CAPACITY_ALIGN
 
 
-@dataclass
-class BenchResult:
-    backend: str
-    op: str
-    world_size: int
-    tokens: int
-    median_us: float
-    min_us: float
-    wire_bytes: int  # self excluded, payload only
-    deepep_bytes: int  # self included
-    wire_gbps: float = 0.0
-    deepep_gbps: float = 0.0
-    samples_us: list = field(default_factory=list)
+# ------------------------------------------------------------------------------------------ inputs
+def _seed(cfg: BenchConfig, tokens: int, rank: int) -> int:
+    return (cfg.seed * 1_000_003 + tokens * 7919 + rank) % (2 ** 63)
 
 
-def _routing(cfg: BenchConfig, rank: int, device):
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
-    x = torch.randn(cfg.tokens, cfg.hidden, generator=gen).to(_DTYPES[cfg.dtype])
-    idx = torch.rand(cfg.tokens, cfg.experts, generator=gen).argsort(dim=1)[:, :cfg.topk]
-    w = torch.softmax(torch.randn(cfg.tokens, cfg.topk, generator=gen), dim=1)
-    return x.to(device), idx.to(device), w.to(device)
+def make_routing(cfg: BenchConfig, tokens: int, rank: int):
+    """This rank's routing for T tokens, on the CPU; the same in every run and every phase.
+
+    Returns: topk_idx [T, K] int64 (K distinct experts per token, uniformly at random) and
+        topk_weights [T, K] float32 (a softmax, so each token's weights sum to one).
+    """
+    gen = torch.Generator().manual_seed(_seed(cfg, tokens, rank))
+    idx = torch.rand(tokens, cfg.experts, generator=gen).topk(cfg.topk, dim=1).indices
+    weights = torch.softmax(torch.randn(tokens, cfg.topk, generator=gen), dim=1)
+    return idx, weights
 
 
-def _timer(device):
+def make_inputs(cfg: BenchConfig, tokens: int, rank: int, device: torch.device):
+    """x [T, H] (cfg.dtype, standard normal), topk_idx [T, K], topk_weights [T, K], all on `device`.
+
+    x is drawn on the device itself (a GPU draws 117 M values in no time; a CPU rank does not).
+    """
+    idx, weights = make_routing(cfg, tokens, rank)
     if device.type == "cuda":
-        def timed(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            end.synchronize()
-            return out, start.elapsed_time(end) * 1e3
+        gen = torch.Generator(device=device).manual_seed(_seed(cfg, tokens, rank))
+        x = torch.randn(tokens, cfg.hidden, generator=gen, device=device)
     else:
-        def timed(fn):
-            t0 = time.perf_counter()
-            out = fn()
-            return out, (time.perf_counter() - t0) * 1e6
-    return timed
+        x = torch.randn(tokens, cfg.hidden, generator=torch.Generator().manual_seed(_seed(cfg, tokens, rank) + 1))
+    return x.to(_DTYPES[cfg.dtype]), idx.to(device), weights.to(device)
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+# ------------------------------------------------------------------------------------------ checks
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b have the same shape, dtype and bits (so -0.0 differs from +0.0, NaNs compare)."""
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
+    if a.device != b.device:
+        b = b.to(a.device)
     if a.is_floating_point():
         a, b = a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)
     return torch.equal(a, b)
 
 
-def _check(comm, name, got, expected) -> None:
-    """Bitwise comparison with the NCCL backend's outputs, which the test suite holds to the reference."""
-    d, out = got
-    d_ref, out_ref = expected
-    for field_name, a, b in zip(d._fields, d, d_ref):
-        if not _same_bits(a, b):
-            raise AssertionError(f"bench: backend {name} gives a different {field_name} than nccl on rank {comm.rank}")
-    if not _same_bits(out, out_ref):
-        raise AssertionError(f"bench: backend {name} gives a different combined_x than nccl on rank {comm.rank}")
+def compare_with_reference(d, out, ref_d, ref_out, capacity: Optional[int]) -> Optional[str]:
+    """Why a backend's outputs differ from the nccl backend's exact-mode outputs, or None when they agree.
+
+    Args:
+        d: `DispatchOutputs` to check; out: its combine's combined_x [T, H].
+        ref_d, ref_out: the nccl backend's exact-mode outputs on the same inputs.
+        capacity: C in capacity mode (rows [0, V) must match, rows [V, C) are padding: -1 in
+            recv_topk_idx, recv_src_idx and recv_src_rank, 0 in recv_topk_weights), None in exact mode.
+    """
+    rows = ref_d.recv_x.shape[0]
+    if capacity is not None and capacity < rows:
+        return f"capacity {capacity} is below the {rows} rows this rank receives (an overflow)"
+    for name, got, want in zip(ref_d._fields, d, ref_d):
+        if capacity is not None and name in _PER_ROW:
+            if got.shape[0] != capacity:
+                return f"{name} has {got.shape[0]} rows, expected the capacity {capacity}"
+            if not same_bits(got[:rows], want):
+                return f"{name}: rows [0, {rows}) differ from the nccl backend's exact-mode output"
+            pad = got[rows:]
+            if name in _PAD_MINUS_ONE and not bool((pad == -1).all()):
+                return f"{name}: padding rows [{rows}, {capacity}) are not all -1"
+            if name == "recv_topk_weights" and not bool((pad == 0).all()):
+                return f"{name}: padding rows [{rows}, {capacity}) are not all 0"
+        elif not same_bits(got, want):
+            return (f"{name} differs from the nccl backend's exact-mode output (got {got.dtype}{list(got.shape)}, "
+                    f"expected {want.dtype}{list(want.shape)})")
+    if not same_bits(out, ref_out):
+        return "combined_x differs from the nccl backend's exact-mode output"
+    return None
 
 
-def run_bench(comm, cfg: BenchConfig) -> list:
-    """Rank body: times dispatch and combine for each backend; returns this rank's results as dicts."""
-    device = comm.device
-    x, idx, w = _routing(cfg, comm.rank, device)
-    timed = _timer(device)
-    results = []
-    expected = None
-    if cfg.check:
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+# ------------------------------------------------------------------------------------------ workload
+@dataclass
+class Workload:
+    """One T on one rank: inputs, the nccl exact-mode reference, counts and the capacity."""
+
+    tokens: int
+    labels: list
+    x: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    ref_d: object  # DispatchOutputs of the nccl backend, exact mode
+    ref_out: torch.Tensor
+    n_to: list  # distinct tokens sent to each rank (host)
+    n_from: list  # distinct tokens received from each rank (host)
+    capacity: int
+    most_pairs: int  # the most pairs any rank receives
+
+    def row_bytes(self) -> int:
+        return self.x.shape[1] * self.x.element_size()
+
+    def op_bytes(self, rank: int) -> dict:
+        """op -> (wire bytes, DeepEP bytes) of this rank (SPEC.md section 10)."""
+        row = self.row_bytes()
+        return {"dispatch": ((sum(self.n_to) - self.n_to[rank]) * row, sum(self.n_to) * row),
+                "combine": ((sum(self.n_from) - self.n_from[rank]) * row, sum(self.n_from) * row)}
+
+
+class _EagerGraph:
+    """Stand-in for a captured CUDA graph on the CPU: capturing runs the function once and keeps its
+    outputs; a replay runs it again and writes the results into those tensors, as a real replay
+    rewrites a graph's static outputs. Only its bookkeeping is exercised; its times are eager times."""
+
+    def __init__(self, fn: Callable):
+        self._fn = fn
+        self.outputs = fn()
+
+    def replay(self) -> None:
+        fresh = self._fn()
+        if isinstance(fresh, torch.Tensor):
+            self.outputs.copy_(fresh)
+            return
+        for static, new in zip(self.outputs, fresh):
+            static.copy_(new)
+
+
+class _CudaGraph:
+    """A function captured once in a CUDA graph, with the static outputs that every replay rewrites.
+
+    Each graph has its own memory pool, so replaying one any number of times cannot touch the other's
+    outputs. Capture errors only for this thread's unsafe calls: the process group's watchdog thread
+    polls its events meanwhile.
+    """
+
+    def __init__(self, fn: Callable):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+# ------------------------------------------------------------------------------------------ rank side
+class RankBench:
+    """One rank's side of a benchmark phase: timing, agreement across ranks, records (kept on rank 0).
+
+    Every collective step (a backend call, a capture, an agreement) is taken by every rank in the same
+    order; whether a case is skipped depends only on what every rank knows alike (the config, the
+    device type, the outcome of an agreement), so no rank is left waiting in a collective.
+    """
+
+    def __init__(self, comm, cfg: BenchConfig, total_cases: int, phase: str = "main"):
+        self.comm, self.cfg, self.phase = comm, cfg, phase
+        self.device = comm.device
+        self.cuda = self.device.type == "cuda"
+        self.total_cases, self.done = total_cases, 0
+        self.records: list = []  # rank 0 only
+
+    # ---------------------------------------------------------------- group steps
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def agree(self, problem: Optional[tuple]) -> Optional[tuple]:
+        """Every rank passes (status, message) or None; returns the first rank's problem as
+        (status, "rank r: message"), the same on every rank, or None when no rank had one."""
+        verdicts = self.comm.exchange(problem)
+        for rank, verdict in enumerate(verdicts):
+            if verdict is not None:
+                return verdict[0], f"rank {rank}: {verdict[1]}"
+        return None
+
+    def attempt(self, status: str, what: str, fn: Callable):
+        """Runs fn(); returns (its result, None) or (None, (status, message)) when it raised."""
+        try:
+            result = fn()
+            self.sync()
+            return result, None
+        except Exception as exc:  # noqa: BLE001 - recorded, then agreed on by every rank
+            return None, (status, f"{what}: {_describe(exc)}")
+
+    def time(self, fn: Callable) -> dict:
+        """Runs fn warm-up times, then reps timed times, each after a synchronisation and a barrier.
+
+        Returns: this rank's {"median_us", "min_us", "host_median_us", "samples_us"}; device time
+        from CUDA events on GPUs, the host clock on CPUs. host_median_us is the host time until fn
+        returned (launch overhead on GPUs).
+        """
+        for _ in range(self.cfg.warmup):
+            fn()
+        reps = self.cfg.reps
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)] if self.cuda else []
+        host = []
+        for i in range(reps):
+            self.sync()
+            self.comm.barrier()
+            t0 = time.perf_counter()
+            if self.cuda:
+                events[i][0].record()
+            fn()
+            if self.cuda:
+                events[i][1].record()
+            host.append((time.perf_counter() - t0) * 1e6)
+        self.sync()
+        samples = [start.elapsed_time(end) * 1e3 for start, end in events] if self.cuda else host
+        return {"median_us": statistics.median(samples), "min_us": min(samples),
+                "host_median_us": statistics.median(host), "samples_us": samples}
+
+    # ---------------------------------------------------------------- records
+    def publish(self, tokens: int, backend: str, mode: str, op: str, *, stats: Optional[dict] = None,
+                wire_bytes: int = 0, deepep_bytes: int = 0, status: str = "ok", reason: Optional[str] = None,
+                note: Optional[str] = None, capacity: Optional[int] = None, checked: bool = False,
+                emulated: bool = False) -> None:
+        """Records one measurement (one row of the tables). Collective when status is "ok" (the ranks'
+        statistics are gathered); otherwise every rank must pass the same status and reason."""
+        per_rank = None
+        if status == "ok":
+            mine = dict(stats, wire_bytes=wire_bytes, deepep_bytes=deepep_bytes,
+                        wire_gbps=wire_bytes / stats["median_us"] / 1e3 if stats["median_us"] > 0 else 0.0,
+                        deepep_gbps=deepep_bytes / stats["median_us"] / 1e3 if stats["median_us"] > 0 else 0.0)
+            per_rank = self.comm.exchange(mine)
+        self.done += 1
+        if self.comm.rank != 0:
+            return
+        record = {"tokens": tokens, "workloads": self.cfg.labels(tokens), "backend": backend, "mode": mode,
+                  "op": op, "status": status, "reason": reason, "note": note, "capacity": capacity,
+                  "checked": checked and status == "ok", "emulated": emulated}
+        if per_rank is not None:
+            def over_ranks(key):
+                return statistics.median(r[key] for r in per_rank)
+
+            record.update(median_us=over_ranks("median_us"), min_us=over_ranks("min_us"),
+                          host_median_us=over_ranks("host_median_us"), wire_gbps=over_ranks("wire_gbps"),
+                          deepep_gbps=over_ranks("deepep_gbps"), per_rank=per_rank)
+        self.records.append(record)
+        if self.cfg.progress:
+            print(self._progress_line(record), file=sys.stderr, flush=True)
+
+    def skip(self, tokens: int, backend: str, mode: str, reason: str, status: str = "skipped",
+             capacity: Optional[int] = None) -> None:
+        for op in OPS:
+            self.publish(tokens, backend, mode, op, status=status, reason=reason, capacity=capacity)
+
+    def _progress_line(self, r: dict) -> str:
+        width = len(str(self.total_cases))
+        head = (f"bench [{self.done:{width}d}/{self.total_cases}] T={r['tokens']:<6d} "
+                f"{r['backend'] + '/' + r['mode']:<28s} {r['op']:<8s}")
+        if r["status"] != "ok":
+            return f"{head} {r['status']}: {r['reason']}"
+        tail = "checked" if r["checked"] else "not checked"
+        if r["emulated"]:
+            tail += ", emulated graph (CPU)"
+        return (f"{head} {r['median_us']:10.1f} us (min {r['min_us']:.1f})  wire {r['wire_gbps']:.3g} GB/s  "
+                f"DeepEP {r['deepep_gbps']:.3g} GB/s  {tail}")
+
+    # ---------------------------------------------------------------- a workload
+    def prepare(self, tokens: int) -> Workload:
+        """Inputs for T tokens, the nccl exact-mode reference (checked mode: it also validates them),
+        the split sizes and the capacity."""
+        from fuser_moe.executors import get_backend
+
+        cfg, comm = self.cfg, self.comm
+        x, idx, weights = make_inputs(cfg, tokens, comm.rank, self.device)
         nccl = get_backend("nccl")
-        d_ref = nccl.dispatch(comm, x, idx, w, num_experts=cfg.experts, max_recv_tokens=cfg.capacity)
-        out_ref = nccl.combine(comm, d_ref.recv_x, d_ref.recv_topk_weights, d_ref.recv_src_idx, d_ref.recv_src_rank,
-                               d_ref.n_tokens_to_rank, d_ref.n_tokens_from_rank, cfg.tokens)
-        expected = (d_ref, out_ref)
-    for name in cfg.backends:
-        backend = get_backend(name)
-        if name == "cuda" and backend.unavailable_reason(device):
-            continue
+        ref_d = nccl.dispatch(comm, x, idx, weights, num_experts=cfg.experts, check_inputs=True)
+        ref_out = nccl.combine(comm, ref_d.recv_x, ref_d.recv_topk_weights, ref_d.recv_src_idx, ref_d.recv_src_rank,
+                               ref_d.n_tokens_to_rank, ref_d.n_tokens_from_rank, tokens, check_inputs=True)
+        self.sync()
+        counts = torch.cat([ref_d.n_tokens_to_rank, ref_d.n_tokens_from_rank]).tolist()
+        world = comm.world_size
+        most_pairs = max(comm.exchange(int(ref_d.recv_x.shape[0])))
+        return Workload(tokens, cfg.labels(tokens), x, idx, weights, ref_d, ref_out, counts[:world], counts[world:],
+                        cfg.capacity_for(tokens, most_pairs), most_pairs)
+
+
+class MainBench(RankBench):
+    """The main phase: the backends in every mode, and the all_to_all_single baseline."""
+
+    def cases_per_token(self) -> int:
+        cfg = self.cfg
+        return len(cfg.backends) * len(cfg.modes) + ("all_to_all_single" in cfg.baselines)
+
+    def run(self, document: Optional[dict]) -> Optional[dict]:
+        """Measures every T; rank 0 fills `document["results"]` and returns it (None on other ranks)."""
+        from fuser_moe import bench_report
+
+        for tokens in self.cfg.tokens:
+            work = self.prepare(tokens)
+            for name in self.cfg.backends:
+                for mode in self.cfg.modes:
+                    if mode == "graph":
+                        self.graph_case(work, name)
+                    else:
+                        self.plain_case(work, name, mode)
+            if "all_to_all_single" in self.cfg.baselines:
+                self.all_to_all_case(work)
+            del work
+            if self.comm.rank == 0 and document is not None:
+                document["results"] = list(self.records)
+                if self.cfg.json_path:
+                    bench_report.write_json(document, self.cfg.json_path)
+        return document
+
+    def _backend(self, name: str):
+        """(backend, None) or (None, why it cannot run here); the same answer on every rank."""
+        from fuser_moe.executors import get_backend
+        from fuser_moe.executors.backend_selection import cuda_backend_missing
+
+        if name == "cuda":
+            missing = cuda_backend_missing(self.device)
+            if missing:
+                return None, missing
+        return get_backend(name), None
+
+    def _calls(self, work: Workload, backend, capacity: Optional[int]):
+        cfg, comm = self.cfg, self.comm
 
         def dispatch():
-            return backend.dispatch(comm, x, idx, w, num_experts=cfg.experts, max_recv_tokens=cfg.capacity,
-                                    check_inputs=False)
+            return backend.dispatch(comm, work.x, work.topk_idx, work.topk_weights, num_experts=cfg.experts,
+                                    max_recv_tokens=capacity, check_inputs=False)
 
-        d = dispatch()
+        def combine(d):
+            return backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
+                                   d.n_tokens_to_rank, d.n_tokens_from_rank, work.tokens, check_inputs=False)
+
+        return dispatch, combine
+
+    def _failed(self, work: Workload, name: str, mode: str, verdict: tuple, backend=None,
+                capacity: Optional[int] = None) -> None:
+        """Records a failed case on every rank, after clearing what the backend's device reported, so
+        that a flag it left (a capacity overflow) is not raised again by the next case."""
+        if backend is not None:
+            self._device_errors(backend)
+        self.skip(work.tokens, name, mode, verdict[1], status=verdict[0], capacity=capacity)
+
+    def _device_errors(self, backend) -> Optional[tuple]:
+        """Errors the backend's device reported during the timed calls (the cuda backend's overflow and
+        barrier words), as a problem to agree on."""
+        check = getattr(backend, "check", None)
+        if check is None:
+            return None
+        try:
+            check(self.comm)
+        except Exception as exc:  # noqa: BLE001
+            return "error", f"reported after the timed calls: {_describe(exc)}"
+        return None
+
+    def _publish_pair(self, work: Workload, name: str, mode: str, stats: dict, capacity, emulated=False,
+                      note=None) -> None:
+        op_bytes = work.op_bytes(self.comm.rank)
+        for op in OPS:
+            wire, deepep = op_bytes[op]
+            self.publish(work.tokens, name, mode, op, stats=stats[op], wire_bytes=wire, deepep_bytes=deepep,
+                         capacity=capacity, checked=self.cfg.check, emulated=emulated, note=note)
+
+    def plain_case(self, work: Workload, name: str, mode: str) -> None:
+        """Exact or capacity mode: one checked call of each op, then each op timed on its own."""
+        capacity = work.capacity if mode == "capacity" else None
+        backend, missing = self._backend(name)
+        if backend is None:
+            return self.skip(work.tokens, name, mode, missing, capacity=capacity)
+        dispatch, combine = self._calls(work, backend, capacity)
+        d, problem = self.attempt("error", "dispatch", dispatch)
+        if (verdict := self.agree(problem)) is not None:
+            return self._failed(work, name, mode, verdict, backend, capacity)
+        out, problem = self.attempt("error", "combine", lambda: combine(d))
+        if (verdict := self.agree(problem)) is not None:
+            return self._failed(work, name, mode, verdict, backend, capacity)
+        if self.cfg.check:
+            why = compare_with_reference(d, out, work.ref_d, work.ref_out, capacity)
+            if (verdict := self.agree(None if why is None else ("mismatch", why))) is not None:
+                return self._failed(work, name, mode, verdict, backend, capacity)
+        del out
+        stats = {"dispatch": self.time(dispatch), "combine": self.time(lambda: combine(d))}
+        if (verdict := self.agree(self._device_errors(backend))) is not None:
+            return self._failed(work, name, mode, verdict, None, capacity)
+        self._publish_pair(work, name, mode, stats, capacity)
+
+    def graph_case(self, work: Workload, name: str) -> None:
+        """Capacity mode under a CUDA graph: warm-up on a side stream, one capture of dispatch and one of
+        combine (reading the dispatch graph's static outputs), a checked replay, then timed replays."""
+        capacity = work.capacity
+        if name not in GRAPH_CAPABLE:
+            return self.skip(work.tokens, name, "graph", NOT_CAPTURABLE, capacity=capacity)
+        backend, missing = self._backend(name)
+        if backend is None:
+            return self.skip(work.tokens, name, "graph", missing, capacity=capacity)
+        dispatch, combine = self._calls(work, backend, capacity)
+
+        def capture():
+            if not self.cuda:
+                graph_d = _EagerGraph(dispatch)
+                return graph_d, _EagerGraph(lambda: combine(graph_d.outputs))
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # buffers grow and kernels compile outside the capture
+                for _ in range(max(1, self.cfg.warmup)):
+                    combine(dispatch())
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.sync()
+            self.comm.barrier()
+            graph_d = _CudaGraph(dispatch)
+            return graph_d, _CudaGraph(lambda: combine(graph_d.outputs))
+
+        graphs, problem = self.attempt("error", "capture", capture)
+        if (verdict := self.agree(problem)) is not None:
+            return self._failed(work, name, "graph", verdict, backend, capacity)
+        graph_d, graph_c = graphs
+        _, problem = self.attempt("error", "replay", lambda: (graph_d.replay(), graph_c.replay()))
+        if problem is None and self.cfg.check:
+            why = compare_with_reference(graph_d.outputs, graph_c.outputs, work.ref_d, work.ref_out, capacity)
+            problem = None if why is None else ("mismatch", f"after a replay: {why}")
+        if (verdict := self.agree(problem)) is not None:
+            return self._failed(work, name, "graph", verdict, backend, capacity)
+        stats = {"dispatch": self.time(graph_d.replay), "combine": self.time(graph_c.replay)}
+        if (verdict := self.agree(self._device_errors(backend))) is not None:
+            return self._failed(work, name, "graph", verdict, None, capacity)
+        self._publish_pair(work, name, "graph", stats, capacity, emulated=not self.cuda,
+                           note=None if self.cuda else "CPU: no CUDA graphs, replay re-runs the calls")
+
+    def all_to_all_case(self, work: Workload) -> None:
+        """Baseline: `all_to_all_single` of the de-duplicated rows with the nccl dispatch's split sizes
+        (rows gathered beforehand, only the collective timed); combine's floor is the reverse collective."""
+        from fuser_moe.backends import routing
+
+        cfg, comm, name = self.cfg, self.comm, "all_to_all_single"
+        n_to, n_from = work.n_to, work.n_from
+
+        def prepare():
+            placement = routing.make_placement(cfg.experts, comm.world_size, None, self.device)
+            plan = routing.plan_dispatch(work.topk_idx, work.topk_weights, placement)
+            if plan.n_tokens_to_rank.tolist() != n_to:
+                raise RuntimeError(f"split sizes {plan.n_tokens_to_rank.tolist()} differ from the nccl "
+                                   f"dispatch's {n_to}")
+            send = work.x[plan.send_token].contiguous()
+            return send, torch.empty(sum(n_from), cfg.hidden, dtype=send.dtype, device=self.device), \
+                torch.empty(sum(n_to), cfg.hidden, dtype=send.dtype, device=self.device)
+
+        buffers, problem = self.attempt("error", "gathering the rows", prepare)
+        if (verdict := self.agree(problem)) is not None:
+            return self.skip(work.tokens, name, "exact", verdict[1], status=verdict[0])
+        send, recv, back = buffers
+
+        def dispatch():
+            comm.all_to_all_single(recv, send, n_from, n_to)
 
         def combine():
-            return backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
-                                   d.n_tokens_to_rank, d.n_tokens_from_rank, cfg.tokens, check_inputs=False)
+            comm.all_to_all_single(back, recv, n_to, n_from)
 
-        out = combine()
-        if expected is not None:
-            _check(comm, name, (d, out), expected)
-        n_to = d.n_tokens_to_rank.tolist()
-        row = cfg.hidden * x.element_size()
-        wire = (sum(n_to) - n_to[comm.rank]) * row
-        deepep = sum(n_to) * row
-        for op, fn in (("dispatch", dispatch), ("combine", combine)):
-            for _ in range(cfg.warmup):
-                fn()
-            samples = []
-            for _ in range(cfg.reps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                comm.barrier()
-                _, us = timed(fn)
-                samples.append(us)
-            med = statistics.median(samples)
-            results.append(asdict(BenchResult(
-                backend=name, op=op, world_size=comm.world_size, tokens=cfg.tokens, median_us=med,
-                min_us=min(samples), wire_bytes=wire, deepep_bytes=deepep, wire_gbps=wire / med / 1e3,
-                deepep_gbps=deepep / med / 1e3, samples_us=samples)))
-    return results
+        _, problem = self.attempt("error", "all_to_all_single", lambda: (dispatch(), combine()))
+        if problem is None and cfg.check:
+            problem = self._check_all_to_all(work, send, recv, back)
+        if (verdict := self.agree(problem)) is not None:
+            return self.skip(work.tokens, name, "exact", verdict[1], status=verdict[0])
+        stats = {"dispatch": self.time(dispatch), "combine": self.time(combine)}
+        self._publish_pair(work, name, "exact", stats, None)
+
+    @staticmethod
+    def _check_all_to_all(work: Workload, send, recv, back) -> Optional[tuple]:
+        """The rows received from rank s are its tokens for this rank in token order, so row
+        (s, t) of the exact dispatch's recv_x sits at the rank of (s, t) among the distinct pairs."""
+        ref = work.ref_d
+        key = ref.recv_src_rank * (1 << 32) + ref.recv_src_idx
+        distinct, where = torch.unique(key, sorted=True, return_inverse=True)
+        if distinct.numel() != recv.shape[0]:
+            return "mismatch", f"received {recv.shape[0]} rows, the nccl dispatch {distinct.numel()} distinct tokens"
+        if not same_bits(recv[where], ref.recv_x):
+            return "mismatch", "received rows differ from the nccl dispatch's recv_x"
+        if not same_bits(back, send):
+            return "mismatch", "the reverse all_to_all_single did not bring back the rows sent"
+        return None
 
 
-def format_table(all_ranks: list) -> str:
-    """Median over ranks of each rank's median; GB/s per rank."""
-    rows = {}
-    for rank_results in all_ranks:
-        for r in rank_results:
-            rows.setdefault((r["backend"], r["op"], r["tokens"]), []).append(r)
-    lines = [f"{'backend':8} {'op':9} {'T':>6} {'median us':>10} {'wire GB/s':>10} {'DeepEP GB/s':>12} {'vs nccl':>8}"]
-    for (backend, op, tokens), rs in sorted(rows.items()):
-        med = statistics.median(r["median_us"] for r in rs)
-        wire = statistics.median(r["wire_gbps"] for r in rs)
-        deepep = statistics.median(r["deepep_gbps"] for r in rs)
-        base = rows.get(("nccl", op, tokens))
-        speedup = statistics.median(r["median_us"] for r in base) / med if base else float("nan")
-        lines.append(f"{backend:8} {op:9} {tokens:6d} {med:10.1f} {wire:10.1f} {deepep:12.1f} {speedup:8.2f}")
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------------------ drivers
+def machine_facts(comm) -> dict:
+    """Device, world size, every rank's host and device name, library versions (a group step)."""
+    device = comm.device
+    mine = {"host": socket.gethostname(), "device": str(device),
+            "name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")}
+    facts = {"device": device.type, "world_size": comm.world_size, "ranks": comm.exchange(mine),
+             "torch": torch.__version__, "python": platform.python_version()}
+    if device.type == "cuda":
+        facts["cuda"] = torch.version.cuda
+        try:
+            facts["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+        except Exception:  # noqa: BLE001 - only informative
+            pass
+    return facts
 
 
-def write_json(all_ranks: list, cfg: BenchConfig, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump({"config": asdict(cfg), "ranks": all_ranks}, f, indent=1)
+def main_rank(comm, cfg: BenchConfig) -> Optional[dict]:
+    """Rank body of the main phase. Returns the results document on rank 0, None elsewhere."""
+    from fuser_moe import bench_report
+
+    disable_multicast()
+    facts = machine_facts(comm)
+    bench = MainBench(comm, cfg, 0)
+    bench.total_cases = len(cfg.tokens) * bench.cases_per_token() * len(OPS)
+    document = bench_report.new_document(cfg, facts) if comm.rank == 0 else None
+    if document is not None and cfg.progress:
+        print(f"bench: W={comm.world_size} {facts['ranks'][0]['name']} ({comm.device.type}), T in {cfg.tokens}, "
+              f"H={cfg.hidden}, K={cfg.topk}, E={cfg.experts}, {cfg.dtype}; {bench.total_cases} measurements",
+              file=sys.stderr, flush=True)
+    return bench.run(document)
+
+
+def _skip_symm_mem(document: dict, cfg: BenchConfig, reason: str) -> None:
+    for tokens in cfg.tokens:
+        for op in OPS:
+            document["results"].append({
+                "tokens": tokens, "workloads": cfg.labels(tokens), "backend": "all_to_all_vdev_2d",
+                "mode": "capacity", "op": op, "status": "skipped", "reason": reason, "note": None,
+                "capacity": None, "checked": False, "emulated": False})
+
+
+def run_benchmark(cfg: BenchConfig, device: str, world_size: int, timeout_s: float,
+                  symm_mem_timeout_s: float = 300.0) -> dict:
+    """Starts `world_size` ranks on this host and measures everything `cfg` asks for.
+
+    The main phase (backends and the all_to_all_single baseline) runs in one set of processes; torch's
+    all_to_all_vdev_2d baseline runs afterwards in fresh processes of its own, so that NVSHMEM (its
+    initialisation, its heap) cannot disturb the main numbers and a failure there only costs that
+    baseline (its rows then say why it was skipped).
+
+    Args:
+        cfg: what to measure. device: "cpu" or "cuda" (rank i on GPU i). world_size: ranks.
+        timeout_s: the main phase's limit; symm_mem_timeout_s: the baseline phase's limit.
+    Returns: the results document (fuser_moe/bench_report.py), finalized.
+    Raises: `fuser_moe.launch.RankFailure` when the main phase fails.
+    """
+    from fuser_moe import bench_report, bench_symm_mem
+    from fuser_moe.launch import RankFailure, spawn
+
+    disable_multicast()
+    document = spawn(main_rank, world_size, (cfg,), device=device, timeout_s=timeout_s)[0]
+    if "all_to_all_vdev_2d" in cfg.baselines:
+        reason = bench_symm_mem.unavailable_reason(device)
+        if reason is not None:
+            _skip_symm_mem(document, cfg, reason)
+        else:
+            try:
+                document["results"] += spawn(bench_symm_mem.symm_mem_rank, world_size, (cfg,), device=device,
+                                             timeout_s=symm_mem_timeout_s)[0]
+            except RankFailure as exc:
+                _skip_symm_mem(document, cfg, f"the all_to_all_vdev_2d phase failed: {_first_error(exc)}")
+    return bench_report.finalize(document)
+
+
+def run_under_launcher(cfg: BenchConfig, device: str) -> Optional[dict]:
+    """Runs every phase on the ranks a launcher (torchrun, SLURM, Open MPI) started, in this process.
+
+    Returns: the finalized results document on rank 0, None on the other ranks.
+    """
+    from fuser_moe import bench_report, bench_symm_mem
+    from fuser_moe.backends.communicator import Communicator
+
+    disable_multicast()
+    comm = Communicator.from_environment(device=device)
+    try:
+        document = main_rank(comm, cfg)
+        if "all_to_all_vdev_2d" in cfg.baselines:
+            reason = bench_symm_mem.unavailable_reason(comm.device.type)
+            if reason is not None:
+                if document is not None:
+                    _skip_symm_mem(document, cfg, reason)
+            else:
+                records = bench_symm_mem.symm_mem_rank(comm, cfg)
+                if document is not None:
+                    document["results"] += records
+    finally:
+        comm.close()
+    return None if document is None else bench_report.finalize(document)
+
+
+def _first_error(exc: BaseException) -> str:
+    """The last line of the first traceback in a RankFailure (the exception itself), shortened."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("--- rank") and i + 1 < len(lines):
+            body = []
+            for follower in lines[i + 1:]:
+                if follower.startswith("--- rank"):
+                    break
+                body.append(follower)
+            return f"{line.strip('- ')}: {body[-1] if body else ''}"[:300]
+    return (lines[-1] if lines else str(exc))[:300]
+
+
+def config_dict(cfg: BenchConfig) -> dict:
+    """The config as JSON-friendly data (tuples become lists)."""
+    data = asdict(cfg)
+    data["tokens"] = cfg.tokens
+    return data

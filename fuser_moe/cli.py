@@ -1,11 +1,12 @@
-"""The command line: `fuser-moe demo` (and `python -m fuser_moe demo`).
+"""The command line: `fuser-moe demo` and `fuser-moe bench` (also `python -m fuser_moe ...`).
 
-Without a launcher the demo starts its ranks itself (4 CPU ranks by default); under torchrun, SLURM
-or Open MPI it runs on the launcher's ranks, one per process.
+Without a launcher both start their ranks themselves (4 CPU ranks, or one rank per GPU for the
+benchmark); under torchrun, SLURM or Open MPI they run on the launcher's ranks, one per process.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
@@ -68,66 +69,157 @@ def run_demo_command(args) -> int:
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="time dispatch and combine per backend (SPEC.md section 10)")
-    p.add_argument("--world-size", type=int, default=None, help="ranks to start (default: all GPUs, or 4 CPUs)")
+    from fuser_moe.bench import BASELINES, BACKENDS, DECODE_TOKENS, DEFAULT_SWEEP, MODES, STANDARD_TOKENS, WORKLOADS
+
+    p = sub.add_parser(
+        "bench", help="time dispatch and combine per backend, mode and T (SPEC.md section 10)",
+        description="Times MoeDispatch and MoeCombine of the nccl and cuda backends in exact, capacity and "
+                    "CUDA-graph mode on the standard (T=4096), decode (T=128) and sweep workloads, with the "
+                    "all_to_all_single and all_to_all_vdev_2d baselines; checks every result against the "
+                    "nccl exact-mode outputs first. Progress goes to stderr, the tables to stdout, the "
+                    "results to OUT/bench.json and OUT/bench.png.")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
-    p.add_argument("--backends", default="nccl,cuda")
-    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--world-size", type=int, default=None, help="ranks to start (default: every GPU, or 4 CPU ranks)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="which of standard, decode, sweep to run")
+    p.add_argument("--tokens", type=int, default=STANDARD_TOKENS, help="T of the standard workload")
+    p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS, help="T of the decode workload")
+    p.add_argument("--sweep", default=DEFAULT_SWEEP,
+                   help="T values of the sweep: LO:HI (the powers of two in between), A,B,C, or none")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    p.add_argument("--capacity", type=int, default=None, help="max_recv_tokens (capacity mode)")
+    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="of exact, capacity, graph (graph: capacity mode in a CUDA graph)")
+    p.add_argument("--baselines", default=",".join(BASELINES), help=f"of {', '.join(BASELINES)}, or none")
+    p.add_argument("--capacity", type=int, default=None,
+                   help="max_recv_tokens for every T (default: from the routing, see --capacity-factor)")
+    p.add_argument("--capacity-factor", type=float, default=1.25,
+                   help="C = max(factor * T * K, most pairs a rank receives), rounded up to 16")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-check", action="store_true", help="skip the bitwise check against the nccl backend")
-    p.add_argument("--json", default=None, help="write every rank's samples to this file")
-    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--out", default=None, help="folder for bench.json and bench.png (default ./fuser_moe_bench)")
+    p.add_argument("--json", default=None, help="results file (default OUT/bench.json)")
+    p.add_argument("--plot", default=None, help="plot file (default: the JSON's name with .png)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--plot-from", default=None, metavar="JSON",
+                   help="measure nothing: reprint the tables of an earlier run and redraw its plot")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before stuck ranks are stopped")
+    p.add_argument("--symm-mem-timeout", type=float, default=240.0,
+                   help="seconds for the all_to_all_vdev_2d phase (its own processes)")
+
+
+def _names(text: str, allowed: tuple, what: str) -> tuple:
+    names = tuple(n.strip() for n in text.split(",") if n.strip() and n.strip() != "none")
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what} {', '.join(unknown)} (choose from {', '.join(allowed)})")
+    return names
+
+
+def _bench_config(args):
+    from fuser_moe.bench import BASELINES, BACKENDS, MODES, WORKLOADS, BenchConfig, parse_sweep
+
+    chosen = _names(args.workloads, WORKLOADS, "workload")
+    workloads = {}
+    if "standard" in chosen:
+        workloads["standard"] = [args.tokens]
+    if "decode" in chosen:
+        workloads["decode"] = [args.decode_tokens]
+    if "sweep" in chosen:
+        workloads["sweep"] = parse_sweep(args.sweep)
+    if not any(workloads.values()):
+        raise ValueError("no token count to measure: choose --workloads or a non-empty --sweep")
+    if min(t for values in workloads.values() for t in values) < 1:
+        raise ValueError("token counts must be >= 1")
+    if args.reps < 1 or args.warmup < 0:
+        raise ValueError("--reps must be >= 1 and --warmup >= 0")
+    if args.topk > args.experts or args.topk < 1:
+        raise ValueError(f"--topk {args.topk} must be in [1, --experts {args.experts}]")
+    if args.capacity is not None and args.capacity < 1:
+        raise ValueError("--capacity must be >= 1")
+    return BenchConfig(hidden=args.hidden, topk=args.topk, experts=args.experts, dtype=args.dtype,
+                       workloads=workloads, backends=_names(args.backends, BACKENDS, "backend"),
+                       modes=_names(args.modes, MODES, "mode"), baselines=_names(args.baselines, BASELINES, "baseline"),
+                       capacity=args.capacity, capacity_factor=args.capacity_factor, warmup=args.warmup,
+                       reps=args.reps, seed=args.seed, check=not args.no_check, progress=not args.quiet)
+
+
+def _bench_paths(args) -> tuple:
+    json_path = args.json or os.path.join(args.out or "fuser_moe_bench", "bench.json")
+    plot_path = args.plot or os.path.splitext(json_path)[0] + ".png"
+    return json_path, plot_path
+
+
+def _bench_outputs(document: dict, json_path: str, plot_path: str, draw: bool) -> int:
+    from fuser_moe import bench_report
+
+    if json_path:
+        bench_report.write_json(document, json_path)
+        print(f"fuser-moe bench: wrote {json_path}", file=sys.stderr)
+    if draw:
+        print(f"fuser-moe bench: {bench_report.plot(document, plot_path)}", file=sys.stderr)
+    print(bench_report.format_report(document), flush=True)
+    return 1 if bench_report.failures(document) else 0
 
 
 def run_bench_command(args) -> int:
-    from fuser_moe.bench import BenchConfig, format_table, run_bench, write_json
+    from fuser_moe import bench_report
+    from fuser_moe.bench import disable_multicast, run_benchmark, run_under_launcher
 
-    cfg = BenchConfig(tokens=args.tokens, hidden=args.hidden, topk=args.topk, experts=args.experts, dtype=args.dtype,
-                      backends=tuple(b for b in args.backends.split(",") if b), capacity=args.capacity,
-                      warmup=args.warmup, reps=args.reps, check=not args.no_check)
+    if args.plot_from:
+        try:
+            document = bench_report.load(args.plot_from)
+        except (OSError, ValueError) as exc:
+            print(f"fuser-moe bench: cannot read {args.plot_from}: {exc}", file=sys.stderr)
+            return 2
+        plot_path = args.plot or os.path.splitext(args.plot_from)[0] + ".png"
+        return _bench_outputs(document, None, plot_path, not args.no_plot)
+    try:
+        cfg = _bench_config(args)
+    except ValueError as exc:
+        print(f"fuser-moe bench: {exc}", file=sys.stderr)
+        return 2
+    json_path, plot_path = _bench_paths(args)
+    cfg.json_path = json_path
+    disable_multicast()
     launch = detect_launcher()
     if launch is not None and launch.world_size > 1:
-        from fuser_moe.backends.communicator import Communicator
-
-        comm = Communicator.from_environment(device=args.device)
-        try:
-            results = comm.all_gather_object(run_bench(comm, cfg))
-        finally:
-            comm.close()
-        world = launch.world_size
+        if args.experts % launch.world_size:
+            print(f"fuser-moe bench: --experts {args.experts} is not a multiple of the {launch.world_size} ranks",
+                  file=sys.stderr)
+            return 2
+        document = run_under_launcher(cfg, args.device)
         if launch.rank != 0:
             return 0
+        return _bench_outputs(document, json_path, plot_path, not args.no_plot)
+    from fuser_moe.launch import RankFailure
+
+    if args.device == "cuda":
+        import torch
+
+        world = args.world_size or torch.cuda.device_count()
+        if world < 1 or torch.cuda.device_count() < world:
+            print(f"fuser-moe bench: {world} ranks need that many GPUs; {torch.cuda.device_count()} visible",
+                  file=sys.stderr)
+            return 2
     else:
-        from fuser_moe.launch import RankFailure, spawn
-
-        if args.device == "cuda":
-            import torch
-
-            world = args.world_size or torch.cuda.device_count()
-            if world < 1 or torch.cuda.device_count() < world:
-                print(f"fuser-moe bench: {world} ranks need that many GPUs; {torch.cuda.device_count()} visible",
-                      file=sys.stderr)
-                return 2
-        else:
-            world = args.world_size or 4
-        try:
-            results = spawn(run_bench, world, (cfg,), device=args.device, timeout_s=args.timeout)
-        except RankFailure as exc:
-            print(f"fuser-moe bench failed:\n{exc}", file=sys.stderr)
-            return 1
-    mode = f"capacity {cfg.capacity}" if cfg.capacity else "exact"
-    print(f"fuser-moe bench: W={world} {args.device}, T={cfg.tokens}, H={cfg.hidden}, K={cfg.topk}, "
-          f"E={cfg.experts}, {cfg.dtype}, {mode} mode, median of {cfg.reps} after {cfg.warmup} warm-up")
-    print(format_table(results))
-    if args.json:
-        write_json(results, cfg, args.json)
-    return 0
+        world = args.world_size or 4
+    if args.experts % world:
+        print(f"fuser-moe bench: --experts {args.experts} is not a multiple of the {world} ranks", file=sys.stderr)
+        return 2
+    try:
+        document = run_benchmark(cfg, args.device, world, args.timeout, args.symm_mem_timeout)
+    except RankFailure as exc:
+        print(f"fuser-moe bench failed:\n{exc}", file=sys.stderr)
+        if json_path and os.path.exists(json_path):
+            print(f"fuser-moe bench: the results measured before the failure are in {json_path}", file=sys.stderr)
+        return 1
+    return _bench_outputs(document, json_path, plot_path, not args.no_plot)
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,12 @@
 #   suite: kernels compile check; the whole parametrized suite with ranks on the GPUs
 #          (FUSER_MOE_TEST_DEVICE=cuda: every world size up to the GPU count); the demo under torchrun
 #          with both backends.
-#   bench: the benchmark, standard workload (exact mode) and decode workload (capacity mode).
+#   bench: the whole benchmark (SPEC.md section 10, fuser_moe/bench.py): standard (T=4096), decode
+#          (T=128) and the sweep of T from 1 to 16384; nccl and cuda backends in exact, capacity and
+#          CUDA-graph mode; the all_to_all_single and all_to_all_vdev_2d baselines; every result checked
+#          bit for bit before it is timed. First a short run under torchrun (the launcher path, into
+#          bench_torchrun/), then the whole run: about 3 minutes on 4 H200s (limit 8). Writes bench.json,
+#          bench.png, bench_progress.log (a line per measurement) and bench.txt (the tables, printed last).
 # Usage: tools/gpu_check.sh [suite|bench|all]    (default all; PYTEST_ARGS passes extra pytest options)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,11 +42,23 @@ if [ "$what" = suite ] || [ "$what" = all ]; then
     done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-    timeout 300 python3 -m fuser_moe bench --device cuda --json "$OUT/bench_standard.json" 2>&1 | tee "$OUT/bench.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    timeout 200 python3 -m fuser_moe bench --device cuda --tokens 128 --capacity $((128 * 8 * 2)) \
-        --json "$OUT/bench_decode.json" 2>&1 | tee -a "$OUT/bench.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    # SIGINT first: the driver then stops its ranks (spawned processes) before it exits.
+    timeout -s INT -k 30 120 torchrun --nproc-per-node "$ngpu" -m fuser_moe bench --device cuda \
+        --workloads decode --baselines all_to_all_single --warmup 2 --reps 5 --out "$OUT/bench_torchrun" \
+        >"$OUT/bench_torchrun.log" 2>&1
+    rc=$?
+    [ "$rc" -eq 0 ] || { echo "gpu_check: bench under torchrun failed ($rc):"; tail -20 "$OUT/bench_torchrun.log"; status=1; }
+    timeout -s INT -k 30 "${BENCH_TIMEOUT:-480}" python3 -m fuser_moe bench --device cuda --out "$OUT" \
+        --warmup 5 --reps 30 --timeout 360 --symm-mem-timeout 150 2>"$OUT/bench_progress.log" >"$OUT/bench.txt"
+    rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "gpu_check: bench exit $rc (a measurement failed its check or raised, or the run failed):"
+        grep -v '^bench \[' "$OUT/bench_progress.log" | tail -25
+        status=1
+        # the tables of whatever was measured before a crash (the JSON is rewritten after every T)
+        [ -s "$OUT/bench.txt" ] || python3 -m fuser_moe bench --plot-from "$OUT/bench.json" >"$OUT/bench.txt" 2>/dev/null
+    fi
+    cat "$OUT/bench.txt"
 fi
 echo "gpu_check: exit $status"
 exit "$status"

@@ -18,11 +18,15 @@ def body(comm, args):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from fuser_moe.bench import BenchConfig, _routing
+    from types import SimpleNamespace
+
     from fuser_moe.executors import get_backend
 
-    cfg = BenchConfig(tokens=args.tokens, hidden=args.hidden, topk=args.topk, experts=args.experts)
-    x, idx, w = _routing(cfg, comm.rank, comm.device)
+    cfg = SimpleNamespace(tokens=args.tokens, hidden=args.hidden, topk=args.topk, experts=args.experts)
+    gen = torch.Generator().manual_seed(comm.rank)
+    x = torch.randn(cfg.tokens, cfg.hidden, generator=gen).to(torch.bfloat16).to(comm.device)
+    idx = torch.rand(cfg.tokens, cfg.experts, generator=gen).argsort(dim=1)[:, :cfg.topk].to(comm.device)
+    w = torch.softmax(torch.randn(cfg.tokens, cfg.topk, generator=gen), dim=1).to(comm.device)
     report = []
     for name in args.backends.split(","):
         backend = get_backend(name)

@@ -266,8 +266,12 @@ class CudaBackend:
         """
         tr, device = state.transport, x.device
         world, tokens = routed.shape[1], routed.shape[0]
-        x_buf = tr.buffer("dispatch_x", x.dtype, (x.shape[1],), capacity)
+        # One row more than the wire rows: row `capacity` is kept zero and padding rows gather from it.
+        x_buf = tr.buffer("dispatch_x", x.dtype, (x.shape[1],), capacity + 1)
         meta_buf = tr.buffer("dispatch_meta", torch.int64, (1 + 2 * top_k,), capacity)
+        # Zeroed before this rank's rows go out: no peer writes it in this call unless the call
+        # overflows (then an error is reported), and peers of a resent call write below it.
+        x_buf.local[capacity].zero_()
         if tokens:
             base = matrix[:rank, :world].sum(0)  # where this rank's rows start in each peer's buffer
             # Rank-major [W, T] so that the scan runs along the contiguous dimension.
@@ -292,11 +296,11 @@ class CudaBackend:
         key = torch.where(mine, local * max(capacity, 1) + wire_idx.unsqueeze(1),
                           torch.full_like(local, _INT64_MAX)).view(-1)
         sorted_key, perm = torch.sort(key, stable=True)
-        per_expert = torch.zeros(n_local + 1, dtype=torch.int64, device=device)
-        per_expert.scatter_add_(0, torch.where(mine, local, torch.full_like(local, n_local)).view(-1),
-                                torch.ones_like(key))
-        return {"x_buf": x_buf, "meta": recv_meta, "experts": experts, "sorted_key": sorted_key, "perm": perm,
-                "per_expert": per_expert[:n_local], "pairs": mine.sum()}
+        # Keys are grouped by local expert: each expert's count is the distance between its bounds.
+        bounds = torch.searchsorted(sorted_key, torch.arange(n_local + 1, device=device) * max(capacity, 1))
+        return {"x_buf": x_buf, "capacity": capacity, "meta": recv_meta, "experts": experts,
+                "sorted_key": sorted_key, "perm": perm, "per_expert": bounds[1:] - bounds[:-1],
+                "pairs": mine.sum()}
 
     @staticmethod
     def _gather(state: _GroupState, arranged: dict, n_from: torch.Tensor, top_k: int, out_rows: int,
@@ -311,14 +315,16 @@ class CudaBackend:
         meta, experts = arranged["meta"], arranged["experts"]
         wire_row, slot = perm // top_k, perm % top_k
         wire_src = (wire_row.unsqueeze(1) >= torch.cumsum(n_from, 0).unsqueeze(0)).sum(1)
-        recv_x = arranged["x_buf"].local[wire_row]
         topk_idx = experts[wire_row, slot]
         weights = routing.unpack_weights(meta[wire_row, 1 + top_k + slot])
         src_idx = meta[wire_row, 0]
-        if padded:
+        if not padded:
+            recv_x = arranged["x_buf"].local[wire_row]
+        else:
             valid = sorted_key != _INT64_MAX
+            # Padding rows copy the buffer's zero row: one gather, no second pass over recv_x.
+            recv_x = arranged["x_buf"].local[torch.where(valid, wire_row, arranged["capacity"])]
             minus_one = torch.full_like(topk_idx, -1)
-            recv_x = torch.where(valid.unsqueeze(1), recv_x, torch.zeros((), dtype=recv_x.dtype, device=device))
             topk_idx = torch.where(valid, topk_idx, minus_one)
             weights = torch.where(valid, weights, torch.zeros((), dtype=weights.dtype, device=device))
             src_idx = torch.where(valid, src_idx, minus_one)

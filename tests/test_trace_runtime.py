@@ -156,3 +156,25 @@ def test_demo_command_rejects_bad_options():
     out = subprocess.run([sys.executable, "-m", "fuser_moe", "demo", "--topk", "9", "--experts", "4"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--topk 9 exceeds --experts 4" in out.stderr
+
+
+def auto_backend_body(comm):
+    case = Case(comm.world_size, 2, num_experts=4 * comm.world_size, seed=59)
+    fd = build_fusion(case, "auto")
+    xs, idxs, ws = make_inputs(case)
+    r, dev = comm.rank, comm.device
+    fd.execute([xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev)], communicator=comm, trace=True)
+    return [(e.backend, e.reason) for e in fd.last_trace.events if e.backend]
+
+
+@pytest.mark.parametrize("world_size", MULTI[:1])
+def test_auto_backend_resolves_per_node_and_says_why(world_size):
+    """SPEC.md section 7: cuda for CUDA tensors on one host with peer access, nccl otherwise."""
+    choices = run_on_ranks(world_size, auto_backend_body)
+    for per_rank in choices:
+        assert len(per_rank) == 2
+        for backend, reason in per_rank:
+            if os.environ.get("FUSER_MOE_TEST_DEVICE", "cpu").startswith("cuda"):
+                assert backend == "cuda" and "peer access" in reason, per_rank
+            else:
+                assert backend == "nccl" and reason == "auto: tensors are on the CPU", per_rank

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
 _rounds_lock = threading.Lock()
-_exchange_rounds: dict = {}  # store prefix -> next exchange round
+_exchange_rounds: dict = {}  # store prefix (one per group) -> next exchange round
 _TIMEOUT_MARKERS = ("timed out", "timeout", "deadline exceeded")
 
 
@@ -86,13 +86,20 @@ class Communicator:
         self.timeout_s = float(timeout_s) if timeout_s is not None else timeout_from_env()
         self.owns_group = owns_group
         self._closers: list = []
-        self._store = None
         if self._distributed:
             self.rank = dist.get_rank(self.group)
+            if self.rank < 0:
+                raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the group it "
+                                 "was given: only the group's members wrap it in a Communicator")
             self.world_size = dist.get_world_size(self.group)
             self.global_ranks = list(dist.get_process_group_ranks(self.group))
+            self.group_name = str(self.group.group_name)
         else:
             self.rank, self.world_size, self.global_ranks = 0, 1, [0]
+            self.group_name = "local"
+        # Connected now, while the store's host is surely alive: a connection opened later to a host that
+        # has exited would retry for the store's whole timeout (the user's, for a group passed in).
+        self._store = self._open_store() if self._distributed else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -130,17 +137,31 @@ class Communicator:
     @property
     def store(self):
         """The group's key-value store (a PrefixStore unique to this group), or None on one rank."""
-        if not self._distributed:
-            return None
-        if self._store is None:
-            from torch.distributed.distributed_c10d import _get_default_store
-
-            self._store = dist.PrefixStore(self._store_prefix, _get_default_store())
         return self._store
+
+    def _open_store(self):
+        """A PrefixStore unique to this group, over a connection of its own where the store can open one
+        (a TCPStore client serves one call at a time, so a wait of one group would otherwise hold up the
+        calls of another group of this process, made from another thread, until it timed out)."""
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        base = _get_default_store()
+        try:
+            base = base.clone()
+        except (RuntimeError, AttributeError):  # a store without clone(): share the process's client
+            pass
+        return dist.PrefixStore(self._store_prefix, base)
+
+    @property
+    def group_key(self) -> str:
+        """Names this group, the same on every one of its ranks and different for every other group of the
+        job: the process group's name (torch names groups in creation order, which every rank follows)
+        and its global ranks. Two groups over the same ranks (used from two threads, say) differ."""
+        return f"{self.group_name}/" + "_".join(str(r) for r in self.global_ranks)
 
     @property
     def _store_prefix(self) -> str:
-        return "fuser_moe/" + "_".join(str(r) for r in self.global_ranks)
+        return "fuser_moe/" + self.group_key
 
     # ------------------------------------------------------------------ collectives
     def _call(self, what: str, fn, *args, **kwargs):
@@ -185,8 +206,10 @@ class Communicator:
             n = _exchange_rounds.get(self._store_prefix, 0)
             _exchange_rounds[self._store_prefix] = n + 1
         store = self.store
-        self._call("store exchange", store.set, f"x/{n}/{self.rank}", pickle.dumps(obj))
-        out = [pickle.loads(self._call("store exchange", store.get, f"x/{n}/{s}")) for s in range(self.world_size)]
+        keys = [f"x/{n}/{s}" for s in range(self.world_size)]
+        self._call("store exchange", store.set, keys[self.rank], pickle.dumps(obj))
+        self._wait_for_keys(store, keys, "store exchange")
+        out = [pickle.loads(self._call("store exchange", store.get, key)) for key in keys]
         if n > 0:
             # Every peer has published round n, so it has finished reading round n-1: drop our old key.
             try:
@@ -194,6 +217,24 @@ class Communicator:
             except Exception:  # noqa: BLE001 - only housekeeping
                 pass
         return out
+
+    def _wait_for_keys(self, store, keys: list, what: str) -> None:
+        """Waits until every rank has published its key, at most `timeout_s` (the store's own timeout may
+        be longer: a group passed in by the user keeps its settings). Raises TimeoutError naming the
+        ranks that did not answer."""
+        try:
+            store.wait(keys, datetime.timedelta(seconds=self.timeout_s))
+        except RuntimeError as exc:
+            if not _is_timeout(exc):
+                raise
+            try:
+                missing = [s for s, key in enumerate(keys) if not store.check([key])]
+            except RuntimeError:
+                missing = "unknown"
+            raise TimeoutError(
+                f"{what}: rank(s) {missing} did not answer within the timeout of {self.timeout_s:g} s "
+                f"(rank {self.rank} of {self.world_size})"
+            ) from exc
 
     def all_gather_object(self, obj: Any) -> list:
         if not self.is_distributed:

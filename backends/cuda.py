@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -103,7 +104,9 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self):
-        self._states: dict = {}
+        # Keyed by the communicator itself, weakly: a communicator dropped without close() takes its
+        # transport (and every mapping) with it, and a new one never inherits another group's state.
+        self._states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ availability
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
@@ -120,10 +123,11 @@ class CudaBackend:
         return None
 
     def _state(self, comm: Communicator) -> _GroupState:
-        state = self._states.get(id(comm))
+        state = self._states.get(comm)
         if state is None or state.transport.closed:
-            state = self._states[id(comm)] = _GroupState(comm)
-            comm.on_close(lambda: self._states.pop(id(comm), None))
+            state = self._states[comm] = _GroupState(comm)
+            ref, states = weakref.ref(comm), self._states
+            comm.on_close(lambda: states.pop(ref(), None) if ref() is not None else None)
         return state
 
     def check(self, comm: Communicator) -> None:

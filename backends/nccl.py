@@ -13,16 +13,26 @@ import torch
 from . import routing
 from .common import DTYPE_CODES, CommStats, DispatchOutputs, pad_to_capacity
 from .communicator import Communicator
-from .validation import check_combine_everywhere, checked, validate_dispatch
+from .validation import check_combine_everywhere, checked, placement_checksum, validate_dispatch
+
+
+_HEADER = 6  # n_tokens_to_rank, top-k, hidden size, dtype code, num_experts, placement checksum
 
 
 def _split_sizes_agree(comm: Communicator, header_from: torch.Tensor, top_k: int, hidden: int, dtype) -> None:
-    """Every rank sees every source's (K, H, dtype) and raises the same error if they disagree."""
+    """Every rank sees every source's (K, H, dtype, E, placement) and raises the same error if they disagree.
+
+    Ranks that disagree on the experts would route one expert id to different ranks: wrong rows, no error.
+    """
     ks, hs, codes = header_from[:, 1].tolist(), header_from[:, 2].tolist(), header_from[:, 3].tolist()
     if len(set(ks)) != 1 or len(set(hs)) != 1 or len(set(codes)) != 1:
         raise ValueError(
             f"moe_dispatch: ranks disagree on top-k, hidden size or dtype: top-k per rank {ks}, hidden size per "
             f"rank {hs}, dtype code per rank {codes} (rank {comm.rank} has K={top_k}, H={hidden}, {dtype})")
+    experts, checksums = header_from[:, 4].tolist(), header_from[:, 5].tolist()
+    if len(set(experts)) != 1 or len(set(checksums)) != 1:
+        raise ValueError(f"moe_dispatch: ranks disagree on the experts: num_experts per rank {experts}, "
+                         f"placement checksum per rank {checksums}")
 
 
 class NcclBackend:
@@ -59,16 +69,19 @@ class NcclBackend:
         stats.sync("wire rows (nonzero)")
 
         # Counts, with (K, H, dtype) alongside so that ranks can check they agree.
+        checksum = placement_checksum(num_experts, world, expert_to_rank) if check_inputs else 0
         header_to = torch.stack([plan.n_tokens_to_rank,
                                  torch.full_like(plan.n_tokens_to_rank, top_k),
                                  torch.full_like(plan.n_tokens_to_rank, hidden),
-                                 torch.full_like(plan.n_tokens_to_rank, DTYPE_CODES[x.dtype])], dim=1)
+                                 torch.full_like(plan.n_tokens_to_rank, DTYPE_CODES[x.dtype]),
+                                 torch.full_like(plan.n_tokens_to_rank, num_experts),
+                                 torch.full_like(plan.n_tokens_to_rank, checksum)], dim=1)
         header_from = torch.empty_like(header_to)
         comm.all_to_all_single(header_from, header_to)
         headers = torch.cat([header_to[:, 0], header_from.flatten()]).tolist()
         stats.sync("split sizes to host")
-        n_to, n_from = headers[:world], headers[world:][0::4]
-        header_from_host = torch.tensor(headers[world:]).view(world, 4)
+        n_to, n_from = headers[:world], headers[world:][0::_HEADER]
+        header_from_host = torch.tensor(headers[world:]).view(world, _HEADER)
         if check_inputs:
             _split_sizes_agree(comm, header_from_host, top_k, hidden, x.dtype)
         n_to_dev = plan.n_tokens_to_rank
@@ -82,8 +95,8 @@ class NcclBackend:
 
         sent_rows, recv_rows = sum(n_to) - n_to[rank], sum(n_from) - n_from[rank]
         row_bytes = hidden * x.element_size() + meta_width * 8
-        stats.bytes_sent += sent_rows * row_bytes + (world - 1) * 4 * 8
-        stats.bytes_recv += recv_rows * row_bytes + (world - 1) * 4 * 8
+        stats.bytes_sent += sent_rows * row_bytes + (world - 1) * _HEADER * 8
+        stats.bytes_recv += recv_rows * row_bytes + (world - 1) * _HEADER * 8
         stats.payload_rows_sent += sent_rows
 
         exp = routing.expand_received(meta_recv, n_from, placement, rank, top_k)

@@ -6,6 +6,8 @@ anything travels, so that no rank is left waiting in a collective.
 """
 from __future__ import annotations
 
+import array
+import zlib
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -153,14 +155,27 @@ def check_combine_everywhere(comm: Communicator, x: torch.Tensor, topk_weights: 
     return [f[0] for f in facts]
 
 
+def placement_checksum(num_experts: int, world_size: int, expert_to_rank: Optional[Sequence[int]]) -> int:
+    """A checksum of the (checked) expert placement, the same on every rank that places experts alike
+    (an explicit contiguous map and None included)."""
+    placement = placement_list(num_experts, world_size, expert_to_rank)
+    return zlib.crc32(array.array("q", placement).tobytes())
+
+
 def check_dispatch_everywhere(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                               num_experts: int, expert_to_rank: Optional[Sequence[int]]) -> None:
-    """Checked mode of dispatch on every rank, with top-k, hidden size and dtype agreed across ranks."""
+    """Checked mode of dispatch on every rank, with top-k, hidden size, dtype, the number of experts and
+    their placement agreed across ranks (ranks that disagree on the experts would route the same expert
+    id to different ranks)."""
     checked(comm, lambda: validate_dispatch(x, topk_idx, topk_weights, num_experts, expert_to_rank,
                                             comm.world_size))
-    facts = comm.exchange((topk_idx.shape[1], x.shape[1], str(x.dtype)))
+    facts = comm.exchange((topk_idx.shape[1], x.shape[1], str(x.dtype), num_experts,
+                           placement_checksum(num_experts, comm.world_size, expert_to_rank)))
 
     def agree_on_shapes():
-        if len(set(facts)) != 1:
-            raise ValueError(f"moe_dispatch: ranks disagree on (top-k, hidden size, dtype): {facts}")
+        if len({f[:3] for f in facts}) != 1:
+            raise ValueError(f"moe_dispatch: ranks disagree on (top-k, hidden size, dtype): {[f[:3] for f in facts]}")
+        if len({f[3:] for f in facts}) != 1:
+            raise ValueError(f"moe_dispatch: ranks disagree on the experts: num_experts per rank "
+                             f"{[f[3] for f in facts]}, placement checksum per rank {[f[4] for f in facts]}")
     checked(comm, agree_on_shapes)

@@ -3,7 +3,12 @@
 `spawn(fn, world_size, ...)` starts one process per rank, initialises a process group in each (Gloo
 for CPU, Gloo+NCCL for CUDA with rank i on GPU i), runs `fn(comm, *args)` and returns every rank's
 result. A rank that raises fails the whole call with that rank's traceback; a rank that does not
-finish within the timeout is killed, so nothing hangs.
+finish within the timeout is killed, so nothing hangs. `run_ranks` is the same launch returning every
+rank's outcome (result, traceback or exit code) instead of raising, for callers that expect a rank to die.
+
+Whatever ends the wait (results, a timeout, an exception such as Ctrl-C's KeyboardInterrupt in the
+parent), no rank outlives the call: ranks still running are killed and joined, and the shared-memory
+segments a killed rank had not yet unlinked are removed.
 """
 from __future__ import annotations
 
@@ -14,9 +19,15 @@ import queue
 import socket
 import time
 import traceback
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 DEFAULT_SPAWN_TIMEOUT_S = 600.0
+# Waiting for every rank to start (import torch, connect) can take far longer than a short collective
+# timeout: the rendezvous gets at least this long, the group's collectives and store get their own timeout.
+RENDEZVOUS_TIMEOUT_S = 120.0
+GRACE_AFTER_FAILURE_S = 10.0  # how long the other ranks may run on once one rank has failed
 
 
 class RankFailure(RuntimeError):
@@ -30,9 +41,14 @@ def free_port() -> int:
 
 
 def init_rank(rank: int, world_size: int, port: int, device: str, timeout_s: float):
-    """Initialises the default process group for one spawned rank and returns its Communicator."""
+    """Initialises the default process group for one spawned rank and returns its Communicator.
+
+    The rendezvous waits at least `RENDEZVOUS_TIMEOUT_S` for every rank to start; after it, the group's
+    collectives and its store time out after `timeout_s`, which is also the Communicator's timeout.
+    """
     import torch
     import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_store, _set_pg_timeout
 
     from fuser_moe.backends.communicator import Communicator, pg_backend_for
 
@@ -41,9 +57,16 @@ def init_rank(rank: int, world_size: int, port: int, device: str, timeout_s: flo
         dev = torch.device("cuda", rank)
     else:
         dev = torch.device("cpu")
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend=pg_backend_for(dev), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s))
+        timeout=max(timeout, datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)))
+    if timeout_s < RENDEZVOUS_TIMEOUT_S:
+        try:
+            _set_pg_timeout(timeout)
+            _get_default_store().set_timeout(timeout)
+        except (RuntimeError, ValueError, AttributeError) as exc:  # the group keeps the rendezvous timeout
+            warnings.warn(f"fuser_moe.launch: could not set the group's timeout to {timeout_s:g} s: {exc}")
     return Communicator(device=dev, timeout_s=timeout_s, owns_group=True)
 
 
@@ -63,12 +86,32 @@ def _rank_main(rank, world_size, port, device, timeout_s, fn, args, results):
                 pass
 
 
-def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), device: str = "cpu",
-          timeout_s: Optional[float] = None, collective_timeout_s: float = 300.0) -> list:
-    """Runs `fn(comm, *args)` on `world_size` fresh processes; returns the per-rank results in rank order.
+@dataclass
+class RankOutcome:
+    """How one spawned rank ended.
 
-    `fn` must be importable by name (a module-level function). Raises `RankFailure` if any rank raises,
-    dies, or is still running `timeout_s` seconds after the start.
+    rank: the rank. ok: True when `fn` returned. value: what `fn` returned, or the traceback it raised,
+    or why there is no result (the rank died or ran out of time). exitcode: the process's exit code
+    (negative: the signal that ended it). pid: the process id it ran as.
+    """
+
+    rank: int
+    ok: bool
+    value: Any
+    exitcode: Optional[int] = None
+    pid: Optional[int] = None
+
+
+def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), device: str = "cpu",
+              timeout_s: Optional[float] = None, collective_timeout_s: float = 300.0,
+              grace_s: float = GRACE_AFTER_FAILURE_S, exit_grace_s: float = 5.0) -> list:
+    """Runs `fn(comm, *args)` on `world_size` fresh processes; returns a `RankOutcome` per rank, in rank order.
+
+    Never raises for a rank's sake: a rank that raises, dies (`os._exit`, a signal) or is still running
+    `timeout_s` seconds after the start (or `grace_s` after another rank raised or died) is reported in
+    its outcome; one still running is killed, and so is a rank that answered but has not exited
+    `exit_grace_s` later. An exception in the caller while waiting (KeyboardInterrupt) kills every rank
+    before it propagates. `fn` must be importable by name (a module-level function).
     """
     timeout_s = DEFAULT_SPAWN_TIMEOUT_S if timeout_s is None else timeout_s
     ctx = mp.get_context("spawn")
@@ -76,46 +119,90 @@ def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), device: str =
     port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, device, collective_timeout_s, fn, args, results),
                          daemon=True) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    got: dict = {}
-    failures: list = []
-    deadline = time.monotonic() + timeout_s
+    got: dict = {}  # rank -> (ok, value)
+    answered: set = set()  # ranks whose result came back (they are exiting on their own)
+    start = time.monotonic()
+    deadline = start + timeout_s
     try:
+        for p in procs:
+            p.start()
         while len(got) < world_size:
             try:
-                rank, ok, value = results.get(timeout=0.5)
+                rank, ok, value = results.get(timeout=0.2)
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in got and not p.is_alive()]
-                if dead and not any(p.is_alive() for r, p in enumerate(procs) if r not in got and r not in dead):
-                    # every unfinished rank is gone: give a dead rank's queued result a moment, then stop
-                    time.sleep(0.5)
-                    while not results.empty():
-                        rank, ok, value = results.get()
-                        got[rank] = (ok, value)
-                    for r in dead:
+                dead = [r for r in range(world_size) if r not in got and not procs[r].is_alive()]
+                if dead:  # the others may be waiting for a rank that died: a short grace, as for a failure
+                    deadline = min(deadline, time.monotonic() + grace_s)
+                if len(dead) == world_size - len(got):
+                    # Every unfinished rank is gone: collect what a rank queued just before it exited.
+                    time.sleep(0.2)
+                    answered |= _drain(results, got)
+                    for r in range(world_size):
                         if r not in got:
                             got[r] = (False, f"rank {r} exited with code {procs[r].exitcode} without a result")
-                    continue
+                    break
                 if time.monotonic() > deadline:
                     for r in range(world_size):
                         if r not in got:
-                            got[r] = (False, f"rank {r} did not finish within {timeout_s:.0f} s")
+                            got[r] = (False, f"rank {r} was still running {time.monotonic() - start:.0f} s after the "
+                                             f"start (timeout {timeout_s:g} s, or {grace_s:g} s after another rank "
+                                             "failed or died): killed")
                     break
                 continue
             got[rank] = (ok, value)
-            if not ok:  # give the others a short grace, then stop waiting
-                deadline = min(deadline, time.monotonic() + 10.0)
+            answered.add(rank)
+            if not ok:  # the others may be waiting for it: a short grace, then stop waiting
+                deadline = min(deadline, time.monotonic() + grace_s)
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-    for r in range(world_size):
-        ok, value = got.get(r, (False, f"rank {r} gave no result"))
-        if not ok:
-            failures.append(f"--- rank {r} ---\n{value}")
+        # Ranks that answered get a moment to close their group; any other is killed at once.
+        _stop(procs, [procs[r] for r in sorted(answered)], exit_grace_s)
+    return [RankOutcome(r, *got.get(r, (False, f"rank {r} gave no result")), exitcode=procs[r].exitcode,
+                        pid=procs[r].pid) for r in range(world_size)]
+
+
+def spawn(fn: Callable, world_size: int, args: Sequence[Any] = (), device: str = "cpu",
+          timeout_s: Optional[float] = None, collective_timeout_s: float = 300.0) -> list:
+    """Runs `fn(comm, *args)` on `world_size` fresh processes; returns the per-rank results in rank order.
+
+    `fn` must be importable by name (a module-level function). Raises `RankFailure` if any rank raises,
+    dies, or is still running `timeout_s` seconds after the start.
+    """
+    outcomes = run_ranks(fn, world_size, args, device=device, timeout_s=timeout_s,
+                         collective_timeout_s=collective_timeout_s)
+    failures = [f"--- rank {o.rank} ---\n{o.value}" for o in outcomes if not o.ok]
     if failures:
         raise RankFailure("\n".join(failures))
-    return [got[r][1] for r in range(world_size)]
+    return [o.value for o in outcomes]
+
+
+def _drain(results, got: dict) -> set:
+    """Moves every queued result into `got`; returns the ranks that had one."""
+    ranks = set()
+    while True:
+        try:
+            rank, ok, value = results.get_nowait()
+        except queue.Empty:
+            return ranks
+        got.setdefault(rank, (ok, value))
+        ranks.add(rank)
+
+
+def _stop(procs: Sequence, finishing: Sequence, wait_s: float = 5.0) -> None:
+    """Gives the `finishing` ranks (those that answered) `wait_s` to exit, kills every rank still alive,
+    joins them, and removes the shared-memory segments of any rank that did not exit cleanly (a rank
+    killed in the middle of an allocation leaves its segment's name behind)."""
+    deadline = time.monotonic() + wait_s
+    for p in finishing:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        if p.pid is not None:
+            p.join(timeout=10)
+    unclean = [p.pid for p in procs if p.pid is not None and p.exitcode != 0]
+    if unclean:
+        from fuser_moe.backends.transport.shm import release_segments_of
+
+        for pid in unclean:
+            release_segments_of(pid)

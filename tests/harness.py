@@ -114,6 +114,7 @@ class RankPool:
                 p.kill()
         for p in self.procs:
             p.join(timeout=5)
+        release_segments_of_dead(self.procs)
 
     def close(self) -> None:
         for q in self.jobs:
@@ -124,6 +125,23 @@ class RankPool:
         for p in self.procs:
             p.join(timeout=10)
         self.kill()
+
+
+def running(pid: int) -> bool:
+    """True while `pid` is a process that has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def release_segments_of_dead(procs) -> list:
+    """Removes the shared-memory segments that ranks killed mid-allocation left in /dev/shm; returns them."""
+    from fuser_moe.backends.transport.shm import release_segments_of
+
+    return [name for p in procs if p.pid is not None and p.exitcode not in (None, 0)
+            for name in release_segments_of(p.pid)]
 
 
 _pools: dict = {}

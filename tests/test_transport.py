@@ -150,7 +150,8 @@ class _RankGroup:
                 p.kill()
         for p in self.procs:
             p.join(timeout=10)
-        _groups.pop((self.world_size, self.kind), None)
+        if _groups.get((self.world_size, self.kind)) is self:  # a private group must not drop the shared one
+            _groups.pop((self.world_size, self.kind))
 
     def close(self) -> None:
         for q, p in zip(self.jobs, self.procs):

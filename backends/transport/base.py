@@ -34,12 +34,14 @@ def _next_namespace(comm) -> str:
     """A store namespace for a new transport of `comm`'s group.
 
     Every rank creates the transports of a group in the same order, so a per-process count per group
-    agrees across ranks and keeps a new transport from reading an old one's keys.
+    agrees across ranks and keeps a new transport from reading an old one's keys. Groups are told apart
+    by `comm.group_key` (process-group name and ranks), so that two groups over the same ranks, whose
+    transports may be created in either order, keep separate counts.
     """
-    ranks = tuple(getattr(comm, "global_ranks", range(int(comm.world_size))))
+    group = getattr(comm, "group_key", None) or tuple(getattr(comm, "global_ranks", range(int(comm.world_size))))
     with _serial_lock:
-        serial = _serials.get(ranks, 0)
-        _serials[ranks] = serial + 1
+        serial = _serials.get(group, 0)
+        _serials[group] = serial + 1
     return f"transport/{serial}"
 
 

@@ -55,6 +55,31 @@ def _unlink(name: str) -> None:
         pass
 
 
+def segments_of(pid: int) -> list:
+    """Names of the segments in /dev/shm that process `pid` created and has not unlinked (yet)."""
+    prefix = f"{SEGMENT_PREFIX}{int(pid)}_"
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def release_segments_of(pid: int) -> list:
+    """Unlinks the segments of a process that died before it could (killed in the middle of an allocation).
+
+    A rank unlinks its segment as soon as every peer has mapped it, and at exit; only a rank that is
+    killed (SIGKILL, `os._exit`) between creating and unlinking leaves a name behind. Its launcher calls
+    this once the process is gone; mappings that peers still hold stay valid. Returns the names removed.
+
+    Args:
+        pid: the process id of a process that has exited (never a live one: it may be mid-allocation).
+    """
+    names = segments_of(pid)
+    for name in names:
+        _unlink(name)
+    return names
+
+
 def _as_tensor(mapping: mmap.mmap, nbytes: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
     """A tensor over a mapping, without copying. The tensor keeps the mapping alive (never close it
     explicitly: that would unmap memory under live tensors)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence

@@ -428,10 +428,10 @@ class CudaBackend:
         group_start = group_start[:rows + 1]
         first_key = sorted_keys.gather(0, group_start[:rows].clamp(max=max(rows - 1, 0))) if rows else sorted_keys
         in_use = positions < n_groups
-        s = torch.where(in_use, first_key // routing._KEY_STRIDE, torch.full_like(first_key, -1))
+        s = torch.where(in_use, first_key // routing.KEY_STRIDE, torch.full_like(first_key, -1))
         s_clamped = s.clamp(min=0)
         dst_row = torch.where(in_use, offsets[s_clamped] + positions - group_base[s_clamped], torch.full_like(s, -1))
-        token = first_key % routing._KEY_STRIDE
+        token = first_key % routing.KEY_STRIDE
         if rows:
             kernel = get_kernel(_KERNEL_SOURCE, _SEND_KERNELS[x.dtype], device)
             threads = 128

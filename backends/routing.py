@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 # Padding rows of capacity mode sort after every real row: src_rank < 2**31 and src_idx < 2**32.
-_KEY_STRIDE = 1 << 32
+KEY_STRIDE = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def count_per_expert(local_index_of_rows: torch.Tensor, n_local: int) -> torch.T
 def combine_keys(src_rank: torch.Tensor, src_idx: torch.Tensor) -> torch.Tensor:
     """One int64 key per row, ordered as (src_rank, src_idx); padding rows (src_rank < 0) sort last."""
     big = torch.iinfo(torch.int64).max
-    return torch.where(src_rank >= 0, src_rank * _KEY_STRIDE + src_idx, torch.full_like(src_rank, big))
+    return torch.where(src_rank >= 0, src_rank * KEY_STRIDE + src_idx, torch.full_like(src_rank, big))
 
 
 @dataclass
@@ -191,7 +191,7 @@ def group_for_combine(src_rank: torch.Tensor, src_idx: torch.Tensor) -> CombineG
                                     output_size=n_real)
     starts = torch.cumsum(group_sizes, 0) - group_sizes
     occurrence = torch.arange(n_real, device=keys.device) - starts[group]
-    return CombineGroups(order, group, occurrence, unique_keys % _KEY_STRIDE, unique_keys // _KEY_STRIDE,
+    return CombineGroups(order, group, occurrence, unique_keys % KEY_STRIDE, unique_keys // KEY_STRIDE,
                          int(group_sizes.max()) if group_sizes.numel() else 0)
 
 

@@ -125,3 +125,21 @@ def run_case(comm, case: Case, backend: str, expert_fn: str = "identity") -> dic
     events = fd.last_trace.events
     return {"backends": [e.backend for e in events if e.backend], "rows": int(outs[0].shape[0]),
             "syncs": [e.host_syncs for e in events]}
+
+
+def rank_inputs(comm, case: Case):
+    """This rank's share of `make_inputs(case)`, on the rank's device."""
+    xs, idxs, ws = make_inputs(case)
+    r, dev = comm.rank, comm.device
+    return xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev)
+
+
+def expect_error(exc_type, fn) -> str:
+    """Runs `fn`; returns the message of the `exc_type` it raised, fails on anything else or nothing."""
+    try:
+        fn()
+    except exc_type as exc:
+        return str(exc)
+    except BaseException as exc:  # noqa: BLE001
+        raise AssertionError(f"expected {exc_type.__name__}, got {type(exc).__name__}: {exc}") from exc
+    raise AssertionError(f"expected {exc_type.__name__}, nothing was raised")

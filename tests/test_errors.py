@@ -8,17 +8,11 @@ import pytest
 import torch
 
 from harness import available_world_sizes, run_on_ranks
-from moe_cases import Case, build_fusion, make_inputs, run_case
+from moe_cases import Case, build_fusion, expect_error, rank_inputs, run_case
 
 from fuser_moe.executors import get_backend
 
 MULTI = [w for w in available_world_sizes((2, 3)) if w > 1] or [1]
-
-
-def _dispatch_inputs(comm, case):
-    xs, idxs, ws = make_inputs(case)
-    r, dev = comm.rank, comm.device
-    return xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev)
 
 
 def _mutate_dispatch(which, x, idx, w, E, W):
@@ -67,25 +61,15 @@ DISPATCH_ERRORS = {
 }
 
 
-def _expect(exc_type, fn):
-    try:
-        fn()
-    except exc_type as exc:
-        return str(exc)
-    except BaseException as exc:  # noqa: BLE001
-        raise AssertionError(f"expected {exc_type.__name__}, got {type(exc).__name__}: {exc}") from exc
-    raise AssertionError(f"expected {exc_type.__name__}, nothing was raised")
-
-
 def dispatch_error_body(comm, backend, which, bad_rank):
     W = comm.world_size
     case = Case(W, 2, num_experts=4 * W, seed=3)
-    x, idx, w = _dispatch_inputs(comm, case)
+    x, idx, w = rank_inputs(comm, case)
     placement = None
     if comm.rank == bad_rank:
         x, idx, w, placement = _mutate_dispatch(which, x, idx, w, case.num_experts, W)
     exc_type, text = DISPATCH_ERRORS[which]
-    msg = _expect(exc_type, lambda: get_backend(backend).dispatch(
+    msg = expect_error(exc_type, lambda: get_backend(backend).dispatch(
         comm, x, idx, w, num_experts=case.num_experts, expert_to_rank=placement))
     expected = text if comm.rank == bad_rank else f"rank {bad_rank} rejected its input"
     assert expected in msg, f"rank {comm.rank}: message {msg!r} lacks {expected!r}"
@@ -102,8 +86,8 @@ def test_dispatch_bad_input_on_one_rank(backend, world_size, which):
 
 def indivisible_experts_body(comm, backend):
     W = comm.world_size
-    x, idx, w = _dispatch_inputs(comm, Case(W, 1, num_experts=W * 2))
-    msg = _expect(ValueError, lambda: get_backend(backend).dispatch(comm, x, idx, w, num_experts=2 * W + 1))
+    x, idx, w = rank_inputs(comm, Case(W, 1, num_experts=W * 2))
+    msg = expect_error(ValueError, lambda: get_backend(backend).dispatch(comm, x, idx, w, num_experts=2 * W + 1))
     assert "not divisible by the world size" in msg or "rejected its input" in msg, msg
     return msg
 
@@ -124,7 +108,7 @@ COMBINE_ERRORS = {
 def combine_error_body(comm, backend, which, bad_rank):
     W = comm.world_size
     case = Case(W, 2, num_experts=4 * W, seed=5)
-    x, idx, w = _dispatch_inputs(comm, case)
+    x, idx, w = rank_inputs(comm, case)
     impl = get_backend(backend)
     d = impl.dispatch(comm, x, idx, w, num_experts=case.num_experts)
     y, wts, sidx, srank, n_to, n_from = (d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
@@ -139,7 +123,7 @@ def combine_error_body(comm, backend, which, bad_rank):
         elif which == "src_idx_range":
             sidx = sidx.clone(); sidx[0] = 10_000
     exc_type, text = COMBINE_ERRORS[which]
-    msg = _expect(exc_type, lambda: impl.combine(comm, y, wts, sidx, srank, n_to, n_from, x.shape[0]))
+    msg = expect_error(exc_type, lambda: impl.combine(comm, y, wts, sidx, srank, n_to, n_from, x.shape[0]))
     expected = text if comm.rank == bad_rank else f"rank {bad_rank} rejected its input"
     assert expected in msg, f"rank {comm.rank}: message {msg!r} lacks {expected!r}"
     run_case(comm, case, backend)
@@ -155,9 +139,9 @@ def test_combine_bad_input_on_one_rank(backend, world_size, which):
 def overflow_body(comm, backend):
     W = comm.world_size
     case = Case(W, 2, num_experts=4 * W, routing="one_rank", seed=9)
-    x, idx, w = _dispatch_inputs(comm, case)
+    x, idx, w = rank_inputs(comm, case)
     need = 2 * 24 * W
-    msg = _expect(RuntimeError, lambda: get_backend(backend).dispatch(
+    msg = expect_error(RuntimeError, lambda: get_backend(backend).dispatch(
         comm, x, idx, w, num_experts=case.num_experts, max_recv_tokens=need - 1))
     if comm.rank == 0:
         assert f"needed capacity {need}" in msg and f"given {need - 1}" in msg, msg
@@ -175,11 +159,11 @@ def frontend_binding_body(comm, backend, bad_rank):
     W = comm.world_size
     case = Case(W, 2, num_experts=4 * W, seed=21)
     fd = build_fusion(case, backend)
-    x, idx, w = _dispatch_inputs(comm, case)
+    x, idx, w = rank_inputs(comm, case)
     if comm.rank == bad_rank:
         x = x.float()  # the fusion declares bf16
     exc_type = TypeError if (comm.rank == bad_rank or W > 1) else TypeError
-    msg = _expect(exc_type, lambda: fd.execute([x, idx, w], communicator=comm))
+    msg = expect_error(exc_type, lambda: fd.execute([x, idx, w], communicator=comm))
     if comm.rank == bad_rank:
         assert "input %x" in msg and "bfloat16" in msg, msg
     else:

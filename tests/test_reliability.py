@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from harness import TEST_DEVICE, RankFailure, RankPool, available_world_sizes, run_on_ranks, running
-from moe_cases import Case, make_inputs, run_case
+from moe_cases import Case, expect_error, rank_inputs, run_case
 
 from fuser_moe.backends.transport.shm import segments_of
 from fuser_moe.executors import get_backend
@@ -47,22 +47,6 @@ BACKENDS = ("nccl", "cuda")
 BAD_INPUT_WORLD = (available_world_sizes((3, 2)) or [1])[0]
 BAD_RANK = 1
 needs_two_ranks = pytest.mark.skipif(BAD_INPUT_WORLD < 2, reason="needs 2 ranks (2 GPUs with FUSER_MOE_TEST_DEVICE=cuda)")
-
-
-def _expect(exc_type, fn) -> str:
-    try:
-        fn()
-    except exc_type as exc:
-        return str(exc)
-    except BaseException as exc:  # noqa: BLE001
-        raise AssertionError(f"expected {exc_type.__name__}, got {type(exc).__name__}: {exc}") from exc
-    raise AssertionError(f"expected {exc_type.__name__}, nothing was raised")
-
-
-def _inputs(comm, case):
-    xs, idxs, ws = make_inputs(case)
-    r, dev = comm.rank, comm.device
-    return xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev)
 
 
 # =============================================================================== 1. bad input matrix
@@ -83,13 +67,13 @@ DISPATCH_ROWS = {
 def dispatch_row_body(comm, backend, which, bad_rank):
     W = comm.world_size
     case = Case(W, 2, num_experts=4 * W, seed=61)
-    x, idx, w = _inputs(comm, case)
+    x, idx, w = rank_inputs(comm, case)
     E, placement = case.num_experts, None
     if comm.rank == bad_rank:
         if which == "top_k_differs":
-            x, idx, w = _inputs(comm, Case(W, 3, num_experts=4 * W, seed=62))
+            x, idx, w = rank_inputs(comm, Case(W, 3, num_experts=4 * W, seed=62))
         elif which == "hidden_size_differs":
-            x, idx, w = _inputs(comm, Case(W, 2, num_experts=4 * W, hidden=24, seed=62))
+            x, idx, w = rank_inputs(comm, Case(W, 2, num_experts=4 * W, hidden=24, seed=62))
         elif which == "dtype_differs":
             x = x.float()
         elif which == "num_experts_differs":
@@ -104,7 +88,7 @@ def dispatch_row_body(comm, backend, which, bad_rank):
         elif which == "topk_idx_one_dimensional":
             idx = idx[:, 0]
     exc_type, bad_text, other_text, _ = DISPATCH_ROWS[which]
-    msg = _expect(exc_type, lambda: get_backend(backend).dispatch(comm, x, idx, w, num_experts=E,
+    msg = expect_error(exc_type, lambda: get_backend(backend).dispatch(comm, x, idx, w, num_experts=E,
                                                                   expert_to_rank=placement))
     expected = bad_text if comm.rank == bad_rank else (other_text or f"rank {bad_rank} rejected its input")
     assert expected in msg, f"rank {comm.rank}: message {msg!r} lacks {expected!r}"
@@ -163,7 +147,7 @@ COMBINE_ROWS = {
 def combine_row_body(comm, backend, which, bad_rank):
     W = comm.world_size
     case = Case(W, 2, num_experts=4 * W, seed=63)
-    x, idx, w = _inputs(comm, case)
+    x, idx, w = rank_inputs(comm, case)
     impl = get_backend(backend)
     d = impl.dispatch(comm, x, idx, w, num_experts=case.num_experts)
     y, wts, sidx, srank, n_to, n_from = (d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
@@ -200,7 +184,7 @@ def combine_row_body(comm, backend, which, bad_rank):
         elif which == "negative_num_tokens":
             num_tokens = -1
     exc_type, bad_text, other_text = COMBINE_ROWS[which]
-    msg = _expect(exc_type, lambda: impl.combine(comm, y, wts, sidx, srank, n_to, n_from, num_tokens))
+    msg = expect_error(exc_type, lambda: impl.combine(comm, y, wts, sidx, srank, n_to, n_from, num_tokens))
     expected = bad_text if comm.rank == bad_rank else (other_text or f"rank {bad_rank} rejected its input")
     assert expected in msg, f"rank {comm.rank}: message {msg!r} lacks {expected!r}"
     run_case(comm, case, backend)
@@ -224,7 +208,7 @@ def overflow_on_last_rank_body(comm, backend, check_inputs):
     needs more rows than the capacity."""
     W = comm.world_size
     case = Case(W, 2, num_experts=4 * W, routing="one_rank", seed=65)  # experts 0..3, moved to rank W-1
-    x, idx, w = _inputs(comm, case)
+    x, idx, w = rank_inputs(comm, case)
     placement = _swap_first_and_last(W, case.num_experts)
     need = 2 * 24 * W
     impl = get_backend(backend)
@@ -332,7 +316,7 @@ def vanishing_body(comm, backend, scenario, marker_path):
     victim = spec.victim % comm.world_size
     impl = get_backend(backend)
     case = Case(comm.world_size, 2, num_experts=4 * comm.world_size, seed=71)
-    x, idx, w = _inputs(comm, case)
+    x, idx, w = rank_inputs(comm, case)
 
     def vanish(transport=None):
         if spec.how == "exit":

@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from harness import available_world_sizes, run_on_ranks
 from moe_cases import Case, build_fusion, make_inputs

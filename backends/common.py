@@ -8,7 +8,6 @@ import torch
 
 # dtype codes used when ranks compare what they are about to exchange
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-DTYPE_FROM_CODE = {v: k for k, v in DTYPE_CODES.items()}
 
 
 class DispatchOutputs(NamedTuple):
@@ -40,7 +39,6 @@ class CommStats:
 
     bytes_sent: int = 0  # payload rows and metadata that left this rank (self excluded)
     bytes_recv: int = 0
-    payload_rows_sent: int = 0  # wire rows of x (or partial rows) sent to other ranks
     host_syncs: int = 0
     sync_reasons: list = field(default_factory=list)
 

@@ -242,11 +242,6 @@ class Communicator:
         self._call("all_gather_object", dist.all_gather_object, out, obj, group=self.group)
         return out
 
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.is_distributed:
-            self._call("all_reduce", dist.all_reduce, tensor, op=dist.ReduceOp.MAX, group=self.group)
-        return tensor
-
     def barrier(self) -> None:
         if self.is_distributed:
             self._call("barrier", dist.barrier, group=self.group)

@@ -171,7 +171,6 @@ class CudaBackend:
             capacity = max_recv_tokens
             sent = n_to.sum() - n_to[rank]
             stats.bytes_sent = sent * row_bytes  # a device scalar, read when the trace is
-            stats.payload_rows_sent = sent
         elif state.wire_capacity is not None:
             # Exact mode with buffers from earlier calls: send now, learn the sizes while rows travel.
             capacity = state.wire_capacity
@@ -199,7 +198,6 @@ class CudaBackend:
             sent = sum(host[rank][:world]) - host[rank][rank]
             stats.bytes_sent += sent * row_bytes + (world - 1) * (2 * world + 1) * 8
             stats.bytes_recv += (wire_in[rank] - host[rank][rank]) * row_bytes
-            stats.payload_rows_sent += sent
             out_rows = sum(host[s][world + rank] for s in range(world))
         else:
             out_rows = max_recv_tokens
@@ -382,7 +380,6 @@ class CudaBackend:
         row_bytes = hidden * x.element_size() + 8
         stats.bytes_sent = (sent - n_tokens_from_rank[rank]) * row_bytes
         stats.bytes_recv = (to_matrix[rank].sum() - to_matrix[rank, rank]) * row_bytes
-        stats.payload_rows_sent = sent - n_tokens_from_rank[rank]
 
         # 3. each token's partials, in ascending expert-rank order, summed in float32
         out = self._sum_partials(part_buf, idx_buf, to_matrix[rank], num_tokens, capacity, world, hidden, dtype,

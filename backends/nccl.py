@@ -97,7 +97,6 @@ class NcclBackend:
         row_bytes = hidden * x.element_size() + meta_width * 8
         stats.bytes_sent += sent_rows * row_bytes + (world - 1) * _HEADER * 8
         stats.bytes_recv += recv_rows * row_bytes + (world - 1) * _HEADER * 8
-        stats.payload_rows_sent += sent_rows
 
         exp = routing.expand_received(meta_recv, n_from, placement, rank, top_k)
         stats.sync("received pairs (nonzero)")
@@ -152,5 +151,4 @@ class NcclBackend:
         row_bytes = hidden * x.element_size() + 8
         stats.bytes_sent += (sum(n_from) - n_from[rank]) * row_bytes
         stats.bytes_recv += (sum(n_to) - n_to[rank]) * row_bytes
-        stats.payload_rows_sent += sum(n_from) - n_from[rank]
         return routing.sum_partials(num_tokens, hidden, x.dtype, recv_partials, recv_idx, n_to)

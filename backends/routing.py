@@ -30,9 +30,6 @@ class Placement:
     local_index: torch.Tensor  # [E] int64
     n_local: tuple  # experts per rank
 
-    def local_experts(self, rank: int) -> list[int]:
-        return [e for e, r in enumerate(self.expert_to_rank.tolist()) if r == rank]
-
 
 def placement_list(num_experts: int, world_size: int, expert_to_rank: Optional[Sequence[int]]) -> list[int]:
     """The expert-to-rank map as a list, checked (SPEC.md section 9: ValueError)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Optional, Sequence
 
-from .base import Expr, Extent, TensorView, Val, shape_check, type_check
+from .base import Expr, TensorView, Val, shape_check, type_check
 from .dtypes import FLOATING_TYPES, INDEX_TYPES, DataType
 
 
@@ -238,6 +238,3 @@ class Size(Expr):
     def in_a(self) -> TensorView: return self.inputs[0]
     def dim(self) -> int: return self.attributes["dim"] % self.inputs[0].ndim
 
-
-def new_extent(value: Optional[int] = None) -> Extent:
-    return Extent(value)

@@ -10,7 +10,10 @@
 #          bit for bit before it is timed. First a short run under torchrun (the launcher path, into
 #          bench_torchrun/), then the whole run: about 3 minutes on 4 H200s (limit 8). Writes bench.json,
 #          bench.png, bench_progress.log (a line per measurement) and bench.txt (the tables, printed last).
-# Usage: tools/gpu_check.sh [suite|bench|all]    (default all; PYTEST_ARGS passes extra pytest options)
+#   soak:  tools/soak.py with one rank per GPU, both backends (SOAK_ROUNDS rounds each, default 1000),
+#          into soak.log and soak.json: mismatches, wrong errors and leaks fail it.
+# Usage: tools/gpu_check.sh [suite|bench|soak|all]    (default all = suite, bench, soak; PYTEST_ARGS passes
+#        extra pytest options)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_logs}"
@@ -59,6 +62,13 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
         [ -s "$OUT/bench.txt" ] || python3 -m fuser_moe bench --plot-from "$OUT/bench.json" >"$OUT/bench.txt" 2>/dev/null
     fi
     cat "$OUT/bench.txt"
+fi
+if [ "$what" = soak ] || [ "$what" = all ]; then
+    timeout -s INT -k 30 "${SOAK_TIMEOUT:-300}" python3 tools/soak.py --device cuda --world-size "$ngpu" \
+        --rounds "${SOAK_ROUNDS:-1000}" --json "$OUT/soak.json" >"$OUT/soak.log" 2>&1
+    rc=$?
+    tail -30 "$OUT/soak.log"
+    [ "$rc" -eq 0 ] || { echo "gpu_check: soak exit $rc"; status=1; }
 fi
 echo "gpu_check: exit $status"
 exit "$status"

@@ -10,6 +10,8 @@ import datetime
 import os
 import pickle
 import threading
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -124,7 +126,7 @@ class Communicator:
             backend=pg_backend_for(dev),
             rank=launch.rank,
             world_size=launch.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=pg_timeout_for(dev, timeout_s),
         )
         return cls(device=dev, timeout_s=timeout_s, owns_group=True)
 
@@ -183,13 +185,57 @@ class Communicator:
         if not self.is_distributed:
             output.copy_(input)
             return output
-        self._call(
+        watched = self._watch_collectives(output)
+        work = self._call(
             "all_to_all_single", dist.all_to_all_single, output, input,
             output_split_sizes=None if output_split_sizes is None else list(output_split_sizes),
             input_split_sizes=None if input_split_sizes is None else list(input_split_sizes),
-            group=self.group,
+            group=self.group, async_op=watched,
         )
+        if watched:
+            self._wait_within_timeout(work, "all_to_all_single")
         return output
+
+    def _watch_collectives(self, tensor: torch.Tensor) -> bool:
+        """Whether a collective on `tensor` must be waited for here, within `timeout_s`.
+
+        An NCCL collective whose peer has vanished never completes: the call returns at once, and the
+        rank hangs later, in whatever waits for the GPU (or is torn down by NCCL's watchdog after the
+        group's timeout). On a group fuser_moe initialised, the host instead waits for the collective
+        for at most `timeout_s` (the watchdog's timeout is longer, see `pg_timeout_for`) and raises
+        TimeoutError. A group the user passes in keeps the user's own handling; a collective being
+        captured into a CUDA graph is not waited for.
+        """
+        return (self.owns_group and tensor.is_cuda and not torch.cuda.is_current_stream_capturing())
+
+    def _wait_within_timeout(self, work, what: str) -> None:
+        """Polls `work` (no stream synchronisation) until it completes or `timeout_s` passes.
+
+        On timeout the group is aborted, which stops its NCCL kernels, so that this rank can raise,
+        clean up and exit instead of hanging in a CUDA call; the group is unusable afterwards.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        pause = 2e-5
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                self._abort_group()
+                raise TimeoutError(
+                    f"{what}: a peer did not answer within the timeout of {self.timeout_s:g} s on rank "
+                    f"{self.rank} of {self.world_size} (the collective never completed); the process group "
+                    "was aborted")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+        self._call(what, work.wait)
+
+    def _abort_group(self) -> None:
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is None:
+            return
+        try:
+            abort(self.group)
+        except (RuntimeError, ValueError) as exc:  # already aborted or destroyed: nothing left to stop
+            warnings.warn(f"fuser_moe: could not abort the process group after a timeout: {exc}")
+        self.owns_group = False  # nothing left to destroy
 
     def exchange(self, obj: Any) -> list:
         """All-gather of a small picklable object through the group's store, in rank order.
@@ -282,6 +328,18 @@ class Communicator:
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+
+# NCCL's watchdog tears the process down when a collective outlives the group's timeout. fuser_moe waits
+# for its own NCCL collectives with `timeout_s` and raises TimeoutError; the watchdog gets this much longer,
+# so that the error reaches the caller first.
+WATCHDOG_MARGIN_S = 10.0
+
+
+def pg_timeout_for(device: torch.device, timeout_s: float) -> datetime.timedelta:
+    """The timeout of a process group fuser_moe initialises for `device` tensors and a `timeout_s` communicator."""
+    margin = WATCHDOG_MARGIN_S + 0.1 * timeout_s if device.type == "cuda" else 0.0
+    return datetime.timedelta(seconds=timeout_s + margin)
 
 
 def pg_backend_for(device: torch.device) -> str:

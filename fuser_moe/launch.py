@@ -50,7 +50,7 @@ def init_rank(rank: int, world_size: int, port: int, device: str, timeout_s: flo
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import _get_default_store, _set_pg_timeout
 
-    from fuser_moe.backends.communicator import Communicator, pg_backend_for
+    from fuser_moe.backends.communicator import Communicator, pg_backend_for, pg_timeout_for
 
     if device.startswith("cuda"):
         torch.cuda.set_device(rank)
@@ -63,7 +63,7 @@ def init_rank(rank: int, world_size: int, port: int, device: str, timeout_s: flo
         timeout=max(timeout, datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)))
     if timeout_s < RENDEZVOUS_TIMEOUT_S:
         try:
-            _set_pg_timeout(timeout)
+            _set_pg_timeout(pg_timeout_for(dev, timeout_s))
             _get_default_store().set_timeout(timeout)
         except (RuntimeError, ValueError, AttributeError) as exc:  # the group keeps the rendezvous timeout
             warnings.warn(f"fuser_moe.launch: could not set the group's timeout to {timeout_s:g} s: {exc}")

@@ -21,7 +21,7 @@ import gc
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -121,12 +121,31 @@ def draw_round(cfg: SoakConfig, world_size: int, index: int, backend: str) -> Ro
     return rnd
 
 
-def warmup_rounds(cfg: SoakConfig, world_size: int) -> list:
-    """Rounds that make every cached buffer as large as any drawn round can need.
+WARMUP_DRAWS = 30  # drawn rounds after the sizing rounds and the faults, before the "before" probe
 
-    The most rows a rank can receive: every token of every rank, all routed to it (exact mode keeps one
-    wire row per token, capacity mode one row per pair). One round per (dtype, H) and per K, in both modes.
+
+def warmup_rounds(cfg: SoakConfig, world_size: int, backend: str = "") -> list:
+    """Rounds that make every cached buffer as large as any drawn round can need, then drawn rounds.
+
+    Sizing: the most rows a rank can receive is every token of every rank, all routed to it (exact mode
+    keeps one wire row per token, capacity mode one row per pair). One round per (dtype, H) and per K, in
+    both modes. Then every fault once and `WARMUP_DRAWS` drawn rounds (other draws than the measured
+    ones): on a GPU the first use of a torch kernel loads its module (lazy loading), which grows host
+    memory by up to a few hundred MB; those first uses belong to the warm-up, not to the measured rounds.
     """
+    sizing = _sizing_rounds(cfg, world_size)
+    drawn = []
+    if cfg.fault_every:
+        every_fault = replace(cfg, fault_every=1)
+        drawn += [draw_round(every_fault, world_size, i, f"{backend}/warm-up faults") for i in range(len(FAULTS))]
+    drawn += [draw_round(replace(cfg, fault_every=0), world_size, i, f"{backend}/warm-up")
+              for i in range(WARMUP_DRAWS)]
+    for i, rnd in enumerate(drawn):
+        rnd.index = -1 - len(sizing) - i
+    return sizing + drawn
+
+
+def _sizing_rounds(cfg: SoakConfig, world_size: int) -> list:
     rounds = []
     biggest_k = max(cfg.top_ks)
     for dtype in cfg.dtypes:
@@ -381,7 +400,7 @@ def soak_rank(comm, cfg: SoakConfig, backends: Optional[dict] = None) -> list:
         report = BackendReport(name, comm.rank)
         start = time.monotonic()
         try:
-            for rnd in warmup_rounds(cfg, comm.world_size):
+            for rnd in warmup_rounds(cfg, comm.world_size, name):
                 problem = run_round(comm, backend, rnd)
                 report.warmup_rounds += 1
                 if problem:

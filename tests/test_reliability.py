@@ -432,7 +432,7 @@ def test_soak_short(world_size):
         assert [r["backend"] for r in reports] == list(backends)
         for r in reports:
             assert r["rounds"] == cfg.rounds and r["faults_injected"] == cfg.rounds // cfg.fault_every
-            assert r["warmup_rounds"] == len(warmup_rounds(cfg, world_size))
+            assert r["warmup_rounds"] == len(warmup_rounds(cfg, world_size, r["backend"]))
 
 
 class _Corrupting:

@@ -47,6 +47,23 @@ class CommStats:
         self.sync_reasons.append(reason)
 
 
+class DeviceCount:
+    """A count the device computes (a one-element tensor) times a factor, read only when asked.
+
+    `int()` reads it (a host synchronisation): traces do that once the run is over, so a call that is
+    not traced never waits for it.
+    """
+
+    def __init__(self, count: torch.Tensor, factor: int = 1, offset: int = 0):
+        self.count, self.factor, self.offset = count, int(factor), int(offset)
+
+    def __int__(self) -> int:
+        return int(self.count.item()) * self.factor + self.offset
+
+    def __repr__(self) -> str:
+        return f"DeviceCount(x{self.factor} + {self.offset})"
+
+
 def pad_to_capacity(out: DispatchOutputs, capacity: Optional[int]) -> DispatchOutputs:
     """Capacity mode (SPEC.md section 5): leading extent C, padding rows marked -1 with weight 0."""
     if capacity is None:

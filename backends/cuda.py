@@ -1,24 +1,31 @@
 """The CUDA backend: dispatch and combine through symmetric buffers, with no NCCL call (SPEC.md section 8).
 
-Every rank writes straight into its peers' buffers (`transport.push_rows`: a kernel that pushes rows
-over NVLink on GPUs, a copy into POSIX shared memory on CPUs) and phases are ordered by the
-transport's device-side barrier. Counts travel the same way, so the only host synchronisation is the
-one exact-size outputs need (reading the count matrix). In capacity mode (`max_recv_tokens=C`)
+Every rank writes straight into its peers' buffers and phases are ordered by the transport's
+device-side barrier. Counts travel the same way, so the only host synchronisation is the one
+exact-size outputs need (reading this rank's receive counts). In capacity mode (`max_recv_tokens=C`)
 dispatch and combine make none and can be captured in a CUDA graph.
 
-Dispatch, on rank r:
-  1. counts: r pushes its row [n_tokens_to_rank | pairs_to_rank] to every rank; barrier; every rank
-     then holds the whole W x 2W count matrix M and copies it locally (the next call may overwrite it).
-  2. data: the wire row of token t for rank d goes to row sum_{s<r} M[s, d] + (position of t among r's
-     tokens for d) of d's buffer, with its metadata row [t, topk_idx[t], weight bits[t]]; barrier.
-  3. expansion: the receiver keeps the slots whose expert is its own and orders them by (local expert,
-     wire row), which is the contract's (local expert, source rank, source token) order.
-Combine, on expert rank r:
-  1. counts: r pushes its n_tokens_to_rank row to every rank; barrier; copy.
-  2. rows are grouped by (src_rank, src_idx) with a stable sort; one partial row per group (float32 sum
-     in row order of w * y, cast) goes to row sum_{e<r} n_to_s[e] + (group's position among s's
-     groups) of the source rank s's buffer, with the token index; barrier.
-  3. the source adds each token's partials in ascending expert-rank order, in float32.
+On CUDA tensors the work is done by the kernels of kernels/moe.cu (their header describes each step):
+  dispatch: count, notify, barrier, plan, send, barrier, expand. The count matrix tells every sender
+    where each of its pairs lands in the receiver's output (local expert, source rank, source token), so
+    the receiver copies each de-duplicated wire row to its output rows without sorting anything.
+  combine: group, barrier, send, barrier, reduce. Partial rows go to a dense [W, T_max] layout on the
+    source rank, with a flag per row, so no offsets need exchanging.
+Exact mode sends into the wire buffer of earlier calls before it reads the counts, and sends again in
+the rare call that outgrows it (every rank reads the same largest receive count, so all grow together).
+
+On CPU tensors (POSIX shared memory, which CI runs), and on CUDA beyond the kernels' limits (K > 64 or
+W > 64), the same contract is met with `transport.push_rows` and torch:
+  dispatch: 1. counts: r pushes [n_tokens_to_rank | pairs_to_rank | T] to every rank; barrier.
+    2. data: the wire row of token t for rank d goes to row sum_{s<r} M[s, d] + (position of t among r's
+       tokens for d) of d's buffer, with its metadata row [t, topk_idx[t], weight bits[t]]; barrier.
+    3. expansion: the receiver keeps the slots whose expert is its own and orders them by (local expert,
+       wire row), which is the contract's (local expert, source rank, source token) order.
+  combine: 1. counts: r pushes its n_tokens_to_rank row to every rank; barrier.
+    2. rows grouped by (src_rank, src_idx) with a stable sort; one partial row per group (float32 sum in
+       row order of w * y, cast) goes to row sum_{e<r} n_to_s[e] + (group's position among s's groups)
+       of the source rank s's buffer, with the token index; barrier.
+    3. the source adds each token's partials in ascending expert-rank order, in float32.
 Shapes are static wherever the host does not know them, so no step needs the host.
 """
 from __future__ import annotations
@@ -31,17 +38,39 @@ from typing import Optional, Sequence
 import torch
 
 from . import routing
-from .common import CommStats, DispatchOutputs
+from .common import CommStats, DeviceCount, DispatchOutputs
 from .communicator import Communicator
 from .validation import check_combine_everywhere, check_dispatch_everywhere, checked
 
 _INT64_MAX = torch.iinfo(torch.int64).max
-_KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "combine.cu")
-_SEND_KERNELS = {torch.float32: "fuser_moe_combine_send_f32", torch.bfloat16: "fuser_moe_combine_send_bf16",
-                 torch.float16: "fuser_moe_combine_send_f16"}
-_REDUCE_KERNELS = {torch.float32: "fuser_moe_combine_reduce_f32", torch.bfloat16: "fuser_moe_combine_reduce_bf16",
-                   torch.float16: "fuser_moe_combine_reduce_f16"}
+_KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "moe.cu")
+_IDX_SUFFIX = {torch.int64: "i64", torch.int32: "i32"}
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# Limits of the kernels (moe.cu): destination sets are 64-bit masks, slots and a token's rows on one
+# expert rank are gathered in 64-entry lists. Beyond them the torch path runs.
+MAX_KERNEL_WORLD = 64
+MAX_KERNEL_TOP_K = 64
+GROUP_CAP = 64
+_THREADS = 256  # the kernels that keep per-warp shared arrays assume 8 warps a block
+_NOTIFY_THREADS = 1024
+_MAX_CHUNK = 32  # tokens a dispatch block handles
+# Words of the summary that the plan kernel writes (moe.cu FM_SUM_*).
+_SUM_WIRE_IN, _SUM_PAIRS_IN, _SUM_MAX_WIRE_IN, _SUM_MAX_TOKENS, _SUM_SENT_REMOTE, _SUM_RECV_REMOTE = range(6)
 _sm_counts: dict = {}
+
+
+_kernel_cache: dict = {}
+
+
+def _kernel(name: str, device: torch.device):
+    """A kernel of moe.cu, compiled and loaded at first use (cached here too: this is on the hot path)."""
+    key = (name, device.index)
+    kernel = _kernel_cache.get(key)
+    if kernel is None:
+        from .transport.nvrtc import get_kernel
+
+        kernel = _kernel_cache[key] = get_kernel(_KERNEL_SOURCE, name, device)
+    return kernel
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -59,8 +88,10 @@ class _GroupState:
 
         self.transport = transport_for(comm)
         world, device = comm.world_size, comm.device
-        # (largest capacity needed, capacity given) of the last overflow; raised at the next check.
-        self.overflow = torch.zeros(2, dtype=torch.int64, device=device)
+        # Error words the kernels raise, read at the next check: (largest capacity needed, capacity given)
+        # of the last overflow; 1 + a combine row naming a rank or token outside the layout; the most rows
+        # one token had on this rank past GROUP_CAP (moe.cu FM_ERR_*).
+        self.errors = torch.zeros(4, dtype=torch.int64, device=device)
         # Index vectors of the count exchange, made once (no allocation or fill on the hot path).
         self.ranks = torch.arange(world, device=device)
         self.zeros_w = torch.zeros(world, dtype=torch.int64, device=device)
@@ -77,9 +108,9 @@ class _GroupState:
 
         A barrier timeout comes first (it explains everything after it), then a capacity overflow.
         """
-        needed, given = self.overflow.tolist()
-        if needed:
-            self.overflow.zero_()
+        needed, given, bad_row, big_group = self.errors.tolist()
+        if needed or bad_row or big_group:
+            self.errors.zero_()
         transport_error = None
         try:
             self.transport.check()
@@ -90,6 +121,14 @@ class _GroupState:
         if needed:
             raise RuntimeError(f"cuda backend, rank {comm.rank}: capacity overflow: needed capacity {needed} rows, "
                                f"given capacity {given} rows; rows past the capacity were dropped")
+        if bad_row:
+            raise RuntimeError(f"cuda backend, rank {comm.rank}: moe_combine: row {bad_row - 1} names a source rank "
+                               "outside the group or a token past every rank's token count (an input that "
+                               "check_inputs=False let through); the row was dropped")
+        if big_group:
+            raise RuntimeError(f"cuda backend, rank {comm.rank}: moe_combine: a token has {big_group} rows on this "
+                               f"rank; the kernels sum at most {GROUP_CAP} rows of one token on one rank (rows past "
+                               "them were dropped)")
         if transport_error is not None:
             raise transport_error
 
@@ -141,12 +180,143 @@ class CudaBackend:
                  stats: Optional[CommStats] = None) -> DispatchOutputs:
         """Same contract as `NcclBackend.dispatch` (SPEC.md section 3), over symmetric buffers."""
         stats = stats if stats is not None else CommStats()
-        world, rank = comm.world_size, comm.rank
+        world = comm.world_size
         if check_inputs:
             check_dispatch_everywhere(comm, x, topk_idx, topk_weights, num_experts, expert_to_rank)
             stats.sync("input checks")
         placement = routing.make_placement(num_experts, world, expert_to_rank, x.device)
         state = self._state(comm)
+        if self._kernels_apply(x, topk_idx.shape[1], world):
+            out, pairs_in = self._dispatch_kernels(comm, state, x, topk_idx, topk_weights, placement, max_recv_tokens,
+                                                   check_inputs, stats)
+        else:
+            out, pairs_in = self._dispatch_torch(comm, state, x, topk_idx, topk_weights, placement, max_recv_tokens,
+                                                 check_inputs, stats)
+        if max_recv_tokens is None and check_inputs:
+            # Checked mode reports this call's own errors at once; every rank raises together.
+            checked(comm, lambda: state.raise_pending(comm))
+            stats.sync("device error words")
+        elif max_recv_tokens is not None and check_inputs:
+            pairs_in = pairs_in()
+            stats.sync("capacity check")
+
+            def fits():
+                if pairs_in > max_recv_tokens:
+                    try:
+                        state.raise_pending(comm)  # clears the words this overflow set
+                    except RuntimeError:
+                        pass
+                    raise RuntimeError(f"moe_dispatch: capacity overflow: this rank receives {pairs_in} rows but "
+                                       f"max_recv_tokens={max_recv_tokens}; needed capacity {pairs_in}, given "
+                                       f"{max_recv_tokens}")
+                state.raise_pending(comm)
+            checked(comm, fits)
+        return out
+
+    @staticmethod
+    def _kernels_apply(x: torch.Tensor, top_k: int, world: int) -> bool:
+        """Whether the kernels of moe.cu serve this call (CUDA tensors within their limits)."""
+        return x.is_cuda and top_k <= MAX_KERNEL_TOP_K and world <= MAX_KERNEL_WORLD
+
+    def _dispatch_kernels(self, comm: Communicator, state: _GroupState, x: torch.Tensor, topk_idx: torch.Tensor,
+                          topk_weights: torch.Tensor, placement, max_recv_tokens: Optional[int], check_inputs: bool,
+                          stats: CommStats):
+        """Dispatch with the kernels of moe.cu: count, notify, barrier, plan, send, barrier, expand."""
+        world, rank, device = comm.world_size, comm.rank, x.device
+        tr = state.transport
+        tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
+        num_experts = placement.num_experts
+        idx = topk_idx.contiguous()
+        weights = topk_weights.contiguous()
+        x = x.contiguous()
+        suffix = _IDX_SUFFIX[idx.dtype]
+        sms = _multiprocessors(device)
+        # Enough blocks to keep every SM busy at small T, at most _MAX_CHUNK tokens a block at large T.
+        chunk = min(_MAX_CHUNK, max(1, -(-tokens // (2 * sms))))
+        n_chunks = -(-tokens // chunk)
+        i32, i64 = torch.int32, torch.int64
+        chunk_e = torch.empty(max(n_chunks, 1), num_experts, dtype=i32, device=device)
+        chunk_d = torch.empty(max(n_chunks, 1), world, dtype=i32, device=device)
+        n_to = torch.empty(world, dtype=i64, device=device)
+        e2r = placement.expert_to_rank
+        counts = tr.buffer("dispatch_count_matrix", i64, (world + num_experts + 1,), world)
+        if n_chunks:
+            _kernel(f"fuser_moe_dispatch_count_{suffix}", device).launch(n_chunks, _THREADS, [
+                idx, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r, ctypes.c_int64(num_experts),
+                ctypes.c_int32(world), ctypes.c_int64(chunk), chunk_e, chunk_d])
+        _kernel("fuser_moe_dispatch_notify", device).launch(1, _NOTIFY_THREADS, [
+            chunk_e, chunk_d, ctypes.c_int64(n_chunks), ctypes.c_int64(num_experts), ctypes.c_int32(world),
+            ctypes.c_int32(rank), ctypes.c_int64(tokens), counts.peer_ptrs, n_to])
+        tr.barrier()
+        n_from = torch.empty(world, dtype=i64, device=device)
+        per_expert = torch.empty(placement.n_local[rank], dtype=i64, device=device)
+        summary = torch.empty(8, dtype=i64, device=device)
+        plan = torch.empty(3 * num_experts + world, dtype=i64, device=device)  # totals, start_e, scan, base_d
+        _kernel("fuser_moe_dispatch_plan", device).launch(1, _NOTIFY_THREADS, [
+            counts.local, ctypes.c_int64(num_experts), ctypes.c_int32(world), ctypes.c_int32(rank), e2r,
+            placement.expert_order, placement.rank_begin, plan, n_from, per_expert, summary])
+
+        meta_width = 2 + 3 * top_k
+        row_bytes = hidden * x.element_size()
+        shared = 4 * (2 * chunk * top_k + ((chunk * world + 1) & ~1)) + 8 * chunk
+
+        def send(capacity: int):
+            x_buf = tr.buffer("dispatch_wire_x", x.dtype, (hidden,), capacity)
+            meta_buf = tr.buffer("dispatch_wire_meta", i64, (meta_width,), capacity)
+            if n_chunks:
+                _kernel(f"fuser_moe_dispatch_send_{suffix}", device).launch(n_chunks, _THREADS, [
+                    x, ctypes.c_int64(row_bytes), idx, weights, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r,
+                    ctypes.c_int64(num_experts), ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(chunk),
+                    chunk_e, chunk_d, plan, x_buf.peer_ptrs, meta_buf.peer_ptrs,
+                    ctypes.c_int64(min(x_buf.rows, meta_buf.rows))],
+                    shared_mem=shared)
+            tr.barrier()
+            return x_buf, meta_buf
+
+        wire_row_bytes = row_bytes + meta_width * 8
+        if max_recv_tokens is not None:
+            state.max_tokens = None  # unknown on the host: combine asks the peers
+            x_buf, meta_buf = send(max_recv_tokens)
+            out_rows = max_recv_tokens
+            stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
+            stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
+        else:
+            # Send into the buffers of earlier calls first: rows travel while the host waits for the counts.
+            sent = send(state.wire_capacity) if state.wire_capacity is not None else None
+            host = summary.tolist()
+            stats.sync("receive counts to host")
+            if not check_inputs:
+                state.raise_pending(comm)  # (checked mode reports this call's errors at its end, on every rank)
+            needed = host[_SUM_MAX_WIRE_IN]
+            if sent is None or needed > min(sent[0].rows, sent[1].rows):
+                # Every rank read the same largest receive count, so all grow and send again together.
+                sent = send(max(needed, state.wire_capacity or 0))
+            x_buf, meta_buf = sent
+            state.wire_capacity = min(x_buf.rows, meta_buf.rows)
+            state.max_tokens = max(state.max_tokens or 0, host[_SUM_MAX_TOKENS])
+            out_rows = host[_SUM_PAIRS_IN]
+            stats.bytes_sent = host[_SUM_SENT_REMOTE] * wire_row_bytes + (world - 1) * (world + num_experts + 1) * 8
+            stats.bytes_recv = host[_SUM_RECV_REMOTE] * wire_row_bytes
+
+        recv_x = torch.empty(out_rows, hidden, dtype=x.dtype, device=device)
+        recv_idx = torch.empty(out_rows, dtype=i64, device=device)
+        recv_w = torch.empty(out_rows, dtype=torch.float32, device=device)
+        src_idx = torch.empty(out_rows, dtype=i64, device=device)
+        src_rank = torch.empty(out_rows, dtype=i64, device=device)
+        wire_capacity = min(x_buf.rows, meta_buf.rows)
+        warps = wire_capacity + out_rows  # an upper bound of the items: wire rows, then padding rows
+        _kernel("fuser_moe_dispatch_expand", device).launch(max(1, min(-(-warps // 8), 8 * sms)), _THREADS, [
+            x_buf.local, meta_buf.local, ctypes.c_int64(wire_capacity), ctypes.c_int64(row_bytes),
+            ctypes.c_int32(top_k), summary, ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank,
+            state.errors])
+        out = DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from, per_expert)
+        return out, lambda: int(summary[_SUM_PAIRS_IN])
+
+    def _dispatch_torch(self, comm: Communicator, state: _GroupState, x: torch.Tensor, topk_idx: torch.Tensor,
+                        topk_weights: torch.Tensor, placement, max_recv_tokens: Optional[int], check_inputs: bool,
+                        stats: CommStats):
+        """Dispatch with `push_rows` and torch (CPU tensors; CUDA beyond the kernels' limits)."""
+        world, rank = comm.world_size, comm.rank
         tr = state.transport
         device = x.device
         tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
@@ -204,26 +374,7 @@ class CudaBackend:
         out = self._gather(state, arranged, n_from, top_k, out_rows, padded=max_recv_tokens is not None)
         out = out._replace(n_tokens_to_rank=n_to, n_tokens_from_rank=n_from,
                            n_tokens_per_expert=arranged["per_expert"])
-        if max_recv_tokens is None and check_inputs:
-            # Checked mode reports this call's own errors at once; every rank raises together.
-            checked(comm, lambda: state.raise_pending(comm))
-            stats.sync("device error words")
-        elif max_recv_tokens is not None and check_inputs:
-            pairs_in = int(matrix[:, world + rank].sum())
-            stats.sync("capacity check")
-
-            def fits():
-                if pairs_in > max_recv_tokens:
-                    try:
-                        state.raise_pending(comm)  # clears the words this overflow set
-                    except RuntimeError:
-                        pass
-                    raise RuntimeError(f"moe_dispatch: capacity overflow: this rank receives {pairs_in} rows but "
-                                       f"max_recv_tokens={max_recv_tokens}; needed capacity {pairs_in}, given "
-                                       f"{max_recv_tokens}")
-                state.raise_pending(comm)
-            checked(comm, fits)
-        return out
+        return out, lambda: int(matrix[:, world + rank].sum())
 
     @staticmethod
     def _push_to_all(state: _GroupState, row: torch.Tensor, buf) -> None:
@@ -332,9 +483,9 @@ class CudaBackend:
             src_idx = torch.where(valid, src_idx, minus_one)
             wire_src = torch.where(valid, wire_src, minus_one)
             pairs = arranged["pairs"]
-            overflow = state.overflow
-            torch.maximum(overflow[0], torch.where(pairs > out_rows, pairs, torch.zeros_like(pairs)), out=overflow[0])
-            overflow[1].fill_(out_rows)
+            errors = state.errors
+            torch.maximum(errors[0], torch.where(pairs > out_rows, pairs, torch.zeros_like(pairs)), out=errors[0])
+            errors[1].fill_(out_rows)
         return DispatchOutputs(recv_x, topk_idx, weights, src_idx, wire_src, n_from, n_from, n_from)
 
     # ------------------------------------------------------------------ combine
@@ -343,7 +494,7 @@ class CudaBackend:
                 num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None) -> torch.Tensor:
         """Same contract as `NcclBackend.combine` (SPEC.md section 4), over symmetric buffers."""
         stats = stats if stats is not None else CommStats()
-        world, rank = comm.world_size, comm.rank
+        world = comm.world_size
         if check_inputs:
             tokens_of_rank = check_combine_everywhere(comm, x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
                                                       n_tokens_from_rank, num_tokens)
@@ -355,8 +506,71 @@ class CudaBackend:
             # Buffer sizes must agree on every rank: a host-side exchange, no device synchronisation.
             tokens_of_rank = comm.exchange(num_tokens)
         state = self._state(comm)
+        if x.is_cuda and world <= MAX_KERNEL_WORLD:
+            out = self._combine_kernels(comm, state, x, topk_weights, src_idx, src_rank, num_tokens,
+                                        max(tokens_of_rank), stats)
+        else:
+            out = self._combine_torch(comm, state, x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
+                                      n_tokens_from_rank, num_tokens, max(tokens_of_rank), stats)
+        if check_inputs:
+            checked(comm, lambda: state.raise_pending(comm))
+            stats.sync("device error words")
+        return out
+
+    def _combine_kernels(self, comm: Communicator, state: _GroupState, x: torch.Tensor, weights: torch.Tensor,
+                         src_idx: torch.Tensor, src_rank: torch.Tensor, num_tokens: int, max_tokens: int,
+                         stats: CommStats) -> torch.Tensor:
+        """Combine with the kernels of moe.cu: group, barrier, send, barrier, reduce.
+
+        Partial rows land in row e * max_tokens + t of the source's buffer, so the layout is the same on
+        every rank (max_tokens is) and nothing but the rows themselves travels.
+        """
+        world, rank, device = comm.world_size, comm.rank, x.device
         tr = state.transport
-        device, hidden, dtype = x.device, x.shape[1], x.dtype
+        rows, hidden = x.shape[0], x.shape[1]
+        sms = _multiprocessors(device)
+        stride = max(max_tokens, 1)
+        if num_tokens > stride:
+            raise ValueError(f"moe_combine: num_tokens={num_tokens} on rank {rank} but the ranks agreed on at most "
+                             f"{max_tokens} tokens a rank")
+        x = x.contiguous()
+        weights = weights.contiguous().to(torch.float32)
+        src_idx = src_idx.contiguous().to(torch.int64)
+        src_rank = src_rank.contiguous().to(torch.int64)
+        part_buf = tr.buffer("combine_partial_rows", x.dtype, (hidden,), world * stride)
+        flag_buf = tr.buffer("combine_partial_flags", torch.int32, (), world * stride)
+        # Rows per (source rank, token), then two counters: partial rows sent to and received from peers.
+        group_count = torch.zeros(world * stride + 2, dtype=torch.int32, device=device)
+        counters = group_count[world * stride:]
+        group_rows = torch.empty(world * stride * GROUP_CAP, dtype=torch.int32, device=device)
+        if rows:
+            _kernel("fuser_moe_combine_group", device).launch(max(1, min(-(-rows // _THREADS), 8 * sms)), _THREADS, [
+                src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
+                group_rows, state.errors])
+        tr.barrier()  # every source is done with its previous reduce: its partial rows and flags are free
+        suffix = _DTYPE_SUFFIX[x.dtype]
+        groups = world * stride
+        _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(max(1, min(-(-groups // 8), 16 * sms)), _THREADS, [
+            x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
+            group_count, group_rows, part_buf.peer_ptrs, flag_buf.peer_ptrs, counters])
+        tr.barrier()
+        out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
+        _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(max(1, min(-(-stride // 8), 16 * sms)), _THREADS, [
+            part_buf.local, flag_buf.local, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
+            ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters])
+        row_bytes = hidden * x.element_size() + 4
+        stats.bytes_sent = DeviceCount(counters[0], row_bytes)
+        stats.bytes_recv = DeviceCount(counters[1], row_bytes)
+        return out
+
+    def _combine_torch(self, comm: Communicator, state: _GroupState, x: torch.Tensor, topk_weights: torch.Tensor,
+                       src_idx: torch.Tensor, src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor,
+                       n_tokens_from_rank: torch.Tensor, num_tokens: int, max_tokens: int,
+                       stats: CommStats) -> torch.Tensor:
+        """Combine with `push_rows` and torch (CPU tensors; CUDA beyond the kernels' limits)."""
+        world, rank = comm.world_size, comm.rank
+        tr = state.transport
+        hidden, dtype = x.shape[1], x.dtype
 
         # 1. counts
         counts = tr.buffer("combine_counts", torch.int64, (world,), world)
@@ -365,29 +579,20 @@ class CudaBackend:
         to_matrix = counts.local[:world].clone()  # [s, e] = tokens rank s sent to rank e
 
         # 2. partial rows to their source ranks
-        capacity = max(tokens_of_rank) * world
+        capacity = max_tokens * world
         part_buf = tr.buffer("combine_partials", dtype, (hidden,), capacity)
         idx_buf = tr.buffer("combine_src_idx", torch.int64, (), capacity)
         offsets = to_matrix[:, :rank].sum(1)  # where this rank's rows start in each source's buffer
         group_base = _exclusive_cumsum(n_tokens_from_rank)
-        if device.type == "cuda":
-            sent = self._send_partials_kernel(state, x, topk_weights, src_idx, src_rank, offsets, group_base,
-                                              part_buf, idx_buf)
-        else:
-            sent = self._send_partials_torch(tr, x, topk_weights, src_idx, src_rank, offsets, group_base,
-                                             part_buf, idx_buf)
+        sent = self._send_partials_torch(tr, x, topk_weights, src_idx, src_rank, offsets, group_base, part_buf,
+                                         idx_buf)
         tr.barrier()
         row_bytes = hidden * x.element_size() + 8
         stats.bytes_sent = (sent - n_tokens_from_rank[rank]) * row_bytes
         stats.bytes_recv = (to_matrix[rank].sum() - to_matrix[rank, rank]) * row_bytes
 
         # 3. each token's partials, in ascending expert-rank order, summed in float32
-        out = self._sum_partials(part_buf, idx_buf, to_matrix[rank], num_tokens, capacity, world, hidden, dtype,
-                                 state)
-        if check_inputs:
-            checked(comm, lambda: state.raise_pending(comm))
-            stats.sync("device error words")
-        return out
+        return self._sum_partials(part_buf, idx_buf, to_matrix[rank], num_tokens, capacity, world, hidden, dtype)
 
     @staticmethod
     def _send_partials_torch(tr, x, weights, src_idx, src_rank, offsets, group_base, part_buf, idx_buf):
@@ -404,44 +609,8 @@ class CudaBackend:
         return torch.tensor(n_groups)
 
     @staticmethod
-    def _send_partials_kernel(state, x, weights, src_idx, src_rank, offsets, group_base, part_buf, idx_buf):
-        """GPU: group ids by a stable sort (static shapes), then one kernel sums and pushes each group."""
-        from .transport.nvrtc import get_kernel
-
-        device = x.device
-        rows = x.shape[0]
-        keys = routing.combine_keys(src_rank, src_idx)
-        sorted_keys, order = torch.sort(keys, stable=True)
-        valid = sorted_keys != _INT64_MAX
-        is_new = valid.clone()
-        if rows > 1:
-            is_new[1:] &= sorted_keys[1:] != sorted_keys[:-1]
-        n_groups = is_new.sum()
-        group_id = torch.cumsum(is_new, 0) - 1
-        positions = torch.arange(rows, device=device)
-        group_start = torch.zeros(rows + 2, dtype=torch.int64, device=device)
-        group_start.scatter_(0, torch.where(is_new, group_id, torch.full_like(group_id, rows + 1)), positions)
-        group_start.scatter_(0, n_groups.view(1), valid.sum().view(1))
-        group_start = group_start[:rows + 1]
-        first_key = sorted_keys.gather(0, group_start[:rows].clamp(max=max(rows - 1, 0))) if rows else sorted_keys
-        in_use = positions < n_groups
-        s = torch.where(in_use, first_key // routing.KEY_STRIDE, torch.full_like(first_key, -1))
-        s_clamped = s.clamp(min=0)
-        dst_row = torch.where(in_use, offsets[s_clamped] + positions - group_base[s_clamped], torch.full_like(s, -1))
-        token = first_key % routing.KEY_STRIDE
-        if rows:
-            kernel = get_kernel(_KERNEL_SOURCE, _SEND_KERNELS[x.dtype], device)
-            threads = 128
-            blocks = max(1, min(rows, 8 * _multiprocessors(device)))
-            kernel.launch(blocks, threads, [
-                x.contiguous(), ctypes.c_int64(x.shape[1]), weights.contiguous(), order, group_start, n_groups,
-                ctypes.c_int64(rows), s.contiguous(), dst_row.contiguous(), token.contiguous(), part_buf.peer_ptrs,
-                idx_buf.peer_ptrs, ctypes.c_int64(part_buf.rows), state.overflow])
-        return n_groups
-
-    @staticmethod
     def _sum_partials(part_buf, idx_buf, to_row: torch.Tensor, num_tokens: int, capacity: int, world: int,
-                      hidden: int, dtype, state: _GroupState) -> torch.Tensor:
+                      hidden: int, dtype) -> torch.Tensor:
         device = to_row.device
         rows = torch.arange(capacity, device=device)
         bounds = torch.cumsum(to_row, 0)
@@ -453,15 +622,6 @@ class CudaBackend:
         slot.scatter_(0, target, rows)
         slot = slot[:world * num_tokens].view(world, num_tokens)
         partials = part_buf.local
-        if device.type == "cuda":
-            from .transport.nvrtc import get_kernel
-
-            out = torch.empty(num_tokens, hidden, dtype=dtype, device=device)
-            if num_tokens:
-                kernel = get_kernel(_KERNEL_SOURCE, _REDUCE_KERNELS[dtype], device)
-                kernel.launch(max(1, min(num_tokens, 8 * _multiprocessors(device))), 128, [
-                    partials, slot, ctypes.c_int64(num_tokens), ctypes.c_int32(world), ctypes.c_int64(hidden), out])
-            return out
         acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=device)
         zero = torch.zeros((), dtype=torch.float32, device=device)
         for e in range(world):

@@ -29,6 +29,10 @@ class Placement:
     expert_to_rank: torch.Tensor  # [E] int64
     local_index: torch.Tensor  # [E] int64
     n_local: tuple  # experts per rank
+    # Every expert ordered by (rank, local index), and where each rank's run starts in that order
+    # ([E] and [W + 1] int64 on the device): the CUDA kernels scan per-expert counts in this order.
+    expert_order: Optional[torch.Tensor] = None
+    rank_begin: Optional[torch.Tensor] = None
 
 
 def placement_list(num_experts: int, world_size: int, expert_to_rank: Optional[Sequence[int]]) -> list[int]:
@@ -69,6 +73,8 @@ def make_placement(num_experts: int, world_size: int, expert_to_rank: Optional[S
         torch.tensor(placement, dtype=torch.int64, device=device),
         torch.tensor(local_index, dtype=torch.int64, device=device),
         tuple(seen),
+        torch.tensor(sorted(range(num_experts), key=lambda e: (placement[e], e)), dtype=torch.int64, device=device),
+        torch.tensor([sum(seen[:d]) for d in range(world_size + 1)], dtype=torch.int64, device=device),
     )
     if len(_placement_cache) > 256:
         _placement_cache.clear()

@@ -18,7 +18,11 @@ as such on every rank and not timed; the others go on.
 
 Timing: CUDA events around each call (the host clock on CPUs) after warm-up; every repetition is
 preceded by a device synchronisation and a barrier; the median and the minimum over repetitions are
-kept per rank, and tables give the median over ranks.
+kept per rank, and tables give the median over ranks. On GPUs the start event is recorded after a
+short spin kernel and a one-element all-reduce on the timed stream: the spin gives the host time to
+enqueue the call, the all-reduce starts every rank's clock at the same moment (within a few us), so
+a rank's time does not include another rank's late start. An eager call whose host work outlasts the
+spin still shows it (its GPU waits for the launches).
 
 Bytes: wire bytes are rows that leave the rank (self excluded) x H x element size; for dispatch the
 de-duplicated token rows sent, for combine the partial rows sent back (distinct tokens received from
@@ -41,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 
 STANDARD_TOKENS = 4096
 DECODE_TOKENS = 128
@@ -94,6 +99,9 @@ def parse_sweep(spec: str) -> list:
     if not values or values[0] < 1:
         raise ValueError(f"sweep {spec!r}: token counts must be >= 1")
     return values
+
+
+_SPIN_CYCLES = 200_000  # ~100 us at the H100/H200 clock: the host enqueues the timed call meanwhile
 
 
 @dataclass
@@ -341,11 +349,15 @@ class RankBench:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)] if self.cuda else []
         host = []
+        align = torch.zeros(1, device=self.device) if self.cuda and self.comm.is_distributed else None
         for i in range(reps):
             self.sync()
             self.comm.barrier()
             t0 = time.perf_counter()
             if self.cuda:
+                torch.cuda._sleep(_SPIN_CYCLES)
+                if align is not None:
+                    dist.all_reduce(align, group=self.comm.group)
                 events[i][0].record()
             fn()
             if self.cuda:

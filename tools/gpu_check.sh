@@ -12,7 +12,10 @@
 #          bench.png, bench_progress.log (a line per measurement) and bench.txt (the tables, printed last).
 #   soak:  tools/soak.py with one rank per GPU, both backends (SOAK_ROUNDS rounds each, default 1000),
 #          into soak.log and soak.json: mismatches, wrong errors and leaks fail it.
-# Usage: tools/gpu_check.sh [suite|bench|soak|all]    (default all = suite, bench, soak; PYTEST_ARGS passes
+#   compare: before/after on this machine in one run (SPEC.md section 10): the standard and decode
+#          workloads, every mode, with the checkout at $BEFORE (say a `git worktree add` of the commit
+#          before a change) and then with this one, into compare_before.txt and compare_after.txt.
+# Usage: tools/gpu_check.sh [suite|bench|soak|compare|all]    (default all = suite, bench, soak; PYTEST_ARGS passes
 #        extra pytest options)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,6 +72,20 @@ if [ "$what" = soak ] || [ "$what" = all ]; then
     rc=$?
     tail -30 "$OUT/soak.log"
     [ "$rc" -eq 0 ] || { echo "gpu_check: soak exit $rc"; status=1; }
+fi
+if [ "$what" = compare ]; then
+    [ -n "${BEFORE:-}" ] && [ -d "$BEFORE" ] || { echo "gpu_check: compare needs BEFORE=<another checkout>"; exit 2; }
+    for side in before after; do
+        tree="$PWD"; [ "$side" = before ] && tree="$(cd "$BEFORE" && pwd)"
+        (cd "$tree" && PYTHONPATH="$tree" timeout -s INT -k 30 "${COMPARE_TIMEOUT:-240}" python3 -m fuser_moe bench \
+            --device cuda --workloads standard,decode --sweep none --baselines "${COMPARE_BASELINES:-none}" \
+            --warmup 5 --reps "${COMPARE_REPS:-20}" --out "$OUT/compare_$side" --no-plot \
+            2>"$OUT/compare_${side}_progress.log" >"$OUT/compare_$side.txt")
+        rc=$?
+        echo "== $side ($tree), exit $rc"
+        cat "$OUT/compare_$side.txt"
+        [ "$rc" -eq 0 ] || { grep -v '^bench \[' "$OUT/compare_${side}_progress.log" | tail -20; status=1; }
+    done
 fi
 echo "gpu_check: exit $status"
 exit "$status"

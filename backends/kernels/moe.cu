@@ -1,0 +1,882 @@
+// Dispatch and combine kernels of the CUDA backend (SPEC.md sections 3, 4 and 8).
+//
+// Dispatch, on rank r (W ranks, T tokens, K slots, E experts), tokens cut into chunks of `chunk` tokens:
+//   count   (a block per chunk)  per chunk: tokens for each destination rank, pairs for each expert.
+//   notify  (one block)          exclusive prefix of those over chunks; this rank's count row
+//                                [tokens to each rank (W), pairs per expert (E), T] goes to row r of every
+//                                rank's count buffer.                                  -- barrier --
+//   plan    (one block)          from the W x (W + E + 1) count matrix: where each chunk's rows start in
+//                                every peer's wire buffer, and where each chunk's pairs land in the
+//                                peer's output (local expert, then source rank, then source token).
+//   send    (a block per chunk)  each token travels once to each destination rank: its row of x and a
+//                                metadata row [token, source rank, K output rows, K experts, K weight
+//                                bits] go straight into the peer's wire buffer.        -- barrier --
+//   expand  (warp per wire row)  the receiver copies each wire row to the output rows its metadata
+//                                names (one read, one write per pair) and pads capacity mode's rest.
+// The receiver's order comes out of the sender's arithmetic: no sort.
+//
+// Combine, on expert rank r, partial rows in a dense [W, T_max] layout on every source rank:
+//   group   (thread per row)     rows of each (source rank, token) into a list.      -- barrier --
+//   send    (warp per group)     float32 sum of w * y over the group's rows in row order, cast; written
+//                                to row r * T_max + token of the source's partial buffer, with a flag.
+//                                                                                      -- barrier --
+//   reduce  (warp per token)     the source adds its partials in ascending expert-rank order, in float32,
+//                                and clears the flags.
+//
+// Rounding is the contract's: every product and sum is rounded on its own (__fmul_rn, __fadd_rn), sums
+// start at +0.0, casts round to nearest even. Compiles unchanged under nvcc and NVRTC: no system headers.
+
+typedef long long fm_i64;
+typedef unsigned long long fm_u64;
+typedef unsigned int fm_u32;
+typedef unsigned short fm_u16;
+
+constexpr int FM_WARP = 32;
+// The host uses these kernels for W <= 64 (destination sets are 64-bit masks) and K <= FM_MAX_TOP_K.
+constexpr int FM_MAX_TOP_K = 64;
+constexpr int FM_GROUP_CAP = 64;   // rows of one (source rank, token) on one expert rank in combine
+
+// Words of the error block (int64, local to each rank; read and cleared by the host at check()).
+constexpr int FM_ERR_NEEDED = 0;       // capacity mode: rows needed (largest)
+constexpr int FM_ERR_GIVEN = 1;        // capacity given
+constexpr int FM_ERR_BAD_ROW = 2;      // combine: 1 + a row whose src_rank / src_idx is out of range
+constexpr int FM_ERR_BIG_GROUP = 3;    // combine: rows of one token on this rank beyond FM_GROUP_CAP
+
+// Summary words that plan writes for the host and the later kernels.
+constexpr int FM_SUM_WIRE_IN = 0;      // wire rows this rank receives
+constexpr int FM_SUM_PAIRS_IN = 1;     // pairs (output rows) this rank receives: V
+constexpr int FM_SUM_MAX_WIRE_IN = 2;  // the most wire rows any rank receives
+constexpr int FM_SUM_MAX_TOKENS = 3;   // the most tokens any rank has
+constexpr int FM_SUM_SENT_REMOTE = 4;  // wire rows this rank sends to other ranks
+constexpr int FM_SUM_RECV_REMOTE = 5;  // wire rows this rank receives from other ranks
+// (8 words in all; the last two are zero)
+
+// ------------------------------------------------------------------------------------------ helpers
+struct fm_bf16 { fm_u16 bits; };
+struct fm_f16 { fm_u16 bits; };
+
+__device__ __forceinline__ float fm_to_float(float v) { return v; }
+__device__ __forceinline__ float fm_to_float(fm_bf16 v) { return __uint_as_float(static_cast<fm_u32>(v.bits) << 16); }
+__device__ __forceinline__ float fm_to_float(fm_f16 v)
+{
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+
+template <typename T> __device__ __forceinline__ T fm_from_float(float f);
+template <> __device__ __forceinline__ float fm_from_float<float>(float f) { return f; }
+template <> __device__ __forceinline__ fm_bf16 fm_from_float<fm_bf16>(float f)
+{
+    fm_bf16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+    return r;
+}
+template <> __device__ __forceinline__ fm_f16 fm_from_float<fm_f16>(float f)
+{
+    fm_f16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+    return r;
+}
+
+union fm_vec16 {
+    int4 raw;
+    float f32[4];
+    fm_u16 u16[8];
+};
+
+template <typename T> struct fm_vec_traits { static constexpr int VEC = 16 / sizeof(T); };
+
+template <typename T> __device__ __forceinline__ float fm_lane_to_float(const fm_vec16& v, int k);
+template <> __device__ __forceinline__ float fm_lane_to_float<float>(const fm_vec16& v, int k) { return v.f32[k]; }
+template <> __device__ __forceinline__ float fm_lane_to_float<fm_bf16>(const fm_vec16& v, int k)
+{
+    return fm_to_float(fm_bf16{v.u16[k]});
+}
+template <> __device__ __forceinline__ float fm_lane_to_float<fm_f16>(const fm_vec16& v, int k)
+{
+    return fm_to_float(fm_f16{v.u16[k]});
+}
+
+template <typename T> __device__ __forceinline__ void fm_lane_from_float(fm_vec16& v, int k, float f);
+template <> __device__ __forceinline__ void fm_lane_from_float<float>(fm_vec16& v, int k, float f) { v.f32[k] = f; }
+template <> __device__ __forceinline__ void fm_lane_from_float<fm_bf16>(fm_vec16& v, int k, float f)
+{
+    v.u16[k] = fm_from_float<fm_bf16>(f).bits;
+}
+template <> __device__ __forceinline__ void fm_lane_from_float<fm_f16>(fm_vec16& v, int k, float f)
+{
+    v.u16[k] = fm_from_float<fm_f16>(f).bits;
+}
+
+__device__ __forceinline__ bool fm_aligned16(const void* p) { return (reinterpret_cast<fm_u64>(p) & 15u) == 0u; }
+
+// One warp copies one row of `row_bytes` from src to dst (16-byte vectors when both are aligned).
+__device__ __forceinline__ void fm_warp_copy_row(unsigned char* dst, const unsigned char* src, fm_i64 row_bytes,
+                                                 int lane)
+{
+    const fm_u64 alignment = reinterpret_cast<fm_u64>(dst) | reinterpret_cast<fm_u64>(src)
+                             | static_cast<fm_u64>(row_bytes);
+    if ((alignment & 15u) == 0u) {
+        const int4* src4 = reinterpret_cast<const int4*>(src);
+        int4* dst4 = reinterpret_cast<int4*>(dst);
+        const fm_i64 n4 = row_bytes >> 4;
+        fm_i64 k = lane;
+        // Four loads in flight per lane before the stores: remote stores are slow to retire.
+        for (; k + 3 * FM_WARP < n4; k += 4 * FM_WARP) {
+            const int4 a = src4[k];
+            const int4 b = src4[k + FM_WARP];
+            const int4 c = src4[k + 2 * FM_WARP];
+            const int4 d = src4[k + 3 * FM_WARP];
+            dst4[k] = a;
+            dst4[k + FM_WARP] = b;
+            dst4[k + 2 * FM_WARP] = c;
+            dst4[k + 3 * FM_WARP] = d;
+        }
+        for (; k < n4; k += FM_WARP) {
+            dst4[k] = src4[k];
+        }
+    } else if ((alignment & 3u) == 0u) {
+        const fm_u32* src1 = reinterpret_cast<const fm_u32*>(src);
+        fm_u32* dst1 = reinterpret_cast<fm_u32*>(dst);
+        for (fm_i64 k = lane; k < (row_bytes >> 2); k += FM_WARP) {
+            dst1[k] = src1[k];
+        }
+    } else {
+        for (fm_i64 k = lane; k < row_bytes; k += FM_WARP) {
+            dst[k] = src[k];
+        }
+    }
+}
+
+// The expert of slot (t, k), or -1 for an empty slot or an id outside [0, E) (never indexes out of range).
+template <typename I>
+__device__ __forceinline__ fm_i64 fm_expert(const I* topk_idx, fm_i64 t, int top_k, int k, fm_i64 num_experts)
+{
+    const fm_i64 e = static_cast<fm_i64>(topk_idx[t * top_k + k]);
+    return (e >= 0 && e < num_experts) ? e : -1;
+}
+
+template <typename I>
+__device__ __forceinline__ fm_u64 fm_dest_mask(const I* topk_idx, fm_i64 t, int top_k, const fm_i64* expert_to_rank,
+                                               fm_i64 num_experts)
+{
+    fm_u64 mask = 0;
+    for (int k = 0; k < top_k; ++k) {
+        const fm_i64 e = fm_expert(topk_idx, t, top_k, k, num_experts);
+        if (e >= 0) {
+            mask |= 1ull << expert_to_rank[e];
+        }
+    }
+    return mask;
+}
+
+// ------------------------------------------------------------------------------------------ dispatch
+//   chunk_e [n_chunks, E], chunk_d [n_chunks, W] (int32): filled with this chunk's counts.
+template <typename I>
+__device__ __forceinline__ void fm_dispatch_count(const I* __restrict__ topk_idx, fm_i64 tokens, int top_k,
+                                                  const fm_i64* __restrict__ expert_to_rank, fm_i64 num_experts,
+                                                  int world, fm_i64 chunk, int* chunk_e, int* chunk_d)
+{
+    const fm_i64 c = blockIdx.x;
+    const fm_i64 t0 = c * chunk;
+    const fm_i64 t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
+    int* row_e = chunk_e + c * num_experts;
+    int* row_d = chunk_d + c * world;
+    for (fm_i64 i = threadIdx.x; i < num_experts; i += blockDim.x) {
+        row_e[i] = 0;
+    }
+    for (int i = threadIdx.x; i < world; i += blockDim.x) {
+        row_d[i] = 0;
+    }
+    __syncthreads();
+    for (fm_i64 p = threadIdx.x; p < (t1 - t0) * top_k; p += blockDim.x) {
+        const fm_i64 e = fm_expert(topk_idx, t0 + p / top_k, top_k, static_cast<int>(p % top_k), num_experts);
+        if (e >= 0) {
+            atomicAdd(&row_e[e], 1);
+        }
+    }
+    for (fm_i64 t = t0 + threadIdx.x; t < t1; t += blockDim.x) {
+        fm_u64 mask = fm_dest_mask(topk_idx, t, top_k, expert_to_rank, num_experts);
+        while (mask) {
+            const int d = __ffsll(static_cast<long long>(mask)) - 1;
+            mask &= mask - 1;
+            atomicAdd(&row_d[d], 1);
+        }
+    }
+}
+
+#define FM_DISPATCH_COUNT(NAME, I)                                                                        \
+    extern "C" __global__ void NAME(const I* topk_idx, fm_i64 tokens, int top_k, const fm_i64* expert_to_rank, \
+                                    fm_i64 num_experts, int world, fm_i64 chunk, int* chunk_e, int* chunk_d) \
+    {                                                                                                     \
+        fm_dispatch_count<I>(topk_idx, tokens, top_k, expert_to_rank, num_experts, world, chunk, chunk_e,  \
+                             chunk_d);                                                                    \
+    }
+
+FM_DISPATCH_COUNT(fuser_moe_dispatch_count_i64, fm_i64)
+FM_DISPATCH_COUNT(fuser_moe_dispatch_count_i32, int)
+
+constexpr int FM_SCAN_BATCH = 8;
+
+// Warp-wide inclusive scan.
+template <typename V> __device__ __forceinline__ V fm_warp_inclusive_scan(V value, int lane)
+{
+    for (int offset = 1; offset < FM_WARP; offset <<= 1) {
+        const V other = __shfl_up_sync(0xffffffffu, value, offset);
+        if (lane >= offset) {
+            value += other;
+        }
+    }
+    return value;
+}
+
+// Block-wide exclusive scan of data[0, n) in place (every thread of the block calls it; blockDim.x is a
+// multiple of 32). Each thread scans a contiguous run, so loads are independent. Returns the total.
+__device__ fm_i64 fm_block_exclusive_scan(fm_i64* data, fm_i64 n)
+{
+    __shared__ fm_i64 warp_totals[FM_WARP];
+    __shared__ fm_i64 grand_total;
+    const int lane = threadIdx.x & (FM_WARP - 1);
+    const int warp = threadIdx.x / FM_WARP;
+    const fm_i64 per = (n + blockDim.x - 1) / blockDim.x;
+    const fm_i64 begin = threadIdx.x * per < n ? threadIdx.x * per : n;
+    const fm_i64 end = begin + per < n ? begin + per : n;
+    fm_i64 local = 0;
+    for (fm_i64 i = begin; i < end; ++i) {
+        local += data[i];
+    }
+    const fm_i64 inclusive = fm_warp_inclusive_scan(local, lane);
+    if (lane == FM_WARP - 1) {
+        warp_totals[warp] = inclusive;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const int n_warps = blockDim.x / FM_WARP;
+        const fm_i64 mine = lane < n_warps ? warp_totals[lane] : 0;
+        const fm_i64 scanned = fm_warp_inclusive_scan(mine, lane);
+        if (lane < n_warps) {
+            warp_totals[lane] = scanned - mine;
+        }
+        if (lane == FM_WARP - 1) {
+            grand_total = scanned;
+        }
+    }
+    __syncthreads();
+    fm_i64 running = warp_totals[warp] + inclusive - local;
+    for (fm_i64 i = begin; i < end; ++i) {
+        const fm_i64 v = data[i];
+        data[i] = running;
+        running += v;
+    }
+    __syncthreads();
+    return grand_total;
+}
+
+// One block. Turns chunk_e / chunk_d into exclusive prefixes over chunks (a warp per column) and sends
+// this rank's count row [tokens to each rank (W), pairs per expert (E), tokens (1)] to row `rank` of
+// every rank's count buffer.
+//   count_ptrs [world]: every rank's count buffer, [world, W + E + 1] int64
+//   n_to [W] int64: this rank's n_tokens_to_rank output
+extern "C" __global__ void fuser_moe_dispatch_notify(int* chunk_e, int* chunk_d, fm_i64 n_chunks, fm_i64 num_experts,
+                                                     int world, int rank, fm_i64 tokens,
+                                                     const fm_u64* __restrict__ count_ptrs, fm_i64* n_to)
+{
+    const fm_i64 row_len = world + num_experts + 1;
+    fm_i64* own = reinterpret_cast<fm_i64*>(count_ptrs[rank]) + rank * row_len;
+    const int lane = threadIdx.x & (FM_WARP - 1);
+    const int n_warps = blockDim.x / FM_WARP;
+    const fm_i64 per = (n_chunks + FM_WARP - 1) / FM_WARP;
+    const fm_i64 begin = lane * per < n_chunks ? lane * per : n_chunks;
+    const fm_i64 end = begin + per < n_chunks ? begin + per : n_chunks;
+    // Columns: W destination ranks, then E experts; each lane scans a contiguous run of chunks.
+    for (fm_i64 col = threadIdx.x / FM_WARP; col < world + num_experts; col += n_warps) {
+        int* base = col < world ? chunk_d + col : chunk_e + (col - world);
+        const fm_i64 stride = col < world ? world : num_experts;
+        // Loads in batches of FM_SCAN_BATCH, all issued before the first is used: the run's loads do
+        // not wait for each other (a plain loop would pay the memory latency once per chunk).
+        int local = 0;
+        for (fm_i64 c0 = begin; c0 < end; c0 += FM_SCAN_BATCH) {
+            int v[FM_SCAN_BATCH];
+#pragma unroll
+            for (int j = 0; j < FM_SCAN_BATCH; ++j) {
+                v[j] = c0 + j < end ? base[(c0 + j) * stride] : 0;
+            }
+#pragma unroll
+            for (int j = 0; j < FM_SCAN_BATCH; ++j) {
+                local += v[j];
+            }
+        }
+        const int inclusive = fm_warp_inclusive_scan(local, lane);
+        int running = inclusive - local;
+        for (fm_i64 c0 = begin; c0 < end; c0 += FM_SCAN_BATCH) {
+            int v[FM_SCAN_BATCH];
+#pragma unroll
+            for (int j = 0; j < FM_SCAN_BATCH; ++j) {
+                v[j] = c0 + j < end ? base[(c0 + j) * stride] : 0;
+            }
+#pragma unroll
+            for (int j = 0; j < FM_SCAN_BATCH; ++j) {
+                if (c0 + j < end) {
+                    base[(c0 + j) * stride] = running;
+                    running += v[j];
+                }
+            }
+        }
+        const int total = __shfl_sync(0xffffffffu, inclusive, FM_WARP - 1);
+        if (lane == 0) {
+            own[col] = total;
+            if (col < world) {
+                n_to[col] = total;
+            }
+        }
+    }
+    if (threadIdx.x == 0) {
+        own[world + num_experts] = tokens;
+    }
+    __syncthreads();
+    for (fm_i64 i = threadIdx.x; i < static_cast<fm_i64>(world) * row_len; i += blockDim.x) {
+        const int peer = static_cast<int>(i / row_len);
+        const fm_i64 k = i % row_len;
+        if (peer != rank) {
+            reinterpret_cast<fm_i64*>(count_ptrs[peer])[rank * row_len + k] = own[k];
+        }
+    }
+}
+
+// One block, after the barrier. From the count matrix M [W, W + E + 1] (row s: what rank s sends):
+//   base_d[d]  = where this rank's rows start in d's wire buffer: sum_{s < rank} M[s][d]
+//   start_e[e] = where this rank's pairs of expert e start in the output of e's rank d:
+//                (pairs of d's experts before e, from every rank) + sum_{s < rank} M[s][W + e]
+// (send adds the chunk's exclusive prefix to them) and this rank's receiving outputs: n_from [W],
+// n_per_expert [E_local], summary (FM_SUM_*, 8 words).
+//   expert_order [E]: experts by (rank, local index); rank_begin [W + 1]: each rank's run in it
+//   scratch [3 * E + W] int64: totals, start_e, the scan, base_d
+extern "C" __global__ void fuser_moe_dispatch_plan(const fm_i64* __restrict__ matrix, fm_i64 num_experts, int world,
+                                                   int rank, const fm_i64* __restrict__ expert_to_rank,
+                                                   const fm_i64* __restrict__ expert_order,
+                                                   const fm_i64* __restrict__ rank_begin, fm_i64* scratch,
+                                                   fm_i64* n_from, fm_i64* n_per_expert, fm_i64* summary)
+{
+    __shared__ fm_i64 sums[4];  // wire rows in, sent remote, received remote (sums); most wire rows in
+    __shared__ fm_i64 max_tokens_s;
+    const fm_i64 row_len = world + num_experts + 1;
+    fm_i64* total = scratch;
+    fm_i64* start = scratch + num_experts;
+    fm_i64* ordered = scratch + 2 * num_experts;  // totals in expert_order, then their exclusive scan
+    fm_i64* base_d = scratch + 3 * num_experts;
+    if (threadIdx.x < 4) {
+        sums[threadIdx.x] = 0;
+    }
+    if (threadIdx.x == 0) {
+        max_tokens_s = 0;
+    }
+    for (fm_i64 e = threadIdx.x; e < num_experts; e += blockDim.x) {
+        fm_i64 all = 0, before = 0;
+        for (int s = 0; s < world; ++s) {
+            const fm_i64 v = matrix[s * row_len + world + e];
+            all += v;
+            before += s < rank ? v : 0;
+        }
+        total[e] = all;
+        start[e] = before;
+    }
+    __syncthreads();
+    for (fm_i64 i = threadIdx.x; i < num_experts; i += blockDim.x) {
+        ordered[i] = total[expert_order[i]];
+    }
+    __syncthreads();
+    const fm_i64 grand_total = fm_block_exclusive_scan(ordered, num_experts);
+    for (fm_i64 i = threadIdx.x; i < num_experts; i += blockDim.x) {
+        const fm_i64 e = expert_order[i];
+        start[e] += ordered[i] - ordered[rank_begin[expert_to_rank[e]]];
+    }
+    for (int d = threadIdx.x; d < world; d += blockDim.x) {
+        fm_i64 base = 0;
+        for (int s = 0; s < rank; ++s) {
+            base += matrix[s * row_len + d];
+        }
+        base_d[d] = base;
+    }
+    const fm_i64 local_begin = rank_begin[rank];
+    const fm_i64 local_end = rank_begin[rank + 1];
+    for (fm_i64 j = threadIdx.x; j < local_end - local_begin; j += blockDim.x) {
+        n_per_expert[j] = total[expert_order[local_begin + j]];
+    }
+    for (int d = threadIdx.x; d < world; d += blockDim.x) {
+        fm_i64 in = 0;
+        for (int s = 0; s < world; ++s) {
+            in += matrix[s * row_len + d];
+        }
+        const fm_i64 from = matrix[d * row_len + rank];
+        n_from[d] = from;
+        if (d == rank) {
+            atomicAdd(reinterpret_cast<unsigned long long*>(&sums[0]), static_cast<unsigned long long>(from));
+        } else {
+            atomicAdd(reinterpret_cast<unsigned long long*>(&sums[0]), static_cast<unsigned long long>(from));
+            atomicAdd(reinterpret_cast<unsigned long long*>(&sums[1]),
+                      static_cast<unsigned long long>(matrix[rank * row_len + d]));
+            atomicAdd(reinterpret_cast<unsigned long long*>(&sums[2]), static_cast<unsigned long long>(from));
+        }
+        atomicMax(&sums[3], in);
+        atomicMax(&max_tokens_s, matrix[d * row_len + world + num_experts]);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const fm_i64 pairs_end = local_end < num_experts ? ordered[local_end] : grand_total;
+        const fm_i64 pairs_begin = local_begin < num_experts ? ordered[local_begin] : grand_total;
+        summary[FM_SUM_WIRE_IN] = sums[0];
+        summary[FM_SUM_PAIRS_IN] = pairs_end - pairs_begin;
+        summary[FM_SUM_MAX_WIRE_IN] = sums[3];
+        summary[FM_SUM_MAX_TOKENS] = max_tokens_s;
+        summary[FM_SUM_SENT_REMOTE] = sums[1];
+        summary[FM_SUM_RECV_REMOTE] = sums[2];
+        summary[6] = 0;
+        summary[7] = 0;
+    }
+}
+
+// A block per chunk. Each token goes once to each rank that holds one of its experts: its x row and its
+// metadata row [token, source rank, K output rows, K experts, K weight bits] (-1 for slots of other
+// ranks) go to row base_d[d] + chunk_d[c][d] + (its position among the chunk's tokens for d) of d's wire
+// buffers; its pair of expert e lands in output row start_e[e] + chunk_e[c][e] + (its position among
+// the chunk's tokens for e) on e's rank. base_d and start_e come from plan (its scratch).
+// Rows at or past wire_capacity are not written (exact mode sends again into a larger buffer; capacity
+// mode's receiver then finds more pairs than its capacity and reports the overflow).
+//   x_ptrs / meta_ptrs [world]: every rank's wire x buffer ([capacity, H]) and metadata buffer
+template <typename I>
+__device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict__ x, fm_i64 row_bytes,
+                                                 const I* __restrict__ topk_idx,
+                                                 const float* __restrict__ topk_weights, fm_i64 tokens,
+                                                 int top_k, const fm_i64* __restrict__ expert_to_rank,
+                                                 fm_i64 num_experts, int world, int rank, fm_i64 chunk,
+                                                 const int* __restrict__ chunk_e, const int* __restrict__ chunk_d,
+                                                 const fm_i64* __restrict__ plan,
+                                                 const fm_u64* __restrict__ x_ptrs,
+                                                 const fm_u64* __restrict__ meta_ptrs, fm_i64 wire_capacity)
+{
+    extern __shared__ int fm_shared[];
+    // [chunk * K] experts, [chunk * K] output rows, [chunk * W] wire rows, then [chunk] masks (8-aligned)
+    int* expert_s = fm_shared;
+    int* out_row_s = expert_s + chunk * top_k;
+    int* wire_row_s = out_row_s + chunk * top_k;
+    fm_u64* mask_s = reinterpret_cast<fm_u64*>(wire_row_s + ((chunk * world + 1) & ~static_cast<fm_i64>(1)));
+
+    const fm_i64* start_e = plan + num_experts;      // the plan kernel's scratch: start_e, base_d
+    const fm_i64* base_d = plan + 3 * num_experts;
+    const fm_i64 c = blockIdx.x;
+    const fm_i64 t0 = c * chunk;
+    const fm_i64 n = (t0 + chunk < tokens ? t0 + chunk : tokens) - t0;
+    for (fm_i64 p = threadIdx.x; p < n * top_k; p += blockDim.x) {
+        expert_s[p] = static_cast<int>(fm_expert(topk_idx, t0 + p / top_k, top_k, static_cast<int>(p % top_k),
+                                                 num_experts));
+    }
+    for (fm_i64 i = threadIdx.x; i < n; i += blockDim.x) {
+        mask_s[i] = fm_dest_mask(topk_idx, t0 + i, top_k, expert_to_rank, num_experts);
+    }
+    __syncthreads();
+    // Positions: earlier tokens of the chunk with the same expert (experts of a row are distinct when
+    // the input is valid; a repeated one still gets a slot of its own).
+    for (fm_i64 p = threadIdx.x; p < n * top_k; p += blockDim.x) {
+        const int e = expert_s[p];
+        int row = -1;
+        if (e >= 0) {
+            const fm_i64 i = p / top_k;
+            int before = 0;
+            for (fm_i64 q = 0; q < i * top_k; ++q) {
+                before += expert_s[q] == e;
+            }
+            for (fm_i64 q = i * top_k; q < p; ++q) {
+                before += expert_s[q] == e;
+            }
+            row = static_cast<int>(start_e[e]) + chunk_e[c * num_experts + e] + before;
+        }
+        out_row_s[p] = row;
+    }
+    for (fm_i64 p = threadIdx.x; p < n * world; p += blockDim.x) {
+        const fm_i64 i = p / world;
+        const int d = static_cast<int>(p % world);
+        int row = -1;
+        if ((mask_s[i] >> d) & 1ull) {
+            int before = 0;
+            for (fm_i64 q = 0; q < i; ++q) {
+                before += static_cast<int>((mask_s[q] >> d) & 1ull);
+            }
+            row = static_cast<int>(base_d[d]) + chunk_d[c * world + d] + before;
+        }
+        wire_row_s[p] = row;
+    }
+    __syncthreads();
+
+    const int lane = threadIdx.x & (FM_WARP - 1);
+    const int warp = threadIdx.x / FM_WARP;
+    const int n_warps = blockDim.x / FM_WARP;
+    const fm_i64 meta_width = 2 + 3 * static_cast<fm_i64>(top_k);
+    // Work items (token, destination) dealt to warps in turn.
+    for (fm_i64 item = warp; item < n * world; item += n_warps) {
+        const fm_i64 i = item / world;
+        const int d = static_cast<int>(item % world);
+        const int row = wire_row_s[item];
+        if (row < 0 || row >= wire_capacity) {
+            continue;
+        }
+        const fm_i64 t = t0 + i;
+        fm_warp_copy_row(reinterpret_cast<unsigned char*>(x_ptrs[d]) + row * row_bytes, x + t * row_bytes, row_bytes,
+                         lane);
+        fm_i64* meta = reinterpret_cast<fm_i64*>(meta_ptrs[d]) + row * meta_width;
+        for (fm_i64 w = lane; w < meta_width; w += FM_WARP) {
+            fm_i64 value;
+            if (w == 0) {
+                value = t;
+            } else if (w == 1) {
+                value = rank;
+            } else {
+                const int k = static_cast<int>((w - 2) % top_k);
+                const int field = static_cast<int>((w - 2) / top_k);
+                const int e = expert_s[i * top_k + k];
+                const bool here = e >= 0 && expert_to_rank[e] == d;
+                if (field == 0) {
+                    value = here ? out_row_s[i * top_k + k] : -1;
+                } else if (field == 1) {
+                    value = here ? e : -1;
+                } else {
+                    value = static_cast<fm_i64>(__float_as_uint(topk_weights[t * top_k + k]));
+                }
+            }
+            meta[w] = value;
+        }
+    }
+}
+
+#define FM_DISPATCH_SEND(NAME, I)                                                                         \
+    extern "C" __global__ void NAME(const unsigned char* x, fm_i64 row_bytes, const I* topk_idx,           \
+                                    const float* topk_weights, fm_i64 tokens, int top_k,                  \
+                                    const fm_i64* expert_to_rank, fm_i64 num_experts, int world, int rank, \
+                                    fm_i64 chunk, const int* chunk_e, const int* chunk_d,                 \
+                                    const fm_i64* plan, const fm_u64* x_ptrs, const fm_u64* meta_ptrs,    \
+                                    fm_i64 wire_capacity)                                                 \
+    {                                                                                                     \
+        fm_dispatch_send<I>(x, row_bytes, topk_idx, topk_weights, tokens, top_k, expert_to_rank,          \
+                            num_experts, world, rank, chunk, chunk_e, chunk_d, plan, x_ptrs, meta_ptrs,   \
+                            wire_capacity);                                                               \
+    }
+
+FM_DISPATCH_SEND(fuser_moe_dispatch_send_i64, fm_i64)
+FM_DISPATCH_SEND(fuser_moe_dispatch_send_i32, int)
+
+// Warp per item: items [0, wire rows received) expand a wire row into its output rows; items after them
+// write capacity mode's padding rows [V, out_rows). Sizes the host does not know come from `summary`.
+//   wire_x [wire_capacity, H], wire_meta [wire_capacity, 2 + 3K]: this rank's wire buffers
+//   outputs: recv_x [out_rows, H], recv_idx, recv_src_idx, recv_src_rank [out_rows] int64, recv_w float
+//   errors: FM_ERR_NEEDED / FM_ERR_GIVEN raised when a pair's row is at or past out_rows
+extern "C" __global__ void fuser_moe_dispatch_expand(const unsigned char* __restrict__ wire_x,
+                                                     const fm_i64* __restrict__ wire_meta, fm_i64 wire_capacity,
+                                                     fm_i64 row_bytes, int top_k,
+                                                     const fm_i64* __restrict__ summary, fm_i64 out_rows,
+                                                     unsigned char* __restrict__ recv_x, fm_i64* recv_idx,
+                                                     float* recv_w, fm_i64* recv_src_idx, fm_i64* recv_src_rank,
+                                                     fm_i64* errors)
+{
+    __shared__ int targets_s[8][FM_MAX_TOP_K];
+    const int lane = threadIdx.x & (FM_WARP - 1);
+    const int warp_in_block = threadIdx.x / FM_WARP;
+    int* targets = targets_s[warp_in_block];
+    const fm_i64 warp = (static_cast<fm_i64>(blockIdx.x) * blockDim.x + threadIdx.x) / FM_WARP;
+    const fm_i64 n_warps = (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP;
+    const fm_i64 wire_in_all = summary[FM_SUM_WIRE_IN];
+    const fm_i64 wire_in = wire_in_all < wire_capacity ? wire_in_all : wire_capacity;
+    const fm_i64 pairs_in = summary[FM_SUM_PAIRS_IN];
+    const fm_i64 pad_begin = pairs_in < out_rows ? pairs_in : out_rows;
+    const fm_i64 meta_width = 2 + 3 * static_cast<fm_i64>(top_k);
+    const fm_i64 items = wire_in + (out_rows - pad_begin);
+    if (warp == 0 && lane == 0 && (pairs_in > out_rows || wire_in_all > wire_capacity)) {
+        const fm_i64 needed = pairs_in > wire_in_all ? pairs_in : wire_in_all;
+        atomicMax(&errors[FM_ERR_NEEDED], needed);
+        errors[FM_ERR_GIVEN] = out_rows;
+    }
+    for (fm_i64 item = warp; item < items; item += n_warps) {
+        if (item >= wire_in) {  // padding row
+            const fm_i64 row = pad_begin + (item - wire_in);
+            unsigned char* dst = recv_x + row * row_bytes;
+            if ((reinterpret_cast<fm_u64>(dst) & 15u) == 0u && (row_bytes & 15) == 0) {
+                const int4 zero = make_int4(0, 0, 0, 0);
+                for (fm_i64 k = lane; k < (row_bytes >> 4); k += FM_WARP) {
+                    reinterpret_cast<int4*>(dst)[k] = zero;
+                }
+            } else {
+                for (fm_i64 k = lane; k < row_bytes; k += FM_WARP) {
+                    dst[k] = 0;
+                }
+            }
+            if (lane == 0) {
+                recv_idx[row] = -1;
+                recv_w[row] = 0.0f;
+                recv_src_idx[row] = -1;
+                recv_src_rank[row] = -1;
+            }
+            continue;
+        }
+        const fm_i64* meta = wire_meta + item * meta_width;
+        const fm_i64 token = meta[0];
+        const fm_i64 source = meta[1];
+        int n_targets = 0;
+        // Lanes take the slots; the output rows they own are gathered in slot order.
+        for (int k0 = 0; k0 < top_k; k0 += FM_WARP) {
+            const int k = k0 + lane;
+            fm_i64 row = -1;
+            if (k < top_k) {
+                row = meta[2 + k];
+                if (row >= out_rows) {
+                    row = -1;  // reported above: pairs_in > out_rows
+                }
+                if (row >= 0) {
+                    recv_idx[row] = meta[2 + top_k + k];
+                    recv_w[row] = __uint_as_float(static_cast<fm_u32>(meta[2 + 2 * top_k + k]));
+                    recv_src_idx[row] = token;
+                    recv_src_rank[row] = source;
+                }
+            }
+            const fm_u32 ballot = __ballot_sync(0xffffffffu, row >= 0);
+            if (row >= 0) {
+                targets[n_targets + __popc(ballot & ((1u << lane) - 1u))] = static_cast<int>(row);
+            }
+            n_targets += __popc(ballot);
+        }
+        __syncwarp();
+        const unsigned char* src = wire_x + item * row_bytes;
+        fm_u64 alignment = reinterpret_cast<fm_u64>(src) | reinterpret_cast<fm_u64>(recv_x)
+                           | static_cast<fm_u64>(row_bytes);
+        if ((alignment & 15u) == 0u) {
+            const int4* src4 = reinterpret_cast<const int4*>(src);
+            for (fm_i64 k = lane; k < (row_bytes >> 4); k += FM_WARP) {
+                const int4 v = src4[k];
+                for (int j = 0; j < n_targets; ++j) {
+                    reinterpret_cast<int4*>(recv_x + targets[j] * row_bytes)[k] = v;
+                }
+            }
+        } else {
+            for (fm_i64 k = lane; k < row_bytes; k += FM_WARP) {
+                const unsigned char v = src[k];
+                for (int j = 0; j < n_targets; ++j) {
+                    recv_x[targets[j] * row_bytes + k] = v;
+                }
+            }
+        }
+        __syncwarp();
+    }
+}
+
+// ------------------------------------------------------------------------------------------ combine
+// Thread per row: rows of each (source rank s, token t) go to list g = s * t_stride + t, in any order
+// (send sorts them). group_count [W * t_stride] int32 starts at zero; group_rows [W * t_stride * CAP].
+extern "C" __global__ void fuser_moe_combine_group(const fm_i64* __restrict__ src_idx,
+                                                   const fm_i64* __restrict__ src_rank, fm_i64 rows, int world,
+                                                   fm_i64 t_stride, int* group_count, int* group_rows,
+                                                   fm_i64* errors)
+{
+    for (fm_i64 v = static_cast<fm_i64>(blockIdx.x) * blockDim.x + threadIdx.x; v < rows;
+         v += static_cast<fm_i64>(gridDim.x) * blockDim.x) {
+        const fm_i64 s = src_rank[v];
+        if (s < 0) {
+            continue;  // capacity mode's padding
+        }
+        const fm_i64 t = src_idx[v];
+        if (s >= world || t < 0 || t >= t_stride) {
+            atomicMax(&errors[FM_ERR_BAD_ROW], v + 1);
+            continue;
+        }
+        const fm_i64 g = s * t_stride + t;
+        const int slot = atomicAdd(&group_count[g], 1);
+        if (slot < FM_GROUP_CAP) {
+            group_rows[g * FM_GROUP_CAP + slot] = static_cast<int>(v);
+        } else {
+            atomicMax(&errors[FM_ERR_BIG_GROUP], static_cast<fm_i64>(slot) + 1);
+        }
+    }
+}
+
+// Warp per group g = s * t_stride + t: the float32 sum of w * y over the group's rows in row order, cast,
+// into row rank * t_stride + t of rank s's partial buffer, and that row's flag set to 1. counts [2]:
+// partial rows sent to other ranks (for traces).
+template <typename T>
+__device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 hidden,
+                                                const float* __restrict__ w, int world, int rank, fm_i64 t_stride,
+                                                const int* __restrict__ group_count,
+                                                const int* __restrict__ group_rows,
+                                                const fm_u64* __restrict__ part_ptrs,
+                                                const fm_u64* __restrict__ flag_ptrs, int* counts)
+{
+    __shared__ int rows_s[8][FM_GROUP_CAP];
+    const int lane = threadIdx.x & (FM_WARP - 1);
+    int* list = rows_s[threadIdx.x / FM_WARP];
+    const fm_i64 warp = (static_cast<fm_i64>(blockIdx.x) * blockDim.x + threadIdx.x) / FM_WARP;
+    const fm_i64 n_warps = (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP;
+    constexpr int VEC = fm_vec_traits<T>::VEC;
+    const bool vectorized = fm_aligned16(y) && (hidden % VEC) == 0;
+    for (fm_i64 g = warp; g < world * t_stride; g += n_warps) {
+        int n = group_count[g];
+        if (n == 0) {
+            continue;
+        }
+        n = n < FM_GROUP_CAP ? n : FM_GROUP_CAP;
+        for (int i = lane; i < n; i += FM_WARP) {
+            list[i] = group_rows[g * FM_GROUP_CAP + i];
+        }
+        __syncwarp();
+        if (lane == 0) {  // insertion sort: a group holds a few rows
+            for (int i = 1; i < n; ++i) {
+                const int v = list[i];
+                int j = i - 1;
+                while (j >= 0 && list[j] > v) {
+                    list[j + 1] = list[j];
+                    --j;
+                }
+                list[j + 1] = v;
+            }
+        }
+        __syncwarp();
+        const int s = static_cast<int>(g / t_stride);
+        const fm_i64 t = g % t_stride;
+        T* out = reinterpret_cast<T*>(part_ptrs[s]) + (static_cast<fm_i64>(rank) * t_stride + t) * hidden;
+        if (vectorized && fm_aligned16(out)) {
+            for (fm_i64 v = lane; v < hidden / VEC; v += FM_WARP) {
+                float acc[VEC];
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    acc[k] = 0.0f;
+                }
+                for (int i = 0; i < n; ++i) {
+                    const fm_i64 r = list[i];
+                    const float wr = w[r];
+                    fm_vec16 in;
+                    in.raw = reinterpret_cast<const int4*>(y + r * hidden)[v];
+#pragma unroll
+                    for (int k = 0; k < VEC; ++k) {
+                        acc[k] = __fadd_rn(acc[k], __fmul_rn(wr, fm_lane_to_float<T>(in, k)));
+                    }
+                }
+                fm_vec16 packed;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    fm_lane_from_float<T>(packed, k, acc[k]);
+                }
+                reinterpret_cast<int4*>(out)[v] = packed.raw;
+            }
+        } else {
+            for (fm_i64 h = lane; h < hidden; h += FM_WARP) {
+                float acc = 0.0f;
+                for (int i = 0; i < n; ++i) {
+                    const fm_i64 r = list[i];
+                    acc = __fadd_rn(acc, __fmul_rn(w[r], fm_to_float(y[r * hidden + h])));
+                }
+                out[h] = fm_from_float<T>(acc);
+            }
+        }
+        if (lane == 0) {
+            reinterpret_cast<int*>(flag_ptrs[s])[static_cast<fm_i64>(rank) * t_stride + t] = 1;
+            if (s != rank) {
+                atomicAdd(&counts[0], 1);
+            }
+        }
+        __syncwarp();
+    }
+}
+
+#define FM_COMBINE_SEND(NAME, T)                                                                          \
+    extern "C" __global__ void NAME(const T* y, fm_i64 hidden, const float* w, int world, int rank,       \
+                                    fm_i64 t_stride, const int* group_count, const int* group_rows,       \
+                                    const fm_u64* part_ptrs, const fm_u64* flag_ptrs, int* counts)        \
+    {                                                                                                     \
+        fm_combine_send<T>(y, hidden, w, world, rank, t_stride, group_count, group_rows, part_ptrs,       \
+                           flag_ptrs, counts);                                                            \
+    }
+
+FM_COMBINE_SEND(fuser_moe_combine_send_f32, float)
+FM_COMBINE_SEND(fuser_moe_combine_send_bf16, fm_bf16)
+FM_COMBINE_SEND(fuser_moe_combine_send_f16, fm_f16)
+
+// Warp per token t < t_stride: out[t] = float32 sum of the partials present for t, in ascending expert-rank order,
+// cast; a token with none gets zeros. Clears the flags it read. counts[1]: partial rows from other ranks.
+template <typename T>
+__device__ __forceinline__ void fm_combine_reduce(const T* __restrict__ partials, int* flags, int world, int rank,
+                                                  fm_i64 t_stride, fm_i64 num_tokens, fm_i64 hidden,
+                                                  T* __restrict__ out, int* counts)
+{
+    const int lane = threadIdx.x & (FM_WARP - 1);
+    const fm_i64 warp = (static_cast<fm_i64>(blockIdx.x) * blockDim.x + threadIdx.x) / FM_WARP;
+    const fm_i64 n_warps = (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP;
+    constexpr int VEC = fm_vec_traits<T>::VEC;
+    const bool vectorized = fm_aligned16(partials) && fm_aligned16(out) && (hidden % VEC) == 0;
+    // Every token slot of the layout, so that no flag outlives the call (a row for a token past
+    // num_tokens only comes from an unchecked bad input; it is dropped, not kept for the next call).
+    for (fm_i64 t = warp; t < t_stride; t += n_warps) {
+        if (t >= num_tokens) {
+            for (int e = lane; e < world; e += FM_WARP) {
+                flags[static_cast<fm_i64>(e) * t_stride + t] = 0;
+            }
+            continue;
+        }
+        fm_u64 present = 0;
+        for (int e = 0; e < world; ++e) {
+            if (flags[static_cast<fm_i64>(e) * t_stride + t] != 0) {
+                present |= 1ull << e;
+            }
+        }
+        __syncwarp();
+        if (vectorized) {
+            for (fm_i64 v = lane; v < hidden / VEC; v += FM_WARP) {
+                float acc[VEC];
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    acc[k] = 0.0f;
+                }
+                for (int e = 0; e < world; ++e) {
+                    if (!((present >> e) & 1ull)) {
+                        continue;
+                    }
+                    fm_vec16 in;
+                    in.raw = reinterpret_cast<const int4*>(partials + (static_cast<fm_i64>(e) * t_stride + t) * hidden)[v];
+#pragma unroll
+                    for (int k = 0; k < VEC; ++k) {
+                        acc[k] = __fadd_rn(acc[k], fm_lane_to_float<T>(in, k));
+                    }
+                }
+                fm_vec16 packed;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    fm_lane_from_float<T>(packed, k, acc[k]);
+                }
+                reinterpret_cast<int4*>(out + t * hidden)[v] = packed.raw;
+            }
+        } else {
+            for (fm_i64 h = lane; h < hidden; h += FM_WARP) {
+                float acc = 0.0f;
+                for (int e = 0; e < world; ++e) {
+                    if ((present >> e) & 1ull) {
+                        acc = __fadd_rn(acc, fm_to_float(partials[(static_cast<fm_i64>(e) * t_stride + t) * hidden + h]));
+                    }
+                }
+                out[t * hidden + h] = fm_from_float<T>(acc);
+            }
+        }
+        for (int e = lane; e < world; e += FM_WARP) {
+            if ((present >> e) & 1ull) {
+                flags[static_cast<fm_i64>(e) * t_stride + t] = 0;
+                if (e != rank) {
+                    atomicAdd(&counts[1], 1);
+                }
+            }
+        }
+    }
+}
+
+#define FM_COMBINE_REDUCE(NAME, T)                                                                        \
+    extern "C" __global__ void NAME(const T* partials, int* flags, int world, int rank, fm_i64 t_stride,  \
+                                    fm_i64 num_tokens, fm_i64 hidden, T* out, int* counts)                \
+    {                                                                                                     \
+        fm_combine_reduce<T>(partials, flags, world, rank, t_stride, num_tokens, hidden, out, counts);    \
+    }
+
+FM_COMBINE_REDUCE(fuser_moe_combine_reduce_f32, float)
+FM_COMBINE_REDUCE(fuser_moe_combine_reduce_bf16, fm_bf16)
+FM_COMBINE_REDUCE(fuser_moe_combine_reduce_f16, fm_f16)

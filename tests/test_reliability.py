@@ -398,8 +398,11 @@ def test_vanished_peer(backend, scenario, vanished):
         if o.rank == victim and spec.how == "exit":
             assert o.exitcode == PLANTED_EXIT, f"the victim should have exited with {PLANTED_EXIT}: {o}"
             continue
-        if o.rank == victim:  # a stalled victim wakes up to peers that gave up: any error is fine, a hang is not
-            assert o.ok and o.value["raised"] and o.exitcode != -signal.SIGKILL, f"the stalled rank hung: {o}"
+        if o.rank == victim:
+            # A stalled victim wakes up to peers that gave up: any error is fine, a hang is not. It may also
+            # finish: an NCCL all-to-all whose peers had already delivered their rows before they timed out
+            # and aborted completes on the late rank (seen on 4 H200s), with the rows it was sent.
+            assert o.ok and o.exitcode == 0, f"the stalled rank hung or died: {o}"
             continue
         # Every other rank raised in time and then exited cleanly.
         assert o.ok and o.exitcode == 0, f"rank {o.rank} did not end cleanly: {o}"

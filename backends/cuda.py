@@ -235,8 +235,8 @@ class CudaBackend:
         chunk = min(_MAX_CHUNK, max(1, -(-tokens // (2 * sms))))
         n_chunks = -(-tokens // chunk)
         i32, i64 = torch.int32, torch.int64
-        chunk_e = torch.empty(max(n_chunks, 1), num_experts, dtype=i32, device=device)
-        chunk_d = torch.empty(max(n_chunks, 1), world, dtype=i32, device=device)
+        chunk_e = torch.empty(num_experts, max(n_chunks, 1), dtype=i32, device=device)  # a row runs over chunks
+        chunk_d = torch.empty(world, max(n_chunks, 1), dtype=i32, device=device)
         n_to = torch.empty(world, dtype=i64, device=device)
         e2r = placement.expert_to_rank
         counts = tr.buffer("dispatch_count_matrix", i64, (world + num_experts + 1,), world)
@@ -550,9 +550,13 @@ class CudaBackend:
         tr.barrier()  # every source is done with its previous reduce: its partial rows and flags are free
         suffix = _DTYPE_SUFFIX[x.dtype]
         groups = world * stride
-        _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(max(1, min(-(-groups // 8), 16 * sms)), _THREADS, [
-            x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
-            group_count, group_rows, part_buf.peer_ptrs, flag_buf.peer_ptrs, counters])
+        warps = 16 * sms * (_THREADS // 32)
+        split = max(1, min(8, warps // groups))  # few groups (decode): several warps share a row
+        _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(
+            max(1, min(-(-groups * split // 8), 16 * sms)), _THREADS, [
+                x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank),
+                ctypes.c_int64(stride), group_count, group_rows, part_buf.peer_ptrs, flag_buf.peer_ptrs, counters,
+                ctypes.c_int32(split)])
         tr.barrier()
         out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
         _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(max(1, min(-(-stride // 8), 16 * sms)), _THREADS, [

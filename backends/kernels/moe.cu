@@ -172,7 +172,8 @@ __device__ __forceinline__ fm_u64 fm_dest_mask(const I* topk_idx, fm_i64 t, int 
 }
 
 // ------------------------------------------------------------------------------------------ dispatch
-//   chunk_e [n_chunks, E], chunk_d [n_chunks, W] (int32): filled with this chunk's counts.
+//   chunk_e [E, n_chunks], chunk_d [W, n_chunks] (int32, column c is chunk c = blockIdx.x; gridDim.x chunks):
+//   filled with this chunk's counts. Rows run over chunks so that notify's scans read them coalesced.
 template <typename I>
 __device__ __forceinline__ void fm_dispatch_count(const I* __restrict__ topk_idx, fm_i64 tokens, int top_k,
                                                   const fm_i64* __restrict__ expert_to_rank, fm_i64 num_experts,
@@ -181,19 +182,20 @@ __device__ __forceinline__ void fm_dispatch_count(const I* __restrict__ topk_idx
     const fm_i64 c = blockIdx.x;
     const fm_i64 t0 = c * chunk;
     const fm_i64 t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
-    int* row_e = chunk_e + c * num_experts;
-    int* row_d = chunk_d + c * world;
+    const fm_i64 n_chunks = gridDim.x;
+    int* row_e = chunk_e + c;  // row_e[e * n_chunks], row_d[d * n_chunks]
+    int* row_d = chunk_d + c;
     for (fm_i64 i = threadIdx.x; i < num_experts; i += blockDim.x) {
-        row_e[i] = 0;
+        row_e[i * n_chunks] = 0;
     }
     for (int i = threadIdx.x; i < world; i += blockDim.x) {
-        row_d[i] = 0;
+        row_d[i * n_chunks] = 0;
     }
     __syncthreads();
     for (fm_i64 p = threadIdx.x; p < (t1 - t0) * top_k; p += blockDim.x) {
         const fm_i64 e = fm_expert(topk_idx, t0 + p / top_k, top_k, static_cast<int>(p % top_k), num_experts);
         if (e >= 0) {
-            atomicAdd(&row_e[e], 1);
+            atomicAdd(&row_e[e * n_chunks], 1);
         }
     }
     for (fm_i64 t = t0 + threadIdx.x; t < t1; t += blockDim.x) {
@@ -201,7 +203,7 @@ __device__ __forceinline__ void fm_dispatch_count(const I* __restrict__ topk_idx
         while (mask) {
             const int d = __ffsll(static_cast<long long>(mask)) - 1;
             mask &= mask - 1;
-            atomicAdd(&row_d[d], 1);
+            atomicAdd(&row_d[d * n_chunks], 1);
         }
     }
 }
@@ -273,7 +275,7 @@ __device__ fm_i64 fm_block_exclusive_scan(fm_i64* data, fm_i64 n)
     return grand_total;
 }
 
-// One block. Turns chunk_e / chunk_d into exclusive prefixes over chunks (a warp per column) and sends
+// One block. Turns chunk_e / chunk_d into exclusive prefixes over chunks (a warp per row) and sends
 // this rank's count row [tokens to each rank (W), pairs per expert (E), tokens (1)] to row `rank` of
 // every rank's count buffer.
 //   count_ptrs [world]: every rank's count buffer, [world, W + E + 1] int64
@@ -286,48 +288,32 @@ extern "C" __global__ void fuser_moe_dispatch_notify(int* chunk_e, int* chunk_d,
     fm_i64* own = reinterpret_cast<fm_i64*>(count_ptrs[rank]) + rank * row_len;
     const int lane = threadIdx.x & (FM_WARP - 1);
     const int n_warps = blockDim.x / FM_WARP;
-    const fm_i64 per = (n_chunks + FM_WARP - 1) / FM_WARP;
-    const fm_i64 begin = lane * per < n_chunks ? lane * per : n_chunks;
-    const fm_i64 end = begin + per < n_chunks ? begin + per : n_chunks;
-    // Columns: W destination ranks, then E experts; each lane scans a contiguous run of chunks.
+    // A warp per column (W destination ranks, then E experts); a column's chunks are contiguous, scanned
+    // 32 at a time (coalesced), FM_SCAN_BATCH rounds of loads issued before the first is used.
     for (fm_i64 col = threadIdx.x / FM_WARP; col < world + num_experts; col += n_warps) {
-        int* base = col < world ? chunk_d + col : chunk_e + (col - world);
-        const fm_i64 stride = col < world ? world : num_experts;
-        // Loads in batches of FM_SCAN_BATCH, all issued before the first is used: the run's loads do
-        // not wait for each other (a plain loop would pay the memory latency once per chunk).
-        int local = 0;
-        for (fm_i64 c0 = begin; c0 < end; c0 += FM_SCAN_BATCH) {
+        int* base = col < world ? chunk_d + col * n_chunks : chunk_e + (col - world) * n_chunks;
+        int carry = 0;
+        for (fm_i64 c0 = 0; c0 < n_chunks; c0 += FM_SCAN_BATCH * FM_WARP) {
             int v[FM_SCAN_BATCH];
 #pragma unroll
             for (int j = 0; j < FM_SCAN_BATCH; ++j) {
-                v[j] = c0 + j < end ? base[(c0 + j) * stride] : 0;
+                const fm_i64 c = c0 + j * FM_WARP + lane;
+                v[j] = c < n_chunks ? base[c] : 0;
             }
 #pragma unroll
             for (int j = 0; j < FM_SCAN_BATCH; ++j) {
-                local += v[j];
-            }
-        }
-        const int inclusive = fm_warp_inclusive_scan(local, lane);
-        int running = inclusive - local;
-        for (fm_i64 c0 = begin; c0 < end; c0 += FM_SCAN_BATCH) {
-            int v[FM_SCAN_BATCH];
-#pragma unroll
-            for (int j = 0; j < FM_SCAN_BATCH; ++j) {
-                v[j] = c0 + j < end ? base[(c0 + j) * stride] : 0;
-            }
-#pragma unroll
-            for (int j = 0; j < FM_SCAN_BATCH; ++j) {
-                if (c0 + j < end) {
-                    base[(c0 + j) * stride] = running;
-                    running += v[j];
+                const fm_i64 c = c0 + j * FM_WARP + lane;
+                const int inclusive = fm_warp_inclusive_scan(v[j], lane);
+                if (c < n_chunks) {
+                    base[c] = carry + inclusive - v[j];
                 }
+                carry += __shfl_sync(0xffffffffu, inclusive, FM_WARP - 1);
             }
         }
-        const int total = __shfl_sync(0xffffffffu, inclusive, FM_WARP - 1);
         if (lane == 0) {
-            own[col] = total;
+            own[col] = carry;
             if (col < world) {
-                n_to[col] = total;
+                n_to[col] = carry;
             }
         }
     }
@@ -465,6 +451,7 @@ __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict
     const fm_i64* start_e = plan + num_experts;      // the plan kernel's scratch: start_e, base_d
     const fm_i64* base_d = plan + 3 * num_experts;
     const fm_i64 c = blockIdx.x;
+    const fm_i64 n_chunks = gridDim.x;
     const fm_i64 t0 = c * chunk;
     const fm_i64 n = (t0 + chunk < tokens ? t0 + chunk : tokens) - t0;
     for (fm_i64 p = threadIdx.x; p < n * top_k; p += blockDim.x) {
@@ -489,7 +476,7 @@ __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict
             for (fm_i64 q = i * top_k; q < p; ++q) {
                 before += expert_s[q] == e;
             }
-            row = static_cast<int>(start_e[e]) + chunk_e[c * num_experts + e] + before;
+            row = static_cast<int>(start_e[e]) + chunk_e[e * n_chunks + c] + before;
         }
         out_row_s[p] = row;
     }
@@ -502,7 +489,7 @@ __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict
             for (fm_i64 q = 0; q < i; ++q) {
                 before += static_cast<int>((mask_s[q] >> d) & 1ull);
             }
-            row = static_cast<int>(base_d[d]) + chunk_d[c * world + d] + before;
+            row = static_cast<int>(base_d[d]) + chunk_d[d * n_chunks + c] + before;
         }
         wire_row_s[p] = row;
     }
@@ -512,8 +499,14 @@ __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict
     const int warp = threadIdx.x / FM_WARP;
     const int n_warps = blockDim.x / FM_WARP;
     const fm_i64 meta_width = 2 + 3 * static_cast<fm_i64>(top_k);
-    // Work items (token, destination) dealt to warps in turn.
-    for (fm_i64 item = warp; item < n * world; item += n_warps) {
+    // Work items (token, destination) dealt to warps in turn; with fewer items than warps (small chunks)
+    // each row is cut into `parts` slices of whole 16-byte vectors, one warp a slice.
+    const fm_i64 items = n * world;
+    const fm_i64 parts = items >= n_warps ? 1 : n_warps / items;
+    const fm_i64 slice = ((row_bytes + parts - 1) / parts + 15) & ~static_cast<fm_i64>(15);
+    for (fm_i64 job = warp; job < items * parts; job += n_warps) {
+        const fm_i64 item = job / parts;
+        const fm_i64 part = job % parts;
         const fm_i64 i = item / world;
         const int d = static_cast<int>(item % world);
         const int row = wire_row_s[item];
@@ -521,8 +514,15 @@ __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict
             continue;
         }
         const fm_i64 t = t0 + i;
-        fm_warp_copy_row(reinterpret_cast<unsigned char*>(x_ptrs[d]) + row * row_bytes, x + t * row_bytes, row_bytes,
-                         lane);
+        const fm_i64 offset = part * slice;
+        if (offset < row_bytes) {
+            const fm_i64 length = offset + slice < row_bytes ? slice : row_bytes - offset;
+            fm_warp_copy_row(reinterpret_cast<unsigned char*>(x_ptrs[d]) + row * row_bytes + offset,
+                             x + t * row_bytes + offset, length, lane);
+        }
+        if (part != 0) {
+            continue;
+        }
         fm_i64* meta = reinterpret_cast<fm_i64*>(meta_ptrs[d]) + row * meta_width;
         for (fm_i64 w = lane; w < meta_width; w += FM_WARP) {
             fm_i64 value;
@@ -695,7 +695,7 @@ extern "C" __global__ void fuser_moe_combine_group(const fm_i64* __restrict__ sr
     }
 }
 
-// Warp per group g = s * t_stride + t: the float32 sum of w * y over the group's rows in row order, cast,
+// `split` warps per group g = s * t_stride + t: the float32 sum of w * y over the group's rows in row order, cast,
 // into row rank * t_stride + t of rank s's partial buffer, and that row's flag set to 1. counts [2]:
 // partial rows sent to other ranks (for traces).
 template <typename T>
@@ -704,7 +704,7 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
                                                 const int* __restrict__ group_count,
                                                 const int* __restrict__ group_rows,
                                                 const fm_u64* __restrict__ part_ptrs,
-                                                const fm_u64* __restrict__ flag_ptrs, int* counts)
+                                                const fm_u64* __restrict__ flag_ptrs, int* counts, int split)
 {
     __shared__ int rows_s[8][FM_GROUP_CAP];
     const int lane = threadIdx.x & (FM_WARP - 1);
@@ -713,7 +713,10 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
     const fm_i64 n_warps = (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP;
     constexpr int VEC = fm_vec_traits<T>::VEC;
     const bool vectorized = fm_aligned16(y) && (hidden % VEC) == 0;
-    for (fm_i64 g = warp; g < world * t_stride; g += n_warps) {
+    // `split` warps per group (few groups: decode), each a contiguous share of the row's columns.
+    for (fm_i64 job = warp; job < world * t_stride * split; job += n_warps) {
+        const fm_i64 g = job / split;
+        const int part = static_cast<int>(job % split);
         int n = group_count[g];
         if (n == 0) {
             continue;
@@ -739,7 +742,10 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
         const fm_i64 t = g % t_stride;
         T* out = reinterpret_cast<T*>(part_ptrs[s]) + (static_cast<fm_i64>(rank) * t_stride + t) * hidden;
         if (vectorized && fm_aligned16(out)) {
-            for (fm_i64 v = lane; v < hidden / VEC; v += FM_WARP) {
+            const fm_i64 n_vec = hidden / VEC;
+            const fm_i64 share = (n_vec + split - 1) / split;
+            const fm_i64 v_end = (part + 1) * share < n_vec ? (part + 1) * share : n_vec;
+            for (fm_i64 v = part * share + lane; v < v_end; v += FM_WARP) {
                 float acc[VEC];
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
@@ -763,7 +769,9 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
                 reinterpret_cast<int4*>(out)[v] = packed.raw;
             }
         } else {
-            for (fm_i64 h = lane; h < hidden; h += FM_WARP) {
+            const fm_i64 share = (hidden + split - 1) / split;
+            const fm_i64 h_end = (part + 1) * share < hidden ? (part + 1) * share : hidden;
+            for (fm_i64 h = part * share + lane; h < h_end; h += FM_WARP) {
                 float acc = 0.0f;
                 for (int i = 0; i < n; ++i) {
                     const fm_i64 r = list[i];
@@ -772,7 +780,7 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
                 out[h] = fm_from_float<T>(acc);
             }
         }
-        if (lane == 0) {
+        if (lane == 0 && part == 0) {
             reinterpret_cast<int*>(flag_ptrs[s])[static_cast<fm_i64>(rank) * t_stride + t] = 1;
             if (s != rank) {
                 atomicAdd(&counts[0], 1);
@@ -785,10 +793,11 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
 #define FM_COMBINE_SEND(NAME, T)                                                                          \
     extern "C" __global__ void NAME(const T* y, fm_i64 hidden, const float* w, int world, int rank,       \
                                     fm_i64 t_stride, const int* group_count, const int* group_rows,       \
-                                    const fm_u64* part_ptrs, const fm_u64* flag_ptrs, int* counts)        \
+                                    const fm_u64* part_ptrs, const fm_u64* flag_ptrs, int* counts,        \
+                                    int split)                                                            \
     {                                                                                                     \
         fm_combine_send<T>(y, hidden, w, world, rank, t_stride, group_count, group_rows, part_ptrs,       \
-                           flag_ptrs, counts);                                                            \
+                           flag_ptrs, counts, split);                                                     \
     }
 
 FM_COMBINE_SEND(fuser_moe_combine_send_f32, float)

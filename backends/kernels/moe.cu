@@ -2,22 +2,24 @@
 //
 // Dispatch, on rank r (W ranks, T tokens, K slots, E experts), tokens cut into chunks of `chunk` tokens:
 //   count   (a block per chunk)  per chunk: tokens for each destination rank, pairs for each expert.
-//   notify  (one block)          exclusive prefix of those over chunks; this rank's count row
-//                                [tokens to each rank (W), pairs per expert (E), T] goes to row r of every
-//                                rank's count buffer.                                  -- barrier --
-//   plan    (one block)          from the W x (W + E + 1) count matrix: where each chunk's rows start in
-//                                every peer's wire buffer, and where each chunk's pairs land in the
-//                                peer's output (local expert, then source rank, then source token).
+//   notify  (one block)          exclusive prefix of those over chunks (coalesced: the counts are laid
+//                                out by row over chunks); this rank's count row [tokens to each rank (W),
+//                                pairs per expert (E), T] goes to row r of every rank's count buffer.
+//                                                                                      -- barrier --
+//   plan    (one block)          from the W x (W + E + 1) count matrix: where this rank's rows start in
+//                                every peer's wire buffer, and where its pairs of each expert start in
+//                                that expert's rank's output (local expert, source rank, source token).
 //   send    (a block per chunk)  each token travels once to each destination rank: its row of x and a
 //                                metadata row [token, source rank, K output rows, K experts, K weight
-//                                bits] go straight into the peer's wire buffer.        -- barrier --
+//                                bits] go straight into the peer's wire buffer (rows split over warps
+//                                when a block has few).                                -- barrier --
 //   expand  (warp per wire row)  the receiver copies each wire row to the output rows its metadata
 //                                names (one read, one write per pair) and pads capacity mode's rest.
 // The receiver's order comes out of the sender's arithmetic: no sort.
 //
 // Combine, on expert rank r, partial rows in a dense [W, T_max] layout on every source rank:
 //   group   (thread per row)     rows of each (source rank, token) into a list.      -- barrier --
-//   send    (warp per group)     float32 sum of w * y over the group's rows in row order, cast; written
+//   send    (warps per group)    float32 sum of w * y over the group's rows in row order, cast; written
 //                                to row r * T_max + token of the source's partial buffer, with a flag.
 //                                                                                      -- barrier --
 //   reduce  (warp per token)     the source adds its partials in ascending expert-rank order, in float32,

@@ -214,17 +214,20 @@ class Communicator:
         On timeout the group is aborted, which stops its NCCL kernels, so that this rank can raise,
         clean up and exit instead of hanging in a CUDA call; the group is unusable afterwards.
         """
-        deadline = time.monotonic() + self.timeout_s
-        pause = 2e-5
+        start = time.monotonic()
+        deadline = start + self.timeout_s
         while not work.is_completed():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 self._abort_group()
                 raise TimeoutError(
                     f"{what}: a peer did not answer within the timeout of {self.timeout_s:g} s on rank "
                     f"{self.rank} of {self.world_size} (the collective never completed); the process group "
                     "was aborted")
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+            # Spin through the first _SPIN_S (a collective usually ends within it, and a nap would
+            # delay the rank by up to its length), then nap briefly between polls.
+            if now - start > _SPIN_S:
+                time.sleep(_NAP_S)
         self._call(what, work.wait)
 
     def _abort_group(self) -> None:
@@ -329,6 +332,9 @@ class Communicator:
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, world_size={self.world_size}, device={self.device})"
 
+
+_SPIN_S = 5e-3  # _wait_within_timeout polls without sleeping this long, then naps _NAP_S between polls
+_NAP_S = 5e-5
 
 # NCCL's watchdog tears the process down when a collective outlives the group's timeout. fuser_moe waits
 # for its own NCCL collectives with `timeout_s` and raises TimeoutError; the watchdog gets this much longer,

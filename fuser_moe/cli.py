@@ -50,15 +50,12 @@ def run_demo_command(args) -> int:
         if launch.rank == 0:
             print(format_report(reports, cfg, launch.world_size, args.device))
         return 0
-    from fuser_moe.launch import RankFailure, spawn
+    from fuser_moe.launch import RankFailure, spawn, too_few_gpus
 
-    if args.device == "cuda":
-        import torch
-
-        if torch.cuda.device_count() < args.world_size:
-            print(f"fuser-moe demo: --world-size {args.world_size} needs that many GPUs; "
-                  f"{torch.cuda.device_count()} visible", file=sys.stderr)
-            return 2
+    why = too_few_gpus(args.device, args.world_size)
+    if why:
+        print(f"fuser-moe demo: {why}", file=sys.stderr)
+        return 2
     try:
         reports = spawn(run_demo, args.world_size, (cfg,), device=args.device, timeout_s=args.timeout)
     except RankFailure as exc:

@@ -34,6 +34,18 @@ class RankFailure(RuntimeError):
     """One or more ranks raised, died or timed out; the message holds their tracebacks."""
 
 
+def too_few_gpus(device: str, world_size: int) -> Optional[str]:
+    """Why `world_size` ranks on `device` ("cpu" or "cuda", one GPU a rank) cannot start here, or None."""
+    if device != "cuda":
+        return None
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible < world_size:
+        return f"--world-size {world_size} needs that many GPUs; {visible} visible"
+    return None
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

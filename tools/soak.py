@@ -28,7 +28,7 @@ for _name, _value in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST
 
 
 def main(argv=None) -> int:
-    from fuser_moe.launch import RankFailure, spawn
+    from fuser_moe.launch import RankFailure, spawn, too_few_gpus
     from fuser_moe.soak import SoakConfig, format_reports, soak_rank, verdict
 
     p = argparse.ArgumentParser(prog="tools/soak.py", description=__doc__.split("\n\n")[0])
@@ -48,13 +48,10 @@ def main(argv=None) -> int:
     if args.rounds < 1 or args.world_size < 1 or not backends or set(backends) - {"nccl", "cuda"}:
         print("tools/soak.py: need --rounds >= 1, --world-size >= 1 and --backends from nccl,cuda", file=sys.stderr)
         return 2
-    if args.device == "cuda":
-        import torch
-
-        if torch.cuda.device_count() < args.world_size:
-            print(f"tools/soak.py: --world-size {args.world_size} needs that many GPUs; "
-                  f"{torch.cuda.device_count()} visible", file=sys.stderr)
-            return 2
+    why = too_few_gpus(args.device, args.world_size)
+    if why:
+        print(f"tools/soak.py: {why}", file=sys.stderr)
+        return 2
     cfg = SoakConfig(rounds=args.rounds, backends=backends, seed=args.seed, max_tokens=args.max_tokens,
                      fault_every=args.fault_every, rss_slack_mb=args.rss_slack_mb)
     start = time.monotonic()

@@ -14,10 +14,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from fuser_moe.backends import fp8, payload
 from fuser_moe.backends.common import CommStats
 from fuser_moe.backends.communicator import Communicator
-from fuser_moe.ir import (Add, Cast, DataType, Expr, Extent, GroupedMm, HostIrContainer, MoeCombine, MoeDispatch, Mul, Silu,
-                          Size, TensorView, Val)
+from fuser_moe.ir import (Add, Cast, DataType, DequantizeFp8, Expr, Extent, GroupedMm, HostIrContainer, MoeCombine,
+                          MoeDispatch, Mul, QuantizeFp8, Silu, Size, TensorView, Val)
 
 from .backend_selection import get_backend, resolve_backend
 from .trace import Trace, TraceEvent
@@ -193,9 +194,10 @@ class HostIrEvaluator:
 
     @handle.register
     def _(self, expr: MoeDispatch) -> None:
-        x, idx, w = (self._value(v) for v in expr.inputs)
+        x, idx, w = (self._value(v) for v in expr.inputs[:3])
+        scales = self._value(expr.in_x_scales()) if expr.has_scales() else None
         backend = self._backend_for(expr, x.device)
-        out = backend.dispatch(self.communicator, x, idx, w, num_experts=expr.num_experts(),
+        out = payload.dispatch(backend, self.communicator, x, idx, w, x_scales=scales, num_experts=expr.num_experts(),
                                expert_to_rank=expr.expert_to_rank(), max_recv_tokens=expr.max_recv_tokens(),
                                check_inputs=self.check_inputs, stats=self._stats)
         for name, value in zip(out._fields, out):
@@ -231,6 +233,17 @@ class HostIrEvaluator:
     @handle.register
     def _(self, expr: Cast) -> None:
         self._bind(expr.outputs[0], self._value(expr.inputs[0]).to(expr.attr("dtype").to_torch()), "Cast output")
+
+    @handle.register
+    def _(self, expr: QuantizeFp8) -> None:
+        q, scales = fp8.quantize_fp8(self._value(expr.in_x()))
+        self._bind(expr.out_x_fp8(), q, "QuantizeFp8 output")
+        self._bind(expr.out_scales(), scales, "QuantizeFp8 output")
+
+    @handle.register
+    def _(self, expr: DequantizeFp8) -> None:
+        out = fp8.dequantize_fp8(self._value(expr.in_x_fp8()), self._value(expr.in_scales()), expr.dtype().to_torch())
+        self._bind(expr.outputs[0], out, "DequantizeFp8 output")
 
     @handle.register
     def _(self, expr: Size) -> None:

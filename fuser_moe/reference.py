@@ -12,19 +12,24 @@ from typing import Optional, Sequence
 import torch
 
 from fuser_moe.backends.common import DispatchOutputs
+from fuser_moe.backends.payload import ScaledDispatchOutputs
 from fuser_moe.backends.routing import placement_list
 
 
 def reference_dispatch(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Tensor],
                        topk_weights: Sequence[torch.Tensor], num_experts: int,
                        expert_to_rank: Optional[Sequence[int]] = None,
-                       max_recv_tokens: Optional[int] = None) -> list[DispatchOutputs]:
+                       max_recv_tokens: Optional[int] = None,
+                       x_scales: Optional[Sequence[torch.Tensor]] = None) -> list:
     """Dispatch for every rank at once.
 
     Args:
         xs, topk_idxs, topk_weights: per rank r, x [T_r, H], topk_idx [T_r, K], topk_weights [T_r, K].
         num_experts: E. expert_to_rank: optional placement. max_recv_tokens: capacity C (pads with -1).
-    Returns: one `DispatchOutputs` per rank, on the CPU.
+        x_scales: per rank r, the scales [T_r, ceil(H / 128)] float32 of an fp8 x (docs/contract.md
+            section 12); each row's scales go with it.
+    Returns: one `DispatchOutputs` per rank, on the CPU; with x_scales one `ScaledDispatchOutputs`, whose
+        recv_x_scales [V, ceil(H / 128)] is row-aligned with recv_x (zeros on capacity padding, like recv_x).
     """
     world = len(xs)
     placement = placement_list(num_experts, world, expert_to_rank)
@@ -52,6 +57,11 @@ def reference_dispatch(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Ten
         recv_x = torch.empty(v, hidden, dtype=dtype)
         for i, (_, s, t, _, _) in enumerate(rows):
             recv_x[i] = xs[s][t].cpu()
+        if x_scales is not None:
+            blocks = x_scales[0].shape[1]
+            recv_scales = torch.empty(v, blocks, dtype=torch.float32)
+            for i, (_, s, t, _, _) in enumerate(rows):
+                recv_scales[i] = x_scales[s][t].cpu()
         per_expert = [0] * len(local_experts[d])
         for j, *_ in rows:
             per_expert[j] += 1
@@ -76,6 +86,10 @@ def reference_dispatch(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Ten
                 recv_src_idx=torch.cat([out.recv_src_idx, torch.full((pad,), -1, dtype=torch.int64)]),
                 recv_src_rank=torch.cat([out.recv_src_rank, torch.full((pad,), -1, dtype=torch.int64)]),
             )
+            if x_scales is not None:
+                recv_scales = torch.cat([recv_scales, torch.zeros(pad, blocks, dtype=torch.float32)])
+        if x_scales is not None:
+            out = ScaledDispatchOutputs(*out, recv_x_scales=recv_scales)
         results.append(out)
     return results
 

@@ -2,9 +2,10 @@
 from .base import Expr, Extent, TensorView, Val
 from .container import HostIrContainer
 from .dtypes import DataType
-from .nodes import (Add, Cast, CommunicatorBackend, GroupedMm, MoeCombine, MoeDispatch, Mul, Silu, Size)
+from .nodes import (Add, Cast, CommunicatorBackend, DequantizeFp8, GroupedMm, MoeCombine, MoeDispatch, Mul, QuantizeFp8,
+                    Silu, Size)
 
 __all__ = [
-    "Add", "Cast", "CommunicatorBackend", "DataType", "Expr", "Extent", "GroupedMm", "HostIrContainer",
-    "MoeCombine", "MoeDispatch", "Mul", "Silu", "Size", "TensorView", "Val",
+    "Add", "Cast", "CommunicatorBackend", "DataType", "DequantizeFp8", "Expr", "Extent", "GroupedMm", "HostIrContainer",
+    "MoeCombine", "MoeDispatch", "Mul", "QuantizeFp8", "Silu", "Size", "TensorView", "Val",
 ]

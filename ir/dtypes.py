@@ -17,6 +17,7 @@ class DataType(enum.Enum):
     Int = "i64"
     Int32 = "i32"
     Bool = "b"
+    Float8_e4m3fn = "f8e4m3"  # 8-bit float, 4 exponent and 3 mantissa bits, no infinities (dispatch payloads)
 
     @property
     def short(self) -> str:
@@ -24,7 +25,8 @@ class DataType(enum.Enum):
 
     @property
     def is_floating(self) -> bool:
-        return self in (DataType.Float, DataType.Half, DataType.BFloat16)
+        """Any floating type, float8 included (local compute ops take only FLOATING_TYPES)."""
+        return self in (DataType.Float, DataType.Half, DataType.BFloat16, DataType.Float8_e4m3fn)
 
     @property
     def is_integral(self) -> bool:
@@ -43,6 +45,7 @@ class DataType(enum.Enum):
             DataType.Int: torch.int64,
             DataType.Int32: torch.int32,
             DataType.Bool: torch.bool,
+            DataType.Float8_e4m3fn: torch.float8_e4m3fn,
         }[self]
 
     @staticmethod
@@ -56,6 +59,7 @@ class DataType(enum.Enum):
             torch.int64: DataType.Int,
             torch.int32: DataType.Int32,
             torch.bool: DataType.Bool,
+            torch.float8_e4m3fn: DataType.Float8_e4m3fn,
         }
         if dtype not in table:
             raise TypeError(f"fuser_moe has no DataType for torch dtype {dtype}")
@@ -64,3 +68,5 @@ class DataType(enum.Enum):
 
 FLOATING_TYPES = (DataType.Float, DataType.Half, DataType.BFloat16)
 INDEX_TYPES = (DataType.Int, DataType.Int32)
+# Types that MoeDispatch carries with their per-block scales (docs/contract.md section 12).
+FP8_TYPES = (DataType.Float8_e4m3fn,)

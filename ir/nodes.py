@@ -10,7 +10,7 @@ import enum
 from typing import Optional, Sequence
 
 from .base import Expr, TensorView, Val, shape_check, type_check
-from .dtypes import FLOATING_TYPES, INDEX_TYPES, DataType
+from .dtypes import FLOATING_TYPES, FP8_TYPES, INDEX_TYPES, DataType
 
 
 class CommunicatorBackend(enum.Enum):
@@ -43,12 +43,34 @@ def _rank(op: str, name: str, v: TensorView, ndim: int) -> None:
     shape_check(v.ndim == ndim, op, f"operand '{name}' must be {ndim}-D, got {v.ndim}-D {v.type_str()}")
 
 
+def _scale_blocks(hidden: int) -> int:
+    return -(-hidden // 128)
+
+
+def _check_scales(op: str, x_name: str, x: TensorView, s_name: str, scales: TensorView) -> None:
+    """An fp8 tensor [T, H] and its scales [T, ceil(H / 128)] Float (docs/contract.md section 12)."""
+    type_check(x.dtype in FP8_TYPES, op, x_name, f"Float8_e4m3fn when '{s_name}' are given", x.dtype.name)
+    type_check(scales.dtype == DataType.Float, op, s_name, "Float (float32)", scales.dtype.name)
+    _rank(op, x_name, x, 2)
+    _rank(op, s_name, scales, 2)
+    rows, cols = x.axis(0), x.axis(1)
+    s_rows, s_cols = scales.axis(0), scales.axis(1)
+    if rows.is_const and s_rows.is_const:
+        shape_check(rows.value == s_rows.value, op,
+                    f"'{s_name}' {scales.type_str()} must have one row per row of '{x_name}' {x.type_str()}")
+    if cols.is_const and s_cols.is_const:
+        shape_check(s_cols.value == _scale_blocks(cols.value), op,
+                    f"'{s_name}' {scales.type_str()} must have ceil(H / 128) = {_scale_blocks(cols.value)} "
+                    f"columns for '{x_name}' {x.type_str()}")
+
+
 class MoeDispatch(Expr):
     """Sends each token to the ranks that hold its experts; outputs one row per (token, local expert).
 
-    Inputs: x [T, H] floating, topk_idx [T, K] Int or Int32, topk_weights [T, K] Float.
+    Inputs: x [T, H] floating, topk_idx [T, K] Int or Int32, topk_weights [T, K] Float; with an fp8 x
+    (Float8_e4m3fn) also x_scales [T, ceil(H / 128)] Float (docs/contract.md section 12).
     Outputs (SPEC.md section 3): recv_x, recv_topk_idx, recv_topk_weights, recv_src_idx, recv_src_rank,
-    n_tokens_to_rank, n_tokens_from_rank, n_tokens_per_expert.
+    n_tokens_to_rank, n_tokens_from_rank, n_tokens_per_expert; with x_scales also recv_x_scales.
     Attributes: num_experts, expert_to_rank (None: contiguous blocks), backend, max_recv_tokens.
     """
 
@@ -57,12 +79,15 @@ class MoeDispatch(Expr):
         "recv_x", "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "recv_src_rank",
         "n_tokens_to_rank", "n_tokens_from_rank", "n_tokens_per_expert",
     )
+    SCALED_OUTPUT_NAMES = OUTPUT_NAMES + ("recv_x_scales",)
 
     def __init__(self, outputs: Sequence[Val], x: Val, topk_idx: Val, topk_weights: Val, *,
                  num_experts: int, expert_to_rank: Optional[Sequence[int]] = None,
-                 backend=CommunicatorBackend.AUTO, max_recv_tokens: Optional[int] = None):
+                 backend=CommunicatorBackend.AUTO, max_recv_tokens: Optional[int] = None,
+                 x_scales: Optional[Val] = None):
         placement = None if expert_to_rank is None else tuple(int(r) for r in expert_to_rank)
-        super().__init__(outputs, [x, topk_idx, topk_weights], {
+        inputs = [x, topk_idx, topk_weights] + ([] if x_scales is None else [x_scales])
+        super().__init__(outputs, inputs, {
             "num_experts": num_experts,
             "expert_to_rank": placement,
             "backend": CommunicatorBackend.parse(backend),
@@ -72,7 +97,12 @@ class MoeDispatch(Expr):
     def validate(self) -> None:
         op = self.op_name
         x, idx, w = (_tv(op, n, v) for n, v in zip(("x", "topk_idx", "topk_weights"), self.inputs))
-        _floating(op, "x", x)
+        if len(self.inputs) == 4:
+            _check_scales(op, "x", x, "x_scales", _tv(op, "x_scales", self.inputs[3]))
+        else:
+            type_check(x.dtype not in FP8_TYPES, op, "x", "Float, Half or BFloat16 (an fp8 x needs x_scales)",
+                       x.dtype.name)
+            _floating(op, "x", x)
         type_check(idx.dtype in INDEX_TYPES, op, "topk_idx", "Int (int64) or Int32", idx.dtype.name)
         type_check(w.dtype == DataType.Float, op, "topk_weights", "Float (float32)", w.dtype.name)
         _rank(op, "x", x, 2)
@@ -90,14 +120,21 @@ class MoeDispatch(Expr):
         cap = self.attributes["max_recv_tokens"]
         shape_check(cap is None or (isinstance(cap, int) and cap >= 0), op,
                     f"max_recv_tokens must be a non-negative int or None, got {cap!r}")
-        shape_check(len(self.outputs) == len(self.OUTPUT_NAMES), op,
-                    f"expects {len(self.OUTPUT_NAMES)} outputs, got {len(self.outputs)}")
+        names = self.output_names()
+        shape_check(len(self.outputs) == len(names), op, f"expects {len(names)} outputs, got {len(self.outputs)}")
+        if self.has_scales():
+            out = self.outputs[-1]
+            type_check(isinstance(out, TensorView) and out.dtype == DataType.Float, op, "recv_x_scales",
+                       "a Float TensorView", out)
 
     # named accessors
     def in_x(self) -> TensorView: return self.inputs[0]
     def in_topk_idx(self) -> TensorView: return self.inputs[1]
     def in_topk_weights(self) -> TensorView: return self.inputs[2]
-    def out(self, name: str) -> TensorView: return self.outputs[self.OUTPUT_NAMES.index(name)]
+    def in_x_scales(self) -> Optional[TensorView]: return self.inputs[3] if len(self.inputs) == 4 else None
+    def has_scales(self) -> bool: return len(self.inputs) == 4
+    def output_names(self) -> tuple: return self.SCALED_OUTPUT_NAMES if self.has_scales() else self.OUTPUT_NAMES
+    def out(self, name: str) -> TensorView: return self.outputs[self.output_names().index(name)]
     def num_experts(self) -> int: return self.attributes["num_experts"]
     def expert_to_rank(self) -> Optional[tuple]: return self.attributes["expert_to_rank"]
     def backend(self) -> CommunicatorBackend: return self.attributes["backend"]
@@ -238,3 +275,49 @@ class Size(Expr):
     def in_a(self) -> TensorView: return self.inputs[0]
     def dim(self) -> int: return self.attributes["dim"] % self.inputs[0].ndim
 
+
+
+class QuantizeFp8(Expr):
+    """x [T, H] floating -> x_fp8 [T, H] Float8_e4m3fn, scales [T, ceil(H / 128)] Float, with the rounding
+    points of docs/contract.md section 12."""
+
+    op_name = "QuantizeFp8"
+
+    def __init__(self, x_fp8: Val, scales: Val, x: Val):
+        super().__init__([x_fp8, scales], [x])
+
+    def validate(self) -> None:
+        op = self.op_name
+        x = _tv(op, "x", self.inputs[0])
+        _floating(op, "x", x)
+        _rank(op, "x", x, 2)
+        q, scales = (_tv(op, n, v) for n, v in zip(("x_fp8", "scales"), self.outputs))
+        _check_scales(op, "x_fp8", q, "scales", scales)
+
+    def in_x(self) -> TensorView: return self.inputs[0]
+    def out_x_fp8(self) -> TensorView: return self.outputs[0]
+    def out_scales(self) -> TensorView: return self.outputs[1]
+
+
+class DequantizeFp8(Expr):
+    """x_fp8 [T, H] Float8_e4m3fn, scales [T, ceil(H / 128)] Float -> cast(float32(q) * scale) [T, H] in
+    the dtype attribute (Float, Half or BFloat16; docs/contract.md section 12)."""
+
+    op_name = "DequantizeFp8"
+
+    def __init__(self, output: Val, x_fp8: Val, scales: Val, dtype: DataType):
+        super().__init__([output], [x_fp8, scales], {"dtype": dtype})
+
+    def validate(self) -> None:
+        op = self.op_name
+        q, scales = (_tv(op, n, v) for n, v in zip(("x_fp8", "scales"), self.inputs))
+        _check_scales(op, "x_fp8", q, "scales", scales)
+        dtype = self.attributes["dtype"]
+        type_check(dtype in FLOATING_TYPES, op, "dtype", "Float, Half or BFloat16",
+                   getattr(dtype, "name", dtype))
+        out = _tv(op, "output", self.outputs[0])
+        type_check(out.dtype == dtype, op, "output", f"of dtype {getattr(dtype, 'name', dtype)}", out.dtype.name)
+
+    def in_x_fp8(self) -> TensorView: return self.inputs[0]
+    def in_scales(self) -> TensorView: return self.inputs[1]
+    def dtype(self) -> DataType: return self.attributes["dtype"]

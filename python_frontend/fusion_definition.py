@@ -16,12 +16,20 @@ from __future__ import annotations
 from collections import namedtuple
 from typing import Optional, Sequence, Union
 
-from fuser_moe.ir import (Add, Cast, CommunicatorBackend, DataType, Extent, GroupedMm, HostIrContainer,
-                          MoeCombine, MoeDispatch, Mul, Silu, Size, TensorView, Val)
+from fuser_moe.ir import (Add, Cast, CommunicatorBackend, DataType, DequantizeFp8, Extent, GroupedMm, HostIrContainer,
+                          MoeCombine, MoeDispatch, Mul, QuantizeFp8, Silu, Size, TensorView, Val)
 from fuser_moe.ir.base import type_check
 
 DispatchResult = namedtuple("DispatchResult", MoeDispatch.OUTPUT_NAMES)
 DispatchResult.__doc__ = "The TensorViews of a MoeDispatch, by name (SPEC.md section 3)."
+ScaledDispatchResult = namedtuple("ScaledDispatchResult", MoeDispatch.SCALED_OUTPUT_NAMES)
+ScaledDispatchResult.__doc__ = ("The TensorViews of an fp8 MoeDispatch: DispatchResult's and recv_x_scales "
+                                "(docs/contract.md section 12).")
+
+
+def _scale_extent(hidden: Extent) -> Extent:
+    """ceil(H / 128) as an extent: a constant where H is one."""
+    return Extent(-(-hidden.value // 128)) if hidden.is_const else Extent()
 
 
 def _operand(op: str, name: str, v) -> TensorView:
@@ -45,24 +53,29 @@ class Ops:
     def moe_dispatch(self, x: TensorView, topk_idx: TensorView, topk_weights: TensorView, *, num_experts: int,
                      expert_to_rank: Optional[Sequence[int]] = None,
                      backend: Union[CommunicatorBackend, str] = CommunicatorBackend.AUTO,
-                     max_recv_tokens: Optional[int] = None) -> DispatchResult:
+                     max_recv_tokens: Optional[int] = None, x_scales: Optional[TensorView] = None):
         """Dispatch tokens to the ranks that hold their experts (SPEC.md section 3).
 
         Args:
-            x: [T, H] Float, Half or BFloat16 tokens.
+            x: [T, H] Float, Half or BFloat16 tokens; or Float8_e4m3fn together with x_scales.
             topk_idx: [T, K] Int or Int32, global expert ids; -1 means no expert for that slot.
             topk_weights: [T, K] Float.
             num_experts: E, experts in all.
             expert_to_rank: optional placement [E]; contiguous blocks by default.
             backend: CommunicatorBackend.NCCL, CUDA or AUTO.
             max_recv_tokens: capacity C; outputs get leading extent C (SPEC.md section 5).
+            x_scales: [T, ceil(H / 128)] Float, one scale per 128 columns of an fp8 x (docs/contract.md
+                section 12); they travel with their row.
         Returns: DispatchResult of TensorViews: recv_x [V, H] (x's dtype), recv_topk_idx [V] Int,
             recv_topk_weights [V] Float, recv_src_idx [V] Int, recv_src_rank [V] Int, n_tokens_to_rank [W]
-            Int, n_tokens_from_rank [W] Int, n_tokens_per_expert [E_local] Int.
+            Int, n_tokens_from_rank [W] Int, n_tokens_per_expert [E_local] Int; with x_scales a
+            ScaledDispatchResult, which adds recv_x_scales [V, ceil(H / 128)] Float, row-aligned with recv_x.
         """
         op = "moe_dispatch"
         x, topk_idx, topk_weights = (_operand(op, n, v) for n, v in
                                      (("x", x), ("topk_idx", topk_idx), ("topk_weights", topk_weights)))
+        if x_scales is not None:
+            x_scales = _operand(op, "x_scales", x_scales)
         if max_recv_tokens is not None and (not isinstance(max_recv_tokens, int) or max_recv_tokens < 0):
             raise ValueError(f"{op}: max_recv_tokens must be a non-negative int or None, got {max_recv_tokens!r}")
         rows = Extent(max_recv_tokens) if max_recv_tokens is not None else Extent()
@@ -72,10 +85,13 @@ class Ops:
         outs = [TensorView(x.dtype, [rows, hidden]), TensorView(Int, [rows]), TensorView(Float, [rows]),
                 TensorView(Int, [rows]), TensorView(Int, [rows]), TensorView(Int, [world]), TensorView(Int, [world]),
                 TensorView(Int, [Extent()])]
+        if x_scales is not None:
+            blocks = x_scales.axis(1) if x_scales.ndim == 2 else _scale_extent(hidden)
+            outs.append(TensorView(Float, [rows, blocks]))
         expr = MoeDispatch(outs, x, topk_idx, topk_weights, num_experts=num_experts, expert_to_rank=expert_to_rank,
-                           backend=backend, max_recv_tokens=max_recv_tokens)
-        self._emit(expr, MoeDispatch.OUTPUT_NAMES)
-        return DispatchResult(*outs)
+                           backend=backend, max_recv_tokens=max_recv_tokens, x_scales=x_scales)
+        self._emit(expr, expr.output_names())
+        return DispatchResult(*outs) if x_scales is None else ScaledDispatchResult(*outs)
 
     def moe_combine(self, x: TensorView, topk_weights: TensorView, src_idx: TensorView, src_rank: TensorView,
                     n_tokens_to_rank: TensorView, n_tokens_from_rank: TensorView, *, num_tokens: Union[int, Val],
@@ -108,6 +124,38 @@ class Ops:
         hidden = operands[0].axis(1) if operands[0].ndim == 2 else Extent()
         out = TensorView(operands[0].dtype, [rows, hidden])
         self._emit(MoeCombine(out, *operands, count, backend=backend), ["combined_x"])
+        return out
+
+    # ------------------------------------------------------------------ fp8
+    def quantize_fp8(self, x: TensorView) -> tuple:
+        """e4m3fn with one float32 scale per 128 columns (docs/contract.md section 12).
+
+        Args:
+            x: [T, H] Float, Half or BFloat16.
+        Returns: (x_fp8 [T, H] Float8_e4m3fn, scales [T, ceil(H / 128)] Float): per block amax = max
+            |float32(x)|, scale = amax / 448 (1 where that is 0), q = e4m3fn(clamp(x / scale, -448, 448)).
+        """
+        x = _operand("quantize_fp8", "x", x)
+        rows = x.axis(0) if x.ndim == 2 else Extent()
+        hidden = x.axis(1) if x.ndim == 2 else Extent()
+        q = TensorView(DataType.Float8_e4m3fn, [rows, hidden])
+        scales = TensorView(DataType.Float, [rows, _scale_extent(hidden)])
+        self._emit(QuantizeFp8(q, scales, x), ["x_fp8", "scales"])
+        return q, scales
+
+    def dequantize_fp8(self, x_fp8: TensorView, scales: TensorView, dtype: DataType) -> TensorView:
+        """cast(float32(q) * scale) per 128-column block (docs/contract.md section 12).
+
+        Args:
+            x_fp8: [T, H] Float8_e4m3fn. scales: [T, ceil(H / 128)] Float.
+            dtype: Float, Half or BFloat16, the result's.
+        Returns: [T, H] TensorView of dtype.
+        """
+        op = "dequantize_fp8"
+        x_fp8, scales = _operand(op, "x_fp8", x_fp8), _operand(op, "scales", scales)
+        type_check(isinstance(dtype, DataType), op, "dtype", "a DataType", dtype)
+        out = TensorView(dtype, list(x_fp8.extents))
+        self._emit(DequantizeFp8(out, x_fp8, scales, dtype))
         return out
 
     # ------------------------------------------------------------------ local compute

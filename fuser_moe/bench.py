@@ -8,6 +8,16 @@ bfloat16, each token picking K distinct experts uniformly at random) it measures
     so it cannot be captured: its graph rows say so instead of failing. On the CPU there are no CUDA
     graphs; a stand-in that re-runs the captured calls keeps that code path exercised (marked
     `emulated`).
+  - fp8 dispatch (docs/contract.md section 12) on the standard and decode workloads, for every backend
+    and mode above: x quantised to e4m3 with one float32 scale per 128 columns, dispatched with its
+    scales. Two variants: `fp8` times the dispatch of quantize_fp8's outputs (which the dispatch sends
+    as they are), `fp8+quantize` times quantize_fp8 of the bf16 x and the dispatch together. Combine is
+    unchanged (bf16), so fp8 rows are dispatch rows only; each carries `fp8_time_ratio`, its time over
+    the same backend and mode with x in the config's dtype (the target: <= 0.65 for `fp8` on one H200,
+    cuda graph, standard workload). Their outputs are checked bit for bit before timing: recv_x and
+    recv_x_scales against the reference quantisation of the nccl exact-mode recv_x rows (quantisation
+    is per row, so that is what every row must carry), the other outputs against the nccl outputs,
+    padding rows zero.
   - two baselines on the same routing: `all_to_all_single` of the de-duplicated rows alone (the
     transport floor of the nccl backend: its split sizes, rows gathered beforehand, only the collective
     timed), and torch's NVSHMEM `all_to_all_vdev_2d` (fuser_moe/bench_symm_mem.py) where it runs.
@@ -24,7 +34,8 @@ enqueue the call, the all-reduce starts every rank's clock at the same moment (w
 a rank's time does not include another rank's late start. An eager call whose host work outlasts the
 spin still shows it (its GPU waits for the launches).
 
-Bytes: wire bytes are rows that leave the rank (self excluded) x H x element size; for dispatch the
+Bytes: wire bytes are rows that leave the rank (self excluded) x H x element size (fp8: x (H + 4 *
+ceil(H / 128)), the row and its scales); for dispatch the
 de-duplicated token rows sent, for combine the partial rows sent back (distinct tokens received from
 other ranks: sum(n_tokens_from_rank) minus self). DeepEP's convention counts self rows too. GB/s are
 per rank, 1e9 bytes per second.
@@ -55,6 +66,8 @@ BACKENDS = ("nccl", "cuda")
 MODES = ("exact", "capacity", "graph")
 BASELINES = ("all_to_all_single", "all_to_all_vdev_2d")
 OPS = ("dispatch", "combine")
+FP8_VARIANTS = ("fp8", "fp8+quantize")
+FP8_WORKLOADS = ("standard", "decode")  # the workloads that get fp8 dispatch rows
 # Backends whose capacity mode makes no host synchronisation (SPEC.md section 5): only these can be captured.
 GRAPH_CAPABLE = ("cuda",)
 NOT_CAPTURABLE = "not capturable: the nccl backend reads split sizes on the host"
@@ -62,7 +75,8 @@ CAPACITY_ALIGN = 16
 # NVLink multicast can put a shared host's GPUs out of service: it stays off whatever the environment says.
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-_PER_ROW = ("recv_x", "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "recv_src_rank")
+_PER_ROW = ("recv_x", "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "recv_src_rank", "recv_x_scales")
+_PAD_ZERO_FP8 = ("recv_x", "recv_x_scales")  # an fp8 dispatch's padding rows are zero (docs/fp8.md)
 _PAD_MINUS_ONE = ("recv_topk_idx", "recv_src_idx", "recv_src_rank")
 
 
@@ -116,6 +130,7 @@ class BenchConfig:
     capacity_factor: C >= capacity_factor * T * K (the expected pairs per rank on a uniform routing).
     warmup, reps: calls before timing, timed calls. seed: routing and tokens.
     check: compare every output with the nccl backend's exact-mode outputs before timing.
+    fp8: also time fp8 dispatch (both FP8_VARIANTS) on the T of the standard and decode workloads.
     progress: a line per measurement on stderr (rank 0).
     json_path: rank 0 writes the results so far here after every T (the driver writes the final one).
     """
@@ -135,6 +150,7 @@ class BenchConfig:
     reps: int = 20
     seed: int = 0
     check: bool = True
+    fp8: bool = True
     progress: bool = True
     json_path: Optional[str] = None
 
@@ -146,6 +162,10 @@ class BenchConfig:
     def labels(self, tokens: int) -> list:
         """The workloads T belongs to."""
         return [name for name, values in self.workloads.items() if tokens in values]
+
+    def fp8_for(self, tokens: int) -> bool:
+        """Whether T gets fp8 dispatch rows (cfg.fp8 and T in the standard or decode workload)."""
+        return self.fp8 and any(label in FP8_WORKLOADS for label in self.labels(tokens))
 
     def capacity_for(self, tokens: int, most_pairs: int) -> int:
         """C for T tokens: the fixed capacity if one was given, else the larger of capacity_factor * T * K
@@ -203,8 +223,10 @@ def compare_with_reference(d, out, ref_d, ref_out, capacity: Optional[int]) -> O
     """Why a backend's outputs differ from the nccl backend's exact-mode outputs, or None when they agree.
 
     Args:
-        d: `DispatchOutputs` to check; out: its combine's combined_x [T, H].
-        ref_d, ref_out: the nccl backend's exact-mode outputs on the same inputs.
+        d: `DispatchOutputs` (or an fp8 dispatch's `ScaledDispatchOutputs`) to check; out: its combine's
+            combined_x [T, H], or None where no combine ran (fp8).
+        ref_d, ref_out: the nccl backend's exact-mode outputs on the same inputs (for fp8: with recv_x
+            and recv_x_scales of the reference quantisation).
         capacity: C in capacity mode (rows [0, V) must match, rows [V, C) are padding: -1 in
             recv_topk_idx, recv_src_idx and recv_src_rank, 0 in recv_topk_weights), None in exact mode.
     """
@@ -222,10 +244,12 @@ def compare_with_reference(d, out, ref_d, ref_out, capacity: Optional[int]) -> O
                 return f"{name}: padding rows [{rows}, {capacity}) are not all -1"
             if name == "recv_topk_weights" and not bool((pad == 0).all()):
                 return f"{name}: padding rows [{rows}, {capacity}) are not all 0"
+            if name in _PAD_ZERO_FP8 and hasattr(d, "recv_x_scales") and bool(pad.view(torch.uint8).any()):
+                return f"{name}: padding rows [{rows}, {capacity}) are not all 0"
         elif not same_bits(got, want):
             return (f"{name} differs from the nccl backend's exact-mode output (got {got.dtype}{list(got.shape)}, "
                     f"expected {want.dtype}{list(want.shape)})")
-    if not same_bits(out, ref_out):
+    if out is not None and not same_bits(out, ref_out):
         return "combined_x differs from the nccl backend's exact-mode output"
     return None
 
@@ -255,9 +279,14 @@ class Workload:
     def row_bytes(self) -> int:
         return self.x.shape[1] * self.x.element_size()
 
-    def op_bytes(self, rank: int) -> dict:
-        """op -> (wire bytes, DeepEP bytes) of this rank (SPEC.md section 10)."""
+    def op_bytes(self, rank: int, fp8: bool = False) -> dict:
+        """op -> (wire bytes, DeepEP bytes) of this rank (SPEC.md section 10); with fp8, a dispatch row is
+        H bytes and its ceil(H / 128) float32 scales."""
         row = self.row_bytes()
+        if fp8:
+            from fuser_moe.backends.payload import scale_blocks
+
+            row = self.x.shape[1] + 4 * scale_blocks(self.x.shape[1])
         return {"dispatch": ((sum(self.n_to) - self.n_to[rank]) * row, sum(self.n_to) * row),
                 "combine": ((sum(self.n_from) - self.n_from[rank]) * row, sum(self.n_from) * row)}
 
@@ -372,9 +401,10 @@ class RankBench:
     def publish(self, tokens: int, backend: str, mode: str, op: str, *, stats: Optional[dict] = None,
                 wire_bytes: int = 0, deepep_bytes: int = 0, status: str = "ok", reason: Optional[str] = None,
                 note: Optional[str] = None, capacity: Optional[int] = None, checked: bool = False,
-                emulated: bool = False) -> None:
+                emulated: bool = False, payload: Optional[str] = None) -> None:
         """Records one measurement (one row of the tables). Collective when status is "ok" (the ranks'
-        statistics are gathered); otherwise every rank must pass the same status and reason."""
+        statistics are gathered); otherwise every rank must pass the same status and reason. `payload`
+        names an fp8 variant (FP8_VARIANTS); None is x in the config's dtype."""
         per_rank = None
         if status == "ok":
             mine = dict(stats, wire_bytes=wire_bytes, deepep_bytes=deepep_bytes,
@@ -387,6 +417,8 @@ class RankBench:
         record = {"tokens": tokens, "workloads": self.cfg.labels(tokens), "backend": backend, "mode": mode,
                   "op": op, "status": status, "reason": reason, "note": note, "capacity": capacity,
                   "checked": checked and status == "ok", "emulated": emulated}
+        if payload is not None:
+            record["payload"] = payload
         if per_rank is not None:
             def over_ranks(key):
                 return statistics.median(r[key] for r in per_rank)
@@ -405,8 +437,9 @@ class RankBench:
 
     def _progress_line(self, r: dict) -> str:
         width = len(str(self.total_cases))
+        series = r["backend"] + "/" + r["mode"] + ("/" + r["payload"] if r.get("payload") else "")
         head = (f"bench [{self.done:{width}d}/{self.total_cases}] T={r['tokens']:<6d} "
-                f"{r['backend'] + '/' + r['mode']:<28s} {r['op']:<8s}")
+                f"{series:<28s} {r['op']:<8s}")
         if r["status"] != "ok":
             return f"{head} {r['status']}: {r['reason']}"
         tail = "checked" if r["checked"] else "not checked"
@@ -442,6 +475,13 @@ class MainBench(RankBench):
         cfg = self.cfg
         return len(cfg.backends) * len(cfg.modes) + ("all_to_all_single" in cfg.baselines)
 
+    def measurements(self) -> int:
+        """Rows this phase records: two ops per case, one (dispatch) per fp8 case."""
+        cfg = self.cfg
+        fp8_tokens = sum(cfg.fp8_for(t) for t in cfg.tokens)
+        return (len(cfg.tokens) * self.cases_per_token() * len(OPS)
+                + fp8_tokens * len(cfg.backends) * len(cfg.modes) * len(FP8_VARIANTS))
+
     def run(self, document: Optional[dict]) -> Optional[dict]:
         """Measures every T; rank 0 fills `document["results"]` and returns it (None on other ranks)."""
         from fuser_moe import bench_report
@@ -456,6 +496,8 @@ class MainBench(RankBench):
                         self.plain_case(work, name, mode)
             if "all_to_all_single" in self.cfg.baselines:
                 self.all_to_all_case(work)
+            if self.cfg.fp8_for(tokens):
+                self.fp8_cases(work)
             del work
             if self.comm.rank == 0 and document is not None:
                 document["results"] = list(self.records)
@@ -580,6 +622,100 @@ class MainBench(RankBench):
         self._publish_pair(work, name, "graph", stats, capacity, emulated=not self.cuda,
                            note=None if self.cuda else "CPU: no CUDA graphs, replay re-runs the calls")
 
+    # ---------------------------------------------------------------- fp8 dispatch
+    def fp8_cases(self, work: Workload) -> None:
+        """fp8 dispatch of every backend and mode, both variants (docs/contract.md section 12).
+
+        Inputs: quantize_fp8 of x (packed views, sent as they are). Expected outputs: the reference
+        quantisation (torch) of the nccl exact-mode recv_x rows, with their scales, and the nccl
+        outputs for the rest; padding rows zero.
+        """
+        from fuser_moe.backends import fp8
+
+        def prepare():
+            q, scales = fp8.quantize_fp8(work.x)
+            ref_q, ref_scales = fp8.quantize_reference(work.ref_d.recv_x)
+            return q, scales, work.ref_d._replace(recv_x=ref_q), ref_scales
+
+        prepared, problem = self.attempt("error", "quantize_fp8", prepare)
+        if (verdict := self.agree(problem)) is not None:
+            for name in self.cfg.backends:
+                for mode in self.cfg.modes:
+                    for variant in FP8_VARIANTS:
+                        self.publish(work.tokens, name, mode, "dispatch", status=verdict[0], reason=verdict[1],
+                                     payload=variant)
+            return
+        q, scales, ref_plain, ref_scales = prepared
+        from fuser_moe.backends.payload import ScaledDispatchOutputs
+
+        expected = ScaledDispatchOutputs(*ref_plain, recv_x_scales=ref_scales)
+        for name in self.cfg.backends:
+            for mode in self.cfg.modes:
+                for variant in FP8_VARIANTS:
+                    self.fp8_case(work, name, mode, variant, q, scales, expected)
+
+    def fp8_case(self, work: Workload, name: str, mode: str, variant: str, q, scales, expected) -> None:
+        """One fp8 dispatch: a checked call (a checked replay in graph mode), then timed calls."""
+        from fuser_moe.backends import fp8, payload
+
+        cfg, comm = self.cfg, self.comm
+        capacity = work.capacity if mode in ("capacity", "graph") else None
+
+        def skip(reason, status="skipped"):
+            self.publish(work.tokens, name, mode, "dispatch", status=status, reason=reason, capacity=capacity,
+                         payload=variant)
+
+        if mode == "graph" and name not in GRAPH_CAPABLE:
+            return skip(NOT_CAPTURABLE)
+        backend, missing = self._backend(name)
+        if backend is None:
+            return skip(missing)
+
+        def dispatch():
+            x_fp8, x_scales = fp8.quantize_fp8(work.x) if variant == "fp8+quantize" else (q, scales)
+            return payload.dispatch(backend, comm, x_fp8, work.topk_idx, work.topk_weights, x_scales=x_scales,
+                                    num_experts=cfg.experts, max_recv_tokens=capacity, check_inputs=False)
+
+        if mode == "graph":
+            def capture():
+                if not self.cuda:
+                    return _EagerGraph(dispatch)
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(max(1, cfg.warmup)):
+                        dispatch()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                self.sync()
+                comm.barrier()
+                return _CudaGraph(dispatch)
+
+            graph, problem = self.attempt("error", "capture", capture)
+            if problem is None:
+                _, problem = self.attempt("error", "replay", graph.replay)
+            outputs = None if problem is not None else graph.outputs
+            timed = None if problem is not None else graph.replay
+        else:
+            outputs, problem = self.attempt("error", "dispatch", dispatch)
+            timed = dispatch
+        if problem is None and cfg.check:
+            why = compare_with_reference(outputs, None, expected, None, capacity)
+            problem = None if why is None else ("mismatch", why)
+        if (verdict := self.agree(problem)) is not None:
+            self._device_errors(backend)
+            return skip(verdict[1], status=verdict[0])
+        del outputs
+        stats = self.time(timed)
+        if (verdict := self.agree(self._device_errors(backend))) is not None:
+            return skip(verdict[1], status=verdict[0])
+        wire, deepep = work.op_bytes(comm.rank, fp8=True)["dispatch"]
+        note = "x from quantize_fp8, sent as is" if variant == "fp8" else "quantize_fp8 of x + dispatch"
+        if mode == "graph" and not self.cuda:
+            note += "; CPU: no CUDA graphs, replay re-runs the calls"
+        self.publish(work.tokens, name, mode, "dispatch", stats=stats, wire_bytes=wire, deepep_bytes=deepep,
+                     capacity=capacity, checked=cfg.check, emulated=mode == "graph" and not self.cuda, note=note,
+                     payload=variant)
+
     def all_to_all_case(self, work: Workload) -> None:
         """Baseline: `all_to_all_single` of the de-duplicated rows with the nccl dispatch's split sizes
         (rows gathered beforehand, only the collective timed); combine's floor is the reverse collective."""
@@ -657,7 +793,7 @@ def main_rank(comm, cfg: BenchConfig) -> Optional[dict]:
     disable_multicast()
     facts = machine_facts(comm)
     bench = MainBench(comm, cfg, 0)
-    bench.total_cases = len(cfg.tokens) * bench.cases_per_token() * len(OPS)
+    bench.total_cases = bench.measurements()
     document = bench_report.new_document(cfg, facts) if comm.rank == 0 else None
     if document is not None and cfg.progress:
         print(f"bench: W={comm.world_size} {facts['ranks'][0]['name']} ({comm.device.type}), T in {cfg.tokens}, "

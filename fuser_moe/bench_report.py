@@ -9,12 +9,14 @@ The document (`"format": "fuser_moe.bench/1"`):
     "all_to_all_vdev_2d"), mode ("exact", "capacity", "graph"), op ("dispatch", "combine"),
     status ("ok", "skipped", "mismatch", "error") and reason (why, when not ok), note, capacity (C of
     capacity and graph modes), checked (compared bit for bit with the nccl exact-mode outputs before
-    timing), emulated (graph mode on the CPU: a stand-in re-runs the calls);
+    timing), emulated (graph mode on the CPU: a stand-in re-runs the calls); payload, only on fp8 dispatch
+    rows: "fp8" (dispatch of quantize_fp8's outputs) or "fp8+quantize" (quantisation and dispatch);
     when ok: median_us and min_us (median over ranks of each rank's median and minimum),
     host_median_us, wire_gbps and deepep_gbps (median over ranks of each rank's GB/s),
     speedup_vs_nccl (the nccl backend's median time in the same mode over this one's; graph mode and
     the all_to_all_vdev_2d baseline are compared with nccl's capacity mode, all_to_all_single with
-    its exact mode), per_rank (each rank's median_us, min_us, host_median_us, samples_us, wire_bytes,
+    its exact mode; fp8 rows with nccl's fp8 rows of the same variant), fp8_time_ratio (fp8 rows only:
+    this median time over the same backend's and mode's with x in the config's dtype), per_rank (each rank's median_us, min_us, host_median_us, samples_us, wire_bytes,
     deepep_bytes, wire_gbps, deepep_gbps).
 
 matplotlib is optional: `plot` says so and draws nothing where it is not installed.
@@ -47,7 +49,9 @@ def new_document(cfg, machine: dict) -> dict:
 
 
 def _series_key(record: dict) -> tuple:
-    return record["backend"], record["mode"]
+    """(backend, mode), the mode followed by the fp8 variant on fp8 rows ("graph fp8")."""
+    payload = record.get("payload")
+    return record["backend"], record["mode"] + (f" {payload}" if payload else "")
 
 
 def _order(record: dict) -> tuple:
@@ -66,12 +70,16 @@ def finalize(document: dict) -> dict:
 def add_speedups(document: dict) -> dict:
     """Sorts the records and adds speedup_vs_nccl to every measured one (also for a partial document)."""
     results = sorted(document["results"], key=_order)
-    nccl = {(r["tokens"], r["mode"], r["op"]): r for r in results if r["backend"] == "nccl" and r["status"] == "ok"}
-    for r in results:
-        if r["status"] != "ok":
-            continue
-        base = nccl.get((r["tokens"], NCCL_MODE_FOR.get(_series_key(r), r["mode"]), r["op"]))
+    ok = [r for r in results if r["status"] == "ok"]
+    nccl = {(r["tokens"], r["mode"], r["op"], r.get("payload")): r for r in ok if r["backend"] == "nccl"}
+    plain = {(r["tokens"], r["backend"], r["mode"], r["op"]): r for r in ok if not r.get("payload")}
+    for r in ok:
+        mode = NCCL_MODE_FOR.get((r["backend"], r["mode"]), r["mode"])
+        base = nccl.get((r["tokens"], mode, r["op"], r.get("payload")))
         r["speedup_vs_nccl"] = base["median_us"] / r["median_us"] if base and r["median_us"] > 0 else None
+        if r.get("payload"):
+            same = plain.get((r["tokens"], r["backend"], r["mode"], r["op"]))
+            r["fp8_time_ratio"] = r["median_us"] / same["median_us"] if same and same["median_us"] > 0 else None
     document["results"] = results
     return document
 
@@ -113,7 +121,9 @@ def _fmt(value, spec: str, width: int) -> str:
 
 
 def _label(record: dict) -> str:
-    return SHORT_NAMES.get(record["backend"], record["backend"]) + _MODE_SHORT.get(record["mode"], " " + record["mode"])
+    payload = record.get("payload")
+    return (SHORT_NAMES.get(record["backend"], record["backend"]) + _MODE_SHORT.get(record["mode"], " " + record["mode"])
+            + (f" {payload}" if payload else ""))
 
 
 def _status_text(record: dict, width: int = 70) -> str:
@@ -144,11 +154,11 @@ def format_detail(document: dict, tokens: int) -> str:
     title = (f"T={tokens}" + (f" ({', '.join(labels)})" if labels else "")
              + (f", capacity C={capacity}" if capacity else ""))
     lines = [title,
-             f"{'op':8} {'backend':11} {'median us':>10} {'min us':>10} {'wire GB/s':>10} {'DeepEP GB/s':>11} "
+             f"{'op':8} {'backend':22} {'median us':>10} {'min us':>10} {'wire GB/s':>10} {'DeepEP GB/s':>11} "
              f"{'vs nccl':>8}  note"]
     for r in sorted(records, key=_order):
         ok = r["status"] == "ok"
-        lines.append(f"{r['op']:8} {_label(r):11} {_fmt(r.get('median_us') if ok else None, '.1f', 10)} "
+        lines.append(f"{r['op']:8} {_label(r):22} {_fmt(r.get('median_us') if ok else None, '.1f', 10)} "
                      f"{_fmt(r.get('min_us') if ok else None, '.1f', 10)} "
                      f"{_fmt(r.get('wire_gbps') if ok else None, 'g', 10)} "
                      f"{_fmt(r.get('deepep_gbps') if ok else None, 'g', 11)} "
@@ -158,7 +168,7 @@ def format_detail(document: dict, tokens: int) -> str:
 
 def format_sweep(document: dict, op: str, key: str) -> str:
     """One table per op and quantity: a row per T, a column per (backend, mode) series."""
-    records = [r for r in document["results"] if r["op"] == op]
+    records = [r for r in document["results"] if r["op"] == op and not r.get("payload")]  # fp8: format_fp8
     series = [s for s in SERIES_ORDER if any(_series_key(r) == s for r in records)]
     series += sorted({_series_key(r) for r in records} - set(series))
     # series that were never measured (e.g. nccl graph) stay out of the table; the notes say why
@@ -166,7 +176,8 @@ def format_sweep(document: dict, op: str, key: str) -> str:
     if not series:
         return ""
     cells = {(r["tokens"], _series_key(r)): r for r in records}
-    names = [SHORT_NAMES.get(b, b) + _MODE_SHORT.get(m, " " + m) for b, m in series]
+    names = [SHORT_NAMES.get(b, b) + _MODE_SHORT.get(m.split(" ")[0], " " + m.split(" ")[0])
+             + (" " + m.split(" ", 1)[1] if " " in m else "") for b, m in series]
     width = max(10, *(len(n) for n in names))
     what = "median us" if key == "median_us" else "wire GB/s per rank"
     lines = [f"{op}: {what}", f"{'T':>6} " + " ".join(f"{n:>{width}}" for n in names)]
@@ -181,6 +192,36 @@ def format_sweep(document: dict, op: str, key: str) -> str:
             else:
                 row.append(_fmt(r[key], ".1f" if key == "median_us" else "g", width))
         lines.append(f"{tokens:6d} " + " ".join(row))
+    return "\n".join(lines)
+
+
+def format_fp8(document: dict) -> str:
+    """fp8 dispatch against the same backend and mode with x in the config's dtype, per T: both times and
+    their ratio (docs/contract.md section 12; the 1-GPU target is fp8 / plain <= 0.65 in graph mode)."""
+    rows = [r for r in document["results"] if r.get("payload") and r["op"] == "dispatch"]
+    if not rows:
+        return ""
+    dtype = document["config"].get("dtype", "bfloat16")
+    plain = {(r["tokens"], r["backend"], r["mode"]): r for r in document["results"]
+             if not r.get("payload") and r["op"] == "dispatch" and r["status"] == "ok"}
+    lines = [f"fp8 dispatch vs {dtype} dispatch (same backend, mode and run; ratio = fp8 time / {dtype} time)",
+             f"{'T':>6} {'backend':16} {'variant':13} {dtype + ' us':>12} {'fp8 us':>10} {'ratio':>7} "
+             f"{'fp8 wire GB/s':>14}  note"]
+    def order(r):
+        plain_key = (r["backend"], r["mode"])
+        rank = SERIES_ORDER.index(plain_key) if plain_key in SERIES_ORDER else len(SERIES_ORDER)
+        return r["tokens"], rank, plain_key, r["payload"]
+
+    for r in sorted((r for r in rows if r["status"] != "skipped"), key=order):  # the notes say why others were not
+        base = plain.get((r["tokens"], r["backend"], r["mode"]))
+        ok = r["status"] == "ok"
+        series = SHORT_NAMES.get(r["backend"], r["backend"]) + _MODE_SHORT.get(r["mode"], " " + r["mode"])
+        lines.append(f"{r['tokens']:6d} {series:16} {r['payload']:13} "
+                     f"{_fmt(base['median_us'] if base else None, '.1f', 12)} "
+                     f"{_fmt(r.get('median_us') if ok else None, '.1f', 10)} "
+                     f"{_fmt(r.get('fp8_time_ratio') if ok else None, '.3f', 7)} "
+                     f"{_fmt(r.get('wire_gbps') if ok else None, 'g', 14)}  "
+                     f"{'' if ok else _status_text(r, 50)}".rstrip())
     return "\n".join(lines)
 
 
@@ -213,6 +254,9 @@ def format_report(document: dict) -> str:
     for tokens in detailed:
         if tokens in present:
             parts.append(format_detail(document, tokens))
+    fp8_table = format_fp8(document)
+    if fp8_table:
+        parts.append(fp8_table)
     if len(present) > 1:
         for op in ("dispatch", "combine"):
             for key in ("median_us", "wire_gbps"):

@@ -98,6 +98,9 @@ def _bench_parser(sub) -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-check", action="store_true", help="skip the bitwise check against the nccl backend")
+    p.add_argument("--no-fp8", action="store_true",
+                   help="skip the fp8 dispatch rows (e4m3 x with per-128-column scales; variants fp8 and "
+                        "fp8+quantize) that the standard and decode workloads get")
     p.add_argument("--out", default=None, help="folder for bench.json and bench.png (default ./fuser_moe_bench)")
     p.add_argument("--json", default=None, help="results file (default OUT/bench.json)")
     p.add_argument("--plot", default=None, help="plot file (default: the JSON's name with .png)")
@@ -143,7 +146,8 @@ def _bench_config(args):
                        workloads=workloads, backends=_names(args.backends, BACKENDS, "backend"),
                        modes=_names(args.modes, MODES, "mode"), baselines=_names(args.baselines, BASELINES, "baseline"),
                        capacity=args.capacity, capacity_factor=args.capacity_factor, warmup=args.warmup,
-                       reps=args.reps, seed=args.seed, check=not args.no_check, progress=not args.quiet)
+                       reps=args.reps, seed=args.seed, check=not args.no_check, fp8=not args.no_fp8,
+                       progress=not args.quiet)
 
 
 def _bench_paths(args) -> tuple:

@@ -64,8 +64,11 @@ def test_json_holds_every_measurement(bench_run):
     assert doc["config"]["tokens"] == SWEEP and doc["workloads"] == {"standard": [4], "sweep": SWEEP}
     series = [("nccl", "exact"), ("nccl", "capacity"), ("nccl", "graph"), ("cuda", "exact"), ("cuda", "capacity"),
               ("cuda", "graph"), ("all_to_all_single", "exact"), ("all_to_all_vdev_2d", "capacity")]
-    keys = sorted((r["tokens"], r["backend"], r["mode"], r["op"]) for r in doc["results"])
-    assert keys == sorted((t, b, m, op) for t in SWEEP for b, m in series for op in ("dispatch", "combine"))
+    keys = sorted((r["tokens"], r["backend"], r["mode"], r["op"], r.get("payload", "")) for r in doc["results"])
+    fp8_rows = [(4, b, m, "dispatch", v) for b in ("nccl", "cuda") for m in ("exact", "capacity", "graph")
+                for v in ("fp8", "fp8+quantize")]  # the standard workload's T gets fp8 dispatch rows
+    assert keys == sorted([(t, b, m, op, "") for t in SWEEP for b, m in series for op in ("dispatch", "combine")]
+                          + fp8_rows)
     for r in doc["results"]:
         assert r["workloads"] == (["standard", "sweep"] if r["tokens"] == 4 else ["sweep"])
         assert r["status"] in ("ok", "skipped"), r
@@ -85,7 +88,7 @@ def test_every_measured_row_was_checked_against_nccl(bench_run):
     _, _, doc, _ = bench_run
     ok = [r for r in doc["results"] if r["status"] == "ok"]
     assert ok and all(r["checked"] for r in ok)
-    by_series = {(r["backend"], r["mode"]): r for r in doc["results"]}
+    by_series = {(r["backend"], r["mode"]): r for r in doc["results"] if not r.get("payload")}
     for backend in ("nccl", "cuda"):
         for mode in ("exact", "capacity"):
             assert by_series[backend, mode]["status"] == "ok"
@@ -196,3 +199,22 @@ def test_check_compares_bits_rows_and_padding():
     bad_pad.recv_src_rank[6] = 0
     assert "padding" in compare_with_reference(bad_pad, out, ref, out, 8)
     assert "capacity" in compare_with_reference(_outputs(5), out, ref, out, 4)
+
+
+def test_fp8_dispatch_rows(bench_run):
+    """fp8 dispatch of the standard workload: checked, timed, wire bytes with the scales, ratio to bf16."""
+    proc, _, doc, _ = bench_run
+    rows = [r for r in doc["results"] if r.get("payload")]
+    assert rows and all(r["op"] == "dispatch" and r["tokens"] == 4 for r in rows)
+    plain = {(r["backend"], r["mode"]): r for r in doc["results"]
+             if not r.get("payload") and r["op"] == "dispatch" and r["tokens"] == 4}
+    for r in rows:
+        if r["backend"] == "nccl" and r["mode"] == "graph":
+            assert r["status"] == "skipped" and "host" in r["reason"]
+            continue
+        assert r["status"] == "ok" and r["checked"], r
+        assert r["fp8_time_ratio"] == r["median_us"] / plain[r["backend"], r["mode"]]["median_us"]
+        for rank, base in zip(r["per_rank"], plain[r["backend"], r["mode"]]["per_rank"]):
+            # a row is H = 64 fp8 bytes and one float32 scale instead of 64 bfloat16 values
+            assert rank["wire_bytes"] * 128 == base["wire_bytes"] * 68
+    assert "fp8 dispatch vs bfloat16 dispatch" in proc.stdout and "fp8+quantize" in proc.stdout

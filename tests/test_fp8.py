@@ -5,6 +5,9 @@ The rounding tests hold the torch formulation (`quantize_reference`, the oracle)
 nearest-even search over the 253 finite e4m3fn values; the GPU tests hold the kernels of
 backends/kernels/fp8.cu to the torch formulation.
 """
+import os
+
+import numpy as np
 import pytest
 import torch
 
@@ -128,6 +131,54 @@ def test_quantize_edge_cases():
     y[0, 1:7] = torch.tensor([2.0 ** -9, 3 * 2.0 ** -10, 2.0 ** -7, 5 * 2.0 ** -10, 7 * 2.0 ** -10, 2.0 ** -11])
     # 1, 1.5 (tie: 2), 4, 2.5 (tie: 2), 3.5 (tie: 4) and 0.25 steps of 2^-9
     assert fp8.quantize_reference(y)[0].view(torch.uint8)[0, :7].tolist() == [0x7E, 1, 2, 4, 2, 4, 0]
+
+
+_HOST_DRIVER = r"""
+#include <cstdio>
+#include <vector>
+#include "fp8.cu"
+int main(int argc, char** argv) {
+    FILE* in = std::fopen(argv[1], "rb");
+    std::vector<float> v;
+    float x;
+    while (std::fread(&x, 4, 1, in) == 1) v.push_back(x);
+    std::fclose(in);
+    FILE* out = std::fopen(argv[2], "wb");
+    for (float f : v) { unsigned char c = fp8_e4m3_from_float(f); std::fwrite(&c, 1, 1, out); }
+    for (int c = 0; c < 256; ++c) { float f = fp8_e4m3_to_float((unsigned char)c); std::fwrite(&f, 4, 1, out); }
+    std::fclose(out);
+}
+"""
+
+
+def test_kernel_conversions_on_the_host(tmp_path):
+    """The kernels' float32 <-> e4m3fn conversions (kernels/fp8.cu, __host__ __device__) built by the host
+    compiler: the same codes as torch for every code's neighbourhood and a stride through all floats."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler (g++) to build the kernels' conversion functions")
+    kernels = os.path.dirname(fp8._KERNEL_SOURCE)
+    (tmp_path / "driver.cpp").write_text(_HOST_DRIVER)
+    subprocess.run([compiler, "-O1", "-std=c++17", "-I", kernels, "-x", "c++", str(tmp_path / "driver.cpp"), "-o",
+                    str(tmp_path / "driver")], check=True, capture_output=True, timeout=120)
+    values, _ = _e4m3_table()
+    mids = ((values[:-1] + values[1:]) / 2).float()
+    around = (mids.view(torch.int32).unsqueeze(1) + torch.arange(-3, 4, dtype=torch.int32)).view(-1).view(torch.float32)
+    stride = torch.arange(0, 0x43E00001, 997, dtype=torch.int64).to(torch.int32).view(torch.float32)  # 0 .. 448
+    v = torch.cat([around, values.float(), stride, torch.tensor([1e-45, 2.0 ** -150, 448.0])])
+    v = torch.cat([v, -v])
+    v.numpy().tofile(tmp_path / "in.bin")
+    subprocess.run([str(tmp_path / "driver"), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True,
+                   timeout=120)
+    raw = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.uint8))
+    assert torch.equal(raw[:v.numel()], v.to(FP8).view(torch.uint8))
+    decoded = raw[v.numel():].clone().view(torch.float32)
+    want = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()
+    finite = ~torch.isnan(want)
+    assert torch.equal(torch.isnan(decoded), ~finite) and same_bits(decoded[finite], want[finite])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -254,6 +305,13 @@ def test_fp8_dispatch_matches_reference(backend, world_size, top_k):
     inputs = ["quantized", "dense", "random_bits"][top_k % 3]
     case = _case(world_size, top_k, routing="empty_slots" if top_k == 4 else "random", seed=world_size * 10 + top_k)
     run_on_ranks(world_size, scaled_dispatch_body, case, backend, inputs)
+
+
+@pytest.mark.parametrize("world_size", [w for w in WORLD_SIZES if w > 1])
+def test_fp8_dispatch_all_tokens_to_one_rank(backend, world_size):
+    case = _case(world_size, 2, routing="one_rank", seed=47)
+    rows = run_on_ranks(world_size, scaled_dispatch_body, case, backend, "quantized")
+    assert rows[0] == 2 * 24 * world_size and all(r == 0 for r in rows[1:])
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

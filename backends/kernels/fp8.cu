@@ -31,7 +31,11 @@ constexpr int F8_WARP = 32;
 constexpr int F8_BLOCK_COLS = 128;  // columns per scale; a warp handles one block, 4 columns a lane
 constexpr float F8_MAX = 448.0f;
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define F8_DEVICE_CODE 1
+#endif
+
+#ifdef F8_DEVICE_CODE
 #define F8_HD __host__ __device__ __forceinline__
 #else
 #define F8_HD inline
@@ -95,7 +99,7 @@ F8_HD float fp8_e4m3_to_float(f8_u8 code)
     return f8_float(sign | ((exponent + 120u) << 23) | (mantissa << 20));
 }
 
-#ifdef __CUDACC__
+#ifdef F8_DEVICE_CODE
 // ------------------------------------------------------------------------------------------ device helpers
 struct f8_bf16 { f8_u16 bits; };
 struct f8_f16 { f8_u16 bits; };
@@ -312,4 +316,4 @@ extern "C" __global__ void fuser_moe_fp8_pack_rows(const f8_u8* q, f8_i64 q_stri
         for (f8_i64 b = scale_offset + scale_bytes + lane; b < row_bytes; b += F8_WARP) line[b] = 0;
     }
 }
-#endif  // __CUDACC__
+#endif  // F8_DEVICE_CODE

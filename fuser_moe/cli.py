@@ -72,8 +72,9 @@ def _bench_parser(sub) -> None:
         "bench", help="time dispatch and combine per backend, mode and T (SPEC.md section 10)",
         description="Times MoeDispatch and MoeCombine of the nccl and cuda backends in exact, capacity and "
                     "CUDA-graph mode on the standard (T=4096), decode (T=128) and sweep workloads, with the "
-                    "all_to_all_single and all_to_all_vdev_2d baselines; checks every result against the "
-                    "nccl exact-mode outputs first. Progress goes to stderr, the tables to stdout, the "
+                    "all_to_all_single and all_to_all_vdev_2d baselines, and fp8 dispatch (e4m3 with "
+                    "per-128-column scales) on the standard and decode workloads; checks every result against "
+                    "the reference first. Progress goes to stderr, the tables to stdout, the "
                     "results to OUT/bench.json and OUT/bench.png.")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     p.add_argument("--world-size", type=int, default=None, help="ranks to start (default: every GPU, or 4 CPU ranks)")

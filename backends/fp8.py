@@ -84,7 +84,9 @@ def quantize_reference(x: torch.Tensor) -> tuple:
         return (torch.empty(rows, hidden, dtype=FP8, device=x.device),
                 torch.ones(rows, payload.scale_blocks(hidden), dtype=torch.float32, device=x.device))
     blocks = _blocks(x)
-    scale = blocks.abs().amax(dim=2) / FP8_MAX
+    # A divisor on the device, not a Python number: torch's CUDA division by a CPU scalar multiplies by its
+    # rounded reciprocal, which is not the contract's division.
+    scale = blocks.abs().amax(dim=2) / torch.full((), FP8_MAX, dtype=torch.float32, device=x.device)
     scale = torch.where(scale == 0, torch.ones((), dtype=torch.float32, device=x.device), scale)
     q = (blocks / scale.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.view(rows, -1)[:, :hidden].contiguous(), scale

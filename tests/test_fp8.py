@@ -377,6 +377,27 @@ def test_fp8_bad_input_on_one_rank(backend, world_size, which):
     run_on_ranks(world_size, fp8_error_body, backend, which, world_size - 1)
 
 
+def fp8_hidden_body(comm, backend):
+    """Ranks whose H differ but pack to rows of one width (200 and 201 columns: 224 bytes): every rank
+    raises the same ValueError, which the backend's own agreement on the packed width would miss."""
+    r, dev = comm.rank, comm.device
+    case = _case(comm.world_size, 2, hidden=200 + (r == comm.world_size - 1), seed=11)
+    qs, ss, idxs, ws = fp8_inputs(case)
+    assert payload.PackedLayout(200).width == payload.PackedLayout(201).width
+    msg = expect_error(ValueError, lambda: payload.dispatch(get_backend(backend), comm, qs[r].to(dev), idxs[r].to(dev),
+                                                            ws[r].to(dev), x_scales=ss[r].to(dev),
+                                                            num_experts=case.num_experts))
+    assert "ranks disagree on the hidden size" in msg and "200, 201]" in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("world_size", MULTI)
+def test_fp8_ranks_disagree_on_hidden_size(backend, world_size):
+    if world_size == 1:
+        pytest.skip("needs two ranks")
+    run_on_ranks(world_size, fp8_hidden_body, backend)
+
+
 def fp8_binding_body(comm, backend, bad_rank):
     """A bfloat16 tensor bound to the fusion's fp8 x on one rank: TypeError there, every rank raises."""
     case = _case(comm.world_size, 2, seed=5)

@@ -234,6 +234,7 @@ class _Binary(Expr):
     def validate(self) -> None:
         op = self.op_name
         a, b = _tv(op, "a", self.inputs[0]), _tv(op, "b", self.inputs[1])
+        type_check(a.dtype not in FP8_TYPES, op, "a", "not Float8_e4m3fn (dequantize_fp8 it first)", a.dtype.name)
         type_check(b.dtype == a.dtype, op, "b", f"of a's dtype {a.dtype.name}", b.dtype.name)
         shape_check(a.ndim == b.ndim, op, f"operands must have the same rank, got {a.type_str()} and {b.type_str()}")
 

@@ -481,6 +481,7 @@ def test_frontend_type_errors():
                                                              d.n_tokens_from_rank, num_tokens=4))
     assert "MoeCombine" in msg and "Float8_e4m3fn" in msg
     assert "Silu" in expect_error(TypeError, lambda: fd.ops.silu(d.recv_x))
+    assert "dequantize_fp8" in expect_error(TypeError, lambda: fd.ops.mul(d.recv_x, d.recv_x))
 
 
 def test_ir_prints_the_fp8_types():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Optional
 
 import torch
 
@@ -225,8 +224,3 @@ def dequantize_fp8(x_fp8: torch.Tensor, scales: torch.Tensor, dtype=torch.bfloat
             x_fp8, i64(x_fp8.stride(0)), scales, i64(scales.stride(0)), i64(rows), i64(hidden), out])
     return out
 
-
-def quantize_fp8_contiguous(x: torch.Tensor, device: Optional[torch.device] = None) -> tuple:
-    """quantize_fp8 with dense outputs (tests and the bench use it to exercise the packing pass)."""
-    q, scales = quantize_fp8(x if device is None else x.to(device))
-    return q.contiguous(), scales.contiguous()

@@ -6,12 +6,14 @@ Backends talk to their peers only through it, so that a collective that times ou
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import pickle
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -87,6 +89,13 @@ class Communicator:
         self.timeout_s = float(timeout_s) if timeout_s is not None else timeout_from_env()
         self.owns_group = owns_group
         self._closers: list = []
+        self._closed = False
+        self._exit_state: Optional[dict] = None
+        # What this rank runs now, (node, backend), set by the evaluator around each communication node,
+        # e.g. ("MoeDispatch (node 0)", "nccl"); the backend is None while it is being chosen. Every store
+        # exchange carries it, so that ranks that run different nodes or backends all raise at the first
+        # exchange instead of waiting in different transports. None (or a None part) matches anything.
+        self.context: Optional[tuple] = None
         if self._distributed:
             self.rank = dist.get_rank(self.group)
             if self.rank < 0:
@@ -101,6 +110,11 @@ class Communicator:
         # Connected now, while the store's host is surely alive: a connection opened later to a host that
         # has exited would retry for the store's whole timeout (the user's, for a group passed in).
         self._store = self._open_store() if self._distributed else None
+        if owns_group:
+            # A group fuser_moe initialised is closed at interpreter exit, before torch's own teardown,
+            # when the user never calls close() (`fd.execute` makes such a communicator by itself).
+            self._exit_state = {"open": True, "group_name": self.group_name}
+            atexit.register(_close_at_exit, weakref.ref(self), self._exit_state)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -165,7 +179,12 @@ class Communicator:
         return "fuser_moe/" + self.group_key
 
     # ------------------------------------------------------------------ collectives
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{what}: this communicator (rank {self.rank} of {self.world_size}) is closed")
+
     def _call(self, what: str, fn, *args, **kwargs):
+        self._check_open(what)
         try:
             return fn(*args, **kwargs)
         except TimeoutError:
@@ -250,21 +269,23 @@ class Communicator:
         """
         if not self.is_distributed:
             return [obj]
+        self._check_open("store exchange")
         with _rounds_lock:
             n = _exchange_rounds.get(self._store_prefix, 0)
             _exchange_rounds[self._store_prefix] = n + 1
         store = self.store
         keys = [f"x/{n}/{s}" for s in range(self.world_size)]
-        self._call("store exchange", store.set, keys[self.rank], pickle.dumps(obj))
+        self._call("store exchange", store.set, keys[self.rank], pickle.dumps((self.context, obj)))
         self._wait_for_keys(store, keys, "store exchange")
-        out = [pickle.loads(self._call("store exchange", store.get, key)) for key in keys]
+        got = [pickle.loads(self._call("store exchange", store.get, key)) for key in keys]
         if n > 0:
             # Every peer has published round n, so it has finished reading round n-1: drop our old key.
             try:
                 store.delete_key(f"x/{n - 1}/{self.rank}")
             except Exception:  # noqa: BLE001 - only housekeeping
                 pass
-        return out
+        _check_contexts([c for c, _ in got])  # every rank read the same round: all raise together
+        return [o for _, o in got]
 
     def _wait_for_keys(self, store, keys: list, what: str) -> None:
         """Waits until every rank has published its key, at most `timeout_s` (the store's own timeout may
@@ -322,15 +343,73 @@ class Communicator:
         """Registers a callable that releases a resource tied to this group (buffers, mappings)."""
         self._closers.append(closer)
 
+    @property
+    def closed(self) -> bool:
+        """True once `close` has run: the communicator holds no group or store any more."""
+        return self._closed
+
     def close(self) -> None:
-        while self._closers:
-            self._closers.pop()()
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self.owns_group = False
+        """Releases what this communicator holds, in order; idempotent.
+
+        First the resources registered with `on_close` (the CUDA backend's buffers and mappings, which
+        may still talk to the store), newest first; then this communicator's references to the store
+        connection and to the process group; last, the process group itself when fuser_moe initialised
+        it (`owns_group`). A reference to a group that outlives `destroy_process_group()` is destroyed
+        late, during interpreter shutdown, where Gloo and the store's threads abort the process
+        ("terminate called without an active exception"): dropping every reference first avoids it.
+        A closed communicator cannot run collectives any more.
+        """
+        try:
+            while self._closers:
+                self._closers.pop()()
+        finally:
+            self._closed = True
+            self._store = None
+            self.group = None
+            self._selection_facts = None
+            if self._exit_state is not None:
+                self._exit_state["open"] = False
+            if self.owns_group:
+                self.owns_group = False
+                if dist.is_available() and dist.is_initialized():
+                    dist.destroy_process_group()
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+
+def _check_contexts(contexts: list) -> None:
+    """Raises ValueError when the ranks of one exchange round run different nodes or backends."""
+    known = [c for c in contexts if c is not None]
+    nodes = {node for node, _ in known}
+    backends = {backend for _, backend in known if backend is not None}
+    if len(nodes) <= 1 and len(backends) <= 1:
+        return
+
+    def describe(c):
+        if c is None:
+            return "not in a node of a fusion"
+        return f"{c[0]} on backend {c[1]}" if c[1] is not None else f"{c[0]}, choosing its backend"
+    runs = "; ".join(f"rank {s}: {describe(c)}" for s, c in enumerate(contexts))
+    what = "the backend" if len(nodes) <= 1 else "the node they run"
+    raise ValueError(f"ranks disagree on {what} ({runs}); every rank must run the same fusion with the same "
+                     "backend (docs/contract.md section 9)")
+
+
+def _close_at_exit(ref, state: dict) -> None:
+    """atexit hook of a communicator that owns its group: closes it, or, when the communicator itself is
+    gone but never closed, destroys the group it initialised."""
+    if not state["open"]:
+        return
+    comm = ref()
+    try:
+        if comm is not None:
+            comm.close()
+        elif dist.is_available() and dist.is_initialized() and str(dist.group.WORLD.group_name) == state["group_name"]:
+            state["open"] = False
+            dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - at exit, report and go on
+        warnings.warn(f"fuser_moe: closing the communicator at exit failed: {exc}")
 
 
 _SPIN_S = 5e-3  # _wait_within_timeout polls without sleeping this long, then naps _NAP_S between polls

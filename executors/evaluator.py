@@ -123,12 +123,15 @@ class HostIrEvaluator:
         outputs_ids = {id(v) for v in c.outputs}
         try:
             for i, expr in enumerate(c.exprs):
+                self._position = i
                 try:
                     self._run_expr(expr)
                 except (TypeError, ValueError, RuntimeError) as exc:
                     if i not in comm_positions:
                         self._fail_together(exc, [p for p in comm_positions if p > i])
                     raise
+                finally:
+                    self.communicator.context = None
                 for v in expr.inputs:  # free what no later expression reads
                     if self._last_uses.get(id(v)) == i and id(v) not in outputs_ids:
                         self._env.pop(id(v), None)
@@ -150,7 +153,12 @@ class HostIrEvaluator:
         instead: the peers raise "rank r rejected its input" rather than wait for it forever.
         """
         if later_comm_nodes and self.check_inputs and self.communicator.is_distributed:
-            self.communicator.agree(error)
+            node = self.container.exprs[later_comm_nodes[0]]
+            self.communicator.context = (f"{node.op_name} (node {later_comm_nodes[0]})", None)
+            try:
+                self.communicator.agree(error)
+            finally:
+                self.communicator.context = None
         raise error
 
     def _run_expr(self, expr: Expr) -> None:
@@ -182,7 +190,16 @@ class HostIrEvaluator:
         self.trace.add(event)
 
     def _backend_for(self, expr, device: torch.device):
-        name, reason = resolve_backend(expr.backend(), device, self.communicator)
+        """Resolves the node's backend. In checked mode every store exchange of the node (backend
+        selection's included) carries which node runs and on which backend, so that ranks that disagree
+        on either raise together at once (docs/contract.md section 9)."""
+        comm = self.communicator
+        node = f"{expr.op_name} (node {getattr(self, '_position', 0)})"
+        if self.check_inputs:
+            comm.context = (node, None)
+        name, reason = resolve_backend(expr.backend(), device, comm)
+        if self.check_inputs:
+            comm.context = (node, name)
         self._choice = (name, reason)
         return get_backend(name)
 

@@ -136,12 +136,8 @@ class Communicator:
             dev = torch.device("cuda", launch.local_rank)
         os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(
-            backend=pg_backend_for(dev),
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=pg_timeout_for(dev, timeout_s),
-        )
+        init_default_group(launch.rank, launch.world_size, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           dev, timeout_s)
         return cls(device=dev, timeout_s=timeout_s, owns_group=True)
 
     # ------------------------------------------------------------------ facts
@@ -425,6 +421,60 @@ def pg_timeout_for(device: torch.device, timeout_s: float) -> datetime.timedelta
     """The timeout of a process group fuser_moe initialises for `device` tensors and a `timeout_s` communicator."""
     margin = WATCHDOG_MARGIN_S + 0.1 * timeout_s if device.type == "cuda" else 0.0
     return datetime.timedelta(seconds=timeout_s + margin)
+
+
+_inits = 0  # default groups this process has initialised (each one's arrival keys are its own)
+
+
+def init_default_group(rank: int, world_size: int, host: str, port: int, device: torch.device, timeout_s: float,
+                       rendezvous_timeout_s: Optional[float] = None) -> None:
+    """Initialises the default process group, every wait bounded and every missing rank named.
+
+    torch's own set-up waits for the other ranks in places that raise a raw `DistStoreError` (or wait
+    for the group's whole timeout) when a rank never joins: the store's host waiting for its clients,
+    the backends' connections. Here every rank first connects to the store (rank 0 hosts it unless a
+    torchrun agent does), publishes that it arrived and waits for the others' arrival for at most
+    `rendezvous_timeout_s` (default `timeout_s`); only then does torch set up the group, with every
+    rank present.
+
+    Args:
+        rank, world_size: this rank and the number of ranks.
+        host, port: where the store is (MASTER_ADDR, MASTER_PORT).
+        device: the device this rank computes on; picks the backends (`pg_backend_for`).
+        timeout_s: the group's collectives and store time out after this (plus a margin on CUDA).
+        rendezvous_timeout_s: how long to wait for every rank to arrive.
+    Raises:
+        TimeoutError: naming the rank(s) that did not arrive (or the store's host that never answered).
+    """
+    global _inits
+    wait_s = timeout_s if rendezvous_timeout_s is None else rendezvous_timeout_s
+    wait = datetime.timedelta(seconds=wait_s)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        store = dist.TCPStore(host, port, world_size, is_master=(rank == 0 and not agent_store), timeout=wait,
+                              wait_for_workers=False, multi_tenant=True)
+    except (RuntimeError, TimeoutError) as exc:
+        if not _is_timeout(exc) and "connect" not in str(exc).lower():
+            raise
+        raise TimeoutError(f"rank {rank} of {world_size} could not reach the group's store at {host}:{port} within "
+                           f"{wait_s:g} s: rank 0 (the store's host) did not start, or did not start fuser_moe "
+                           f"({exc})") from exc
+    _inits += 1
+    keys = [f"fuser_moe/arrived/{_inits}/{r}" for r in range(world_size)]
+    store.set(keys[rank], "1")
+    try:
+        store.wait(keys, wait)
+    except RuntimeError as exc:
+        if not _is_timeout(exc):
+            raise
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        raise TimeoutError(f"rank(s) {missing} did not join the group within the timeout of {wait_s:g} s "
+                           f"(rank {rank} of {world_size} waited): every rank must call execute (or make its "
+                           "communicator) the same number of times; FUSER_MOE_TIMEOUT_S sets the timeout") from exc
+    group_timeout = max(pg_timeout_for(device, timeout_s), wait)
+    store.set_timeout(group_timeout)
+    dist.init_process_group(backend=pg_backend_for(device), store=dist.PrefixStore("default_pg", store), rank=rank,
+                            world_size=world_size, timeout=group_timeout)
 
 
 def pg_backend_for(device: torch.device) -> str:

@@ -86,3 +86,132 @@ def test_ranks_that_run_different_nodes_all_raise_at_once():
     for rank, msg in enumerate(run_on_ranks(2, node_disagreement_body, timeout_s=60)):
         assert "ranks disagree on the node they run" in msg, (rank, msg)
         assert "rank 0: MoeDispatch (node 0)" in msg and "rank 1: MoeCombine (node 0)" in msg, msg
+
+
+def test_a_rank_that_never_calls_execute_is_named_within_the_timeout(tmp_path):
+    script = tmp_path / "skips_execute.py"
+    script.write_text('''
+import os, sys, time, torch
+from fuser_moe import DataType, FusionDefinition
+rank = int(os.environ["RANK"])
+with FusionDefinition() as fd:
+    x = fd.define_tensor(shape=[-1, 4], dtype=DataType.Float)
+    idx = fd.define_tensor(shape=[-1, 1], dtype=DataType.Int)
+    w = fd.define_tensor(shape=[-1, 1], dtype=DataType.Float)
+    fd.add_output(fd.ops.moe_dispatch(x, idx, w, num_experts=2).recv_x)
+if rank == 1:  # never calls execute
+    time.sleep(1)
+    sys.exit(0)
+start = time.monotonic()
+try:
+    fd.execute([torch.zeros(2, 4), torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1)])
+except TimeoutError as exc:
+    print(f"TimeoutError after {time.monotonic() - start:.1f} s: {exc}", flush=True)
+    sys.exit(0)
+sys.exit(3)
+''')
+    out = subprocess.run([TORCHRUN, "--nproc-per-node", "2", str(script)], capture_output=True, text=True,
+                         timeout=120, env=_env(FUSER_MOE_TIMEOUT_S="2"), cwd=str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(l for l in out.stdout.splitlines() if l.startswith("TimeoutError"))
+    assert "rank(s) [1] did not join the group within the timeout of 2 s" in line, line
+    assert float(line.split()[2]) < 8, line
+    assert "DistStoreError" not in out.stdout + out.stderr
+
+
+# =============================================================================== 1. lifetime
+@pytest.mark.parametrize("backend", ["nccl", "cuda"])
+def test_the_torchrun_demo_exits_zero_every_time(backend, tmp_path):
+    """The abort at exit ("terminate called without an active exception") came in 1 run of 3 or more."""
+    for attempt in range(3):
+        out = subprocess.run([TORCHRUN, "--nproc-per-node", "2", "-m", "fuser_moe", "demo", "--backend", backend,
+                              "--no-trace", "--tokens", "8", "--hidden", "16", "--ffn", "16", "--experts", "4"],
+                             capture_output=True, text=True, timeout=120, env=_env(), cwd=str(tmp_path))
+        text = out.stdout + out.stderr
+        assert out.returncode == 0 and "terminate called" not in text, f"run {attempt}: rc {out.returncode}\n{text}"
+        assert "at bfloat16 rounding level" in out.stdout, text
+
+
+@pytest.mark.parametrize("backend", ["nccl", "cuda"])
+def test_a_script_that_never_closes_its_communicator_exits_zero(backend, tmp_path):
+    """`fd.execute` makes its own communicator under torchrun; nothing closes it but the exit hook."""
+    script = tmp_path / "no_close.py"
+    script.write_text(f'''
+import torch
+from fuser_moe import DataType, FusionDefinition
+with FusionDefinition() as fd:
+    x = fd.define_tensor(shape=[-1, 8], dtype=DataType.Float)
+    idx = fd.define_tensor(shape=[-1, 2], dtype=DataType.Int)
+    w = fd.define_tensor(shape=[-1, 2], dtype=DataType.Float)
+    d = fd.ops.moe_dispatch(x, idx, w, num_experts=4, backend="{backend}")
+    fd.add_output(fd.ops.moe_combine(d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
+                                     d.n_tokens_to_rank, d.n_tokens_from_rank, num_tokens=fd.ops.size(x, 0)))
+x = torch.randn(6, 8)
+(out,) = fd.execute([x, torch.tensor([[0, 3]] * 6), torch.full((6, 2), 0.5)])
+assert torch.allclose(out, x), (out - x).abs().max()
+print("ok", flush=True)
+''')
+    for attempt in range(2):
+        out = subprocess.run([TORCHRUN, "--nproc-per-node", "2", str(script)], capture_output=True, text=True,
+                             timeout=120, env=_env(), cwd=str(tmp_path))
+        text = out.stdout + out.stderr
+        assert out.returncode == 0 and "terminate called" not in text, f"run {attempt}: rc {out.returncode}\n{text}"
+        assert out.stdout.count("ok") == 2, text
+
+
+def test_close_drops_the_group_and_the_store_and_is_idempotent():
+    from fuser_moe import Communicator
+
+    comm = Communicator(timeout_s=1.0)
+    comm.close()
+    comm.close()
+    assert comm.closed and comm.group is None and comm.store is None
+
+
+def closing_body(comm):
+    """A second communicator over the pool's group (not owned): close() drops its references only."""
+    import torch.distributed as dist
+    from fuser_moe import Communicator
+
+    other = Communicator(device=comm.device, timeout_s=5.0)
+    assert other.exchange(comm.rank) == list(range(comm.world_size))
+    other.close()
+    msg = expect_error(RuntimeError, lambda: other.exchange(1))
+    return (other.group is None, other.store is None, dist.is_initialized(), comm.exchange(comm.rank), msg)
+
+
+@needs_two_ranks
+def test_closing_a_communicator_of_a_user_group_keeps_the_group():
+    for rank, (no_group, no_store, initialised, exchanged, msg) in enumerate(run_on_ranks(2, closing_body)):
+        assert no_group and no_store and initialised and exchanged == [0, 1], rank
+        assert "is closed" in msg, msg
+
+
+# =============================================================================== 5. the harness
+def test_the_harness_stops_every_rank_when_one_fails_to_start(monkeypatch):
+    from harness import RankFailure, RankPool
+
+    monkeypatch.setenv("FUSER_MOE_TEST_BREAK_START", "1")
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match="rank 1 failed to start"):
+        RankPool(2, device="cpu")
+    assert time.monotonic() - start < 9  # it used to wait for the others for 10 s (the pool's grace) or more
+
+
+def test_ranks_share_cuda0_when_there_are_fewer_gpus_than_ranks(monkeypatch):
+    import harness
+    from fuser_moe.launch import rank_device
+
+    monkeypatch.setattr(harness, "TEST_DEVICE", "cuda")
+    monkeypatch.setattr(harness, "gpu_count", lambda: 1)
+    assert harness.pool_device(1) == "cuda" and harness.pool_device(4) == "cuda:0"
+    assert harness.available_world_sizes((1, 2, 3, 4)) == [1, 2, 3, 4]
+    assert harness.nccl_skip_reason(1) is None
+    assert "NCCL refuses two ranks on one GPU" in harness.nccl_skip_reason(3)
+    monkeypatch.setattr(harness, "gpu_count", lambda: 4)
+    assert harness.pool_device(4) == "cuda" and harness.nccl_skip_reason(4) is None
+    monkeypatch.setattr(harness, "gpu_count", lambda: 0)
+    assert harness.available_world_sizes((1, 2)) == []
+    assert [rank_device("cuda", r) for r in range(3)] == [torch.device("cuda", r) for r in range(3)]
+    assert [rank_device("cuda:0", r) for r in range(3)] == [torch.device("cuda", 0)] * 3
+    assert rank_device("cpu", 2) == torch.device("cpu")

@@ -13,7 +13,7 @@ import torch
 from . import routing
 from .common import DTYPE_CODES, CommStats, DispatchOutputs, pad_to_capacity
 from .communicator import Communicator
-from .validation import check_combine_everywhere, checked, placement_checksum, validate_dispatch
+from .validation import check_combine_everywhere, checked, placement_checksum, shape_disagreement, validate_dispatch
 
 
 _HEADER = 6  # n_tokens_to_rank, top-k, hidden size, dtype code, num_experts, placement checksum
@@ -25,10 +25,10 @@ def _split_sizes_agree(comm: Communicator, header_from: torch.Tensor, top_k: int
     Ranks that disagree on the experts would route one expert id to different ranks: wrong rows, no error.
     """
     ks, hs, codes = header_from[:, 1].tolist(), header_from[:, 2].tolist(), header_from[:, 3].tolist()
-    if len(set(ks)) != 1 or len(set(hs)) != 1 or len(set(codes)) != 1:
-        raise ValueError(
-            f"moe_dispatch: ranks disagree on top-k, hidden size or dtype: top-k per rank {ks}, hidden size per "
-            f"rank {hs}, dtype code per rank {codes} (rank {comm.rank} has K={top_k}, H={hidden}, {dtype})")
+    by_code = {code: dt for dt, code in DTYPE_CODES.items()}
+    problem = shape_disagreement(ks, hs, [by_code.get(c, f"dtype code {c}") for c in codes])
+    if problem:
+        raise ValueError(problem)
     experts, checksums = header_from[:, 4].tolist(), header_from[:, 5].tolist()
     if len(set(experts)) != 1 or len(set(checksums)) != 1:
         raise ValueError(f"moe_dispatch: ranks disagree on the experts: num_experts per rank {experts}, "

@@ -69,14 +69,16 @@ class HostIrEvaluator:
             raise RuntimeError(f"{v.ref()} is read before it is defined (or after its last use)")
         return self._env[id(v)]
 
-    def _bind_extent(self, extent: Extent, size: int, what: str) -> None:
+    def _bind_extent(self, extent: Extent, size: int, what: str, dim: int = 0, shape=None, type_str: str = "") -> None:
+        given = f" (given shape {shape}, expected {type_str})" if shape is not None else ""
         if extent.is_const:
             if extent.value != size:
-                raise TypeError(f"{what}: extent {extent.ref()} must be {extent.value}, got {size}")
+                raise TypeError(f"{what}: dimension {dim} must have size {extent.value}, got {size}{given}")
             return
         known = self._extents.get(id(extent))
         if known is not None and known != size:
-            raise TypeError(f"{what}: extent {extent.ref()} is {known} elsewhere in this run, got {size}")
+            raise TypeError(f"{what}: dimension {dim} (extent {extent.ref()}) is {known} elsewhere in this run, "
+                            f"got {size}{given}")
         self._extents[id(extent)] = size
 
     def _bind(self, v: Val, value, role: str) -> None:
@@ -86,11 +88,19 @@ class HostIrEvaluator:
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{what} must be a torch.Tensor of type {v.type_str()}, got {type(value).__name__}")
             if value.dtype != v.dtype.to_torch():
-                raise TypeError(f"{what} must have dtype {v.dtype.to_torch()} ({v.type_str()}), got {value.dtype}")
+                hint = ""
+                try:
+                    given = DataType.from_torch(value.dtype)
+                    hint = (f"; to bind {value.dtype} tensors, define it with dtype=DataType.{given.name}"
+                            if role == "input" else "")
+                except (TypeError, ValueError, KeyError):
+                    pass
+                raise TypeError(f"{what} must have dtype {v.dtype.to_torch()} (DataType.{v.dtype.name}, "
+                                f"{v.type_str()}), got {value.dtype}{hint}")
             if value.dim() != v.ndim:
                 raise TypeError(f"{what} must be {v.ndim}-D ({v.type_str()}), got shape {list(value.shape)}")
-            for extent, size in zip(v.extents, value.shape):
-                self._bind_extent(extent, int(size), what)
+            for dim, (extent, size) in enumerate(zip(v.extents, value.shape)):
+                self._bind_extent(extent, int(size), what, dim, list(value.shape), v.type_str())
         else:
             if isinstance(value, torch.Tensor):
                 value = int(value.item())

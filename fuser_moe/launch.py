@@ -40,9 +40,12 @@ def too_few_gpus(device: str, world_size: int) -> Optional[str]:
         return None
     import torch
 
-    visible = torch.cuda.device_count()
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0:
+        return "--device cuda needs GPUs and none is visible (use --device cpu for CPU ranks)"
     if visible < world_size:
-        return f"--world-size {world_size} needs that many GPUs; {visible} visible"
+        return (f"--world-size {world_size} needs that many GPUs (one a rank); {visible} visible "
+                f"(use --world-size {visible} or fewer, or --device cpu)")
     return None
 
 

@@ -79,7 +79,7 @@ class Ops:
 
     def moe_combine(self, x: TensorView, topk_weights: TensorView, src_idx: TensorView, src_rank: TensorView,
                     n_tokens_to_rank: TensorView, n_tokens_from_rank: TensorView, *, num_tokens: Union[int, Val],
-                    backend: Union[CommunicatorBackend, str] = CommunicatorBackend.AUTO) -> TensorView:
+                    backend: Union[CommunicatorBackend, str, None] = None) -> TensorView:
         """Return weighted expert outputs to their tokens and sum them (SPEC.md section 4).
 
         Args:
@@ -87,7 +87,8 @@ class Ops:
             topk_weights: [V] Float; src_idx: [V] Int; src_rank: [V] Int; n_tokens_to_rank and
                 n_tokens_from_rank: [W] Int; all from the matching dispatch.
             num_tokens: T of this rank: an int, or a scalar such as `fd.ops.size(x, 0)`.
-            backend: CommunicatorBackend.NCCL, CUDA or AUTO.
+            backend: CommunicatorBackend.NCCL, CUDA or AUTO; when not given, the backend of the MoeDispatch
+                whose outputs these are (AUTO when they come from none).
         Returns: combined_x [num_tokens, H] in x's dtype.
         """
         op = "moe_combine"
@@ -105,6 +106,10 @@ class Ops:
             count = num_tokens
             size_of = count.definition
             rows = size_of.in_a().axis(size_of.dim()) if isinstance(size_of, Size) else Extent()
+        if backend is None:
+            dispatch = next((v.definition for v in operands if isinstance(getattr(v, "definition", None), MoeDispatch)),
+                            None)
+            backend = dispatch.backend() if dispatch is not None else CommunicatorBackend.AUTO
         hidden = operands[0].axis(1) if operands[0].ndim == 2 else Extent()
         out = TensorView(operands[0].dtype, [rows, hidden])
         self._emit(MoeCombine(out, *operands, count, backend=backend), ["combined_x"])

@@ -215,3 +215,132 @@ def test_ranks_share_cuda0_when_there_are_fewer_gpus_than_ranks(monkeypatch):
     assert [rank_device("cuda", r) for r in range(3)] == [torch.device("cuda", r) for r in range(3)]
     assert [rank_device("cuda:0", r) for r in range(3)] == [torch.device("cuda", 0)] * 3
     assert rank_device("cpu", 2) == torch.device("cpu")
+
+
+# =============================================================================== 3. the command line
+def _fake_reports(diff: float) -> list:
+    return [{"rank": r, "max_abs_diff": diff, "max_abs_out": 1.0, "backends": [], "ir": "(ir)"} for r in range(2)]
+
+
+@pytest.mark.parametrize("diff,code", [(1e-3, 0), (0.5, 1)])
+def test_the_demo_s_verdict_is_its_exit_code(monkeypatch, capsys, diff, code):
+    import fuser_moe.launch
+    from fuser_moe.cli import main
+
+    monkeypatch.setattr(fuser_moe.launch, "spawn", lambda *args, **kwargs: _fake_reports(diff))
+    assert main(["demo", "--world-size", "2", "--no-trace"]) == code
+    assert ("ABOVE bfloat16 rounding level" in capsys.readouterr().out) == bool(code)
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["--experts", "15"], "fuser-moe demo: --experts 15 must be a multiple of the 4 ranks"),
+    (["--topk", "20"], "fuser-moe demo: --topk 20 exceeds --experts 16"),
+    (["--world-size", "3"], "fuser-moe demo: --experts 16 must be a multiple of the 3 ranks"),
+    (["--tokens", "0"], "fuser-moe demo: --tokens must be >= 1, got 0"),
+])
+def test_demo_options_are_checked_before_ranks_start(monkeypatch, capsys, argv, line):
+    import fuser_moe.launch
+    from fuser_moe.cli import main
+
+    monkeypatch.setattr(fuser_moe.launch, "spawn", lambda *args, **kwargs: pytest.fail("ranks were started"))
+    assert main(["demo"] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err
+
+
+def test_help_shows_defaults_and_each_command_is_described(capsys):
+    from fuser_moe import __version__
+    from fuser_moe.cli import main
+
+    for argv, texts in ((["demo", "--help"], ["exit code is the verdict", "(default: 64)", "(default: auto)",
+                                               "(default: bfloat16)"]),
+                        (["bench", "--help"], ["Times MoeDispatch and MoeCombine", "(default: 7168)", "(default: cuda)"]),
+                        (["--help"], ["demo", "bench", "--version"]),
+                        (["--version"], [f"fuser-moe {__version__}"])):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+        out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for text in texts:
+            assert text in out, (argv, text, out)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without GPUs")
+def test_bench_without_gpus_suggests_the_cpu(capsys):
+    from fuser_moe.cli import main
+
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert "none is visible" in err and "--device cpu" in err, err
+
+
+# =============================================================================== 4. messages
+def dtype_disagreement_body(comm, backend: str):
+    case = Case(world_size=comm.world_size, top_k=2, dtype="float32" if comm.rank == 1 else "bfloat16")
+    fd = build_fusion(case, backend)
+    return expect_error(ValueError, lambda: fd.execute(list(rank_inputs(comm, case)), communicator=comm))
+
+
+@needs_two_ranks
+def test_both_backends_name_the_dtypes_ranks_disagree_on(backend):
+    want = ("moe_dispatch: ranks disagree on top-k, hidden size or dtype: top-k per rank [2, 2], hidden size per "
+            "rank [16, 16], dtype per rank [bfloat16, float32]")
+    for rank, msg in enumerate(run_on_ranks(2, dtype_disagreement_body, backend)):
+        assert want in msg, (rank, msg)
+
+
+def _index_fusion(idx_dtype):
+    from fuser_moe import DataType, FusionDefinition
+
+    with FusionDefinition() as fd:
+        x = fd.define_tensor(shape=[-1, 20], dtype=DataType.Float, name="x")
+        idx = fd.define_tensor(shape=[-1, 2], dtype=idx_dtype, name="topk_idx")
+        w = fd.define_tensor(shape=[-1, 2], dtype=DataType.Float, name="topk_weights")
+        d = fd.ops.moe_dispatch(x, idx, w, num_experts=4)
+        fd.add_output(d.recv_x)
+    return fd
+
+
+def test_a_fixed_extent_mismatch_names_the_dimension_and_both_sizes():
+    from fuser_moe import DataType
+
+    fd = _index_fusion(DataType.Int)
+    msg = expect_error(TypeError, lambda: fd.execute([torch.zeros(3, 16), torch.zeros(3, 2, dtype=torch.int64),
+                                                      torch.ones(3, 2)]))
+    assert "input %x: dimension 1 must have size 20, got 16 (given shape [3, 16], expected f32[i0,20])" in msg, msg
+
+
+def test_an_int32_index_bound_to_an_int_tensor_names_int32():
+    from fuser_moe import DataType
+
+    fd = _index_fusion(DataType.Int)
+    msg = expect_error(TypeError, lambda: fd.execute([torch.zeros(3, 20), torch.zeros(3, 2, dtype=torch.int32),
+                                                      torch.ones(3, 2)]))
+    assert "must have dtype torch.int64 (DataType.Int" in msg and "dtype=DataType.Int32" in msg, msg
+
+
+def test_the_trace_summary_marks_cut_cells_with_an_ellipsis():
+    from fuser_moe.executors.trace import SUMMARY_CELL_WIDTH, Trace, TraceEvent
+
+    trace = Trace()
+    trace.add(TraceEvent(op="MoeDispatch", node="", backend="nccl", reason="auto: " + "x" * 100,
+                         inputs=[("%x", (4, 8), "bf16")]))
+    row = trace.summary().splitlines()[2]
+    assert "auto: xxx" in row and ("x" * (SUMMARY_CELL_WIDTH - 9) + "...") in row, row
+    assert "bf16[4, 8]" in row and "bf16[4, 8]..." not in row  # a whole cell has no ellipsis
+
+
+@pytest.mark.parametrize("given,want", [(None, "cuda"), ("nccl", "nccl"), ("auto", "auto")])
+def test_a_combine_takes_its_dispatch_s_backend_unless_told(given, want):
+    from fuser_moe import CommunicatorBackend, DataType, FusionDefinition
+
+    with FusionDefinition() as fd:
+        x = fd.define_tensor(shape=[-1, 8], dtype=DataType.Float)
+        idx = fd.define_tensor(shape=[-1, 2], dtype=DataType.Int)
+        w = fd.define_tensor(shape=[-1, 2], dtype=DataType.Float)
+        d = fd.ops.moe_dispatch(x, idx, w, num_experts=4, backend=CommunicatorBackend.CUDA)
+        kwargs = {} if given is None else {"backend": given}
+        fd.add_output(fd.ops.moe_combine(fd.ops.silu(d.recv_x), d.recv_topk_weights, d.recv_src_idx,
+                                         d.recv_src_rank, d.n_tokens_to_rank, d.n_tokens_from_rank,
+                                         num_tokens=fd.ops.size(x, 0), **kwargs))
+    assert f"MoeCombine[backend={want}]" in str(fd), str(fd)

@@ -21,7 +21,7 @@ from harness import TEST_DEVICE, available_world_sizes, run_on_ranks
 from moe_cases import Case, build_fusion, expect_error, rank_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, wherever its script is
 needs_two_ranks = pytest.mark.skipif(2 not in available_world_sizes((2,)), reason="needs 2 ranks")
 
 
@@ -110,7 +110,7 @@ except TimeoutError as exc:
     sys.exit(0)
 sys.exit(3)
 ''')
-    out = subprocess.run([TORCHRUN, "--nproc-per-node", "2", str(script)], capture_output=True, text=True,
+    out = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", str(script)], capture_output=True, text=True,
                          timeout=120, env=_env(FUSER_MOE_TIMEOUT_S="2"), cwd=str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     line = next(l for l in out.stdout.splitlines() if l.startswith("TimeoutError"))
@@ -124,7 +124,7 @@ sys.exit(3)
 def test_the_torchrun_demo_exits_zero_every_time(backend, tmp_path):
     """The abort at exit ("terminate called without an active exception") came in 1 run of 3 or more."""
     for attempt in range(3):
-        out = subprocess.run([TORCHRUN, "--nproc-per-node", "2", "-m", "fuser_moe", "demo", "--backend", backend,
+        out = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "-m", "fuser_moe", "demo", "--backend", backend,
                               "--no-trace", "--tokens", "8", "--hidden", "16", "--ffn", "16", "--experts", "4"],
                              capture_output=True, text=True, timeout=120, env=_env(), cwd=str(tmp_path))
         text = out.stdout + out.stderr
@@ -152,7 +152,7 @@ assert torch.allclose(out, x), (out - x).abs().max()
 print("ok", flush=True)
 ''')
     for attempt in range(2):
-        out = subprocess.run([TORCHRUN, "--nproc-per-node", "2", str(script)], capture_output=True, text=True,
+        out = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", str(script)], capture_output=True, text=True,
                              timeout=120, env=_env(), cwd=str(tmp_path))
         text = out.stdout + out.stderr
         assert out.returncode == 0 and "terminate called" not in text, f"run {attempt}: rc {out.returncode}\n{text}"

@@ -2,7 +2,7 @@
 
 A `Communicator` wraps a `torch.distributed` process group (or no group at all, for a single rank).
 Backends talk to their peers only through it, so that a collective that times out surfaces as a
-`TimeoutError` (SPEC.md section 9) and so that launcher detection (SPEC.md section 6) lives in one place.
+`TimeoutError` (docs/contract.md section 9) and so that launcher detection (docs/contract.md section 6) lives in one place.
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ class Communicator:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_environment(cls, device=None) -> "Communicator":
-        """The communicator `fd.execute` uses when it is given none (SPEC.md section 6).
+        """The communicator `fd.execute` uses when it is given none (docs/contract.md section 6).
 
         The default process group if one is initialised; otherwise one initialised from the launcher's
         environment (Gloo for CPU tensors, NCCL for CUDA tensors); otherwise a single rank.
@@ -313,7 +313,7 @@ class Communicator:
             self._call("barrier", dist.barrier, group=self.group)
 
     def agree(self, error: Optional[BaseException]) -> None:
-        """Makes every rank raise when any rank found an error (SPEC.md section 9).
+        """Makes every rank raise when any rank found an error (docs/contract.md section 9).
 
         Each rank passes the error it found in its own input, or None. The rank that found one raises
         it; every other rank raises the same type saying which rank rejected its input. Nothing else

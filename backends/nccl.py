@@ -1,7 +1,7 @@
 """The NCCL backend: dispatch and combine with `all_to_all_single` and split metadata on the host.
 
 Counts are computed on the device and exchanged with one all-to-all, copied to the host, and then the
-metadata and the payload travel with all-to-alls split by those counts (SPEC.md section 8). The same
+metadata and the payload travel with all-to-alls split by those counts (docs/contract.md section 8). The same
 code runs over Gloo on CPU tensors. The routing arithmetic lives in `routing.py`.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class NcclBackend:
                  num_experts: int, expert_to_rank: Optional[Sequence[int]] = None,
                  max_recv_tokens: Optional[int] = None, check_inputs: bool = True,
                  stats: Optional[CommStats] = None) -> DispatchOutputs:
-        """Sends each token once to every rank that holds one of its experts; see SPEC.md section 3.
+        """Sends each token once to every rank that holds one of its experts; see docs/contract.md section 3.
 
         Args:
             comm: the expert-parallel group.
@@ -53,8 +53,8 @@ class NcclBackend:
             topk_weights: [T, K] float32 weights.
             num_experts: E, experts in all.
             expert_to_rank: optional [E] placement; contiguous blocks when None.
-            max_recv_tokens: capacity C; outputs then have leading extent C (SPEC.md section 5).
-            check_inputs: validate on every rank first (SPEC.md section 9).
+            max_recv_tokens: capacity C; outputs then have leading extent C (docs/contract.md section 5).
+            check_inputs: validate on every rank first (docs/contract.md section 9).
             stats: filled with bytes moved and host synchronisations.
         Returns: `DispatchOutputs`.
         """
@@ -119,7 +119,7 @@ class NcclBackend:
     def combine(self, comm: Communicator, x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor,
                 src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor, n_tokens_from_rank: torch.Tensor,
                 num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None) -> torch.Tensor:
-        """Returns expert outputs to their tokens, weighted and summed; see SPEC.md section 4.
+        """Returns expert outputs to their tokens, weighted and summed; see docs/contract.md section 4.
 
         Args:
             comm: the expert-parallel group.

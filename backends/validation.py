@@ -1,4 +1,4 @@
-"""Checked mode (SPEC.md section 9): input checks shared by every backend.
+"""Checked mode (docs/contract.md section 9): input checks shared by every backend.
 
 Each function raises the error the contract names for the first problem it finds. Backends call them
 inside `checked(comm, ...)`, which makes every rank raise when any rank's input is bad, before

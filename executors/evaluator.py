@@ -1,4 +1,4 @@
-"""`HostIrEvaluator`: runs a host IR on this rank (SPEC.md section 7).
+"""`HostIrEvaluator`: runs a host IR on this rank (docs/contract.md section 7).
 
 One handler per node type, chosen with `functools.singledispatchmethod` (nvFuser's `handle(Node*)`).
 A handler reads its inputs from the environment, calls one runtime function and binds the outputs;
@@ -39,10 +39,10 @@ class HostIrEvaluator:
     Args:
         container: the host program.
         communicator: the expert-parallel group; when None it is found from the environment at the
-            first run (SPEC.md section 6), on the device of the first input tensor.
+            first run (docs/contract.md section 6), on the device of the first input tensor.
         trace: record a `TraceEvent` per expression in `self.trace`. `FUSER_MOE_TRACE=DIR` turns
             tracing on and writes `DIR/trace_rank{r}.json` after every run.
-        check_inputs: checked mode of SPEC.md section 9; False skips input validation.
+        check_inputs: checked mode of docs/contract.md section 9; False skips input validation.
     """
 
     def __init__(self, container: HostIrContainer, communicator: Optional[Communicator] = None,

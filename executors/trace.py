@@ -1,7 +1,7 @@
 """Traces of host-IR runs: one event per expression, a summary table and Chrome trace JSON.
 
 An event records the op, the backend it resolved to and why, input and output shapes and dtypes, bytes
-sent and received over the wire, host synchronisations, and wall and device time (SPEC.md section 7).
+sent and received over the wire, host synchronisations, and wall and device time (docs/contract.md section 7).
 Device time comes from CUDA events and is read once at the end of a run, so tracing adds one host
 synchronisation per run on GPUs and none per expression.
 """

@@ -1,7 +1,7 @@
 """fuser_moe: a host-IR runtime for expert-parallel MoE dispatch and combine.
 
 Write a program with `FusionDefinition`; it becomes a host IR whose `MoeDispatch` and `MoeCombine`
-nodes run on every rank through the NCCL backend or the CUDA backend. See SPEC.md for the contract.
+nodes run on every rank through the NCCL backend or the CUDA backend. See docs/contract.md for the contract.
 """
 import os as _os
 

@@ -1,4 +1,4 @@
-"""`fuser-moe bench`: dispatch and combine timings per SPEC.md section 10.
+"""`fuser-moe bench`: dispatch and combine timings per docs/contract.md section 10.
 
 On every T of the chosen workloads (standard T=4096, decode T=128, a sweep of T; H=7168, K=8, E=256,
 bfloat16, each token picking K distinct experts uniformly at random) it measures:
@@ -55,7 +55,7 @@ BACKENDS = ("nccl", "cuda")
 MODES = ("exact", "capacity", "graph")
 BASELINES = ("all_to_all_single", "all_to_all_vdev_2d")
 OPS = ("dispatch", "combine")
-# Backends whose capacity mode makes no host synchronisation (SPEC.md section 5): only these can be captured.
+# Backends whose capacity mode makes no host synchronisation (docs/contract.md section 5): only these can be captured.
 GRAPH_CAPABLE = ("cuda",)
 NOT_CAPTURABLE = "not capturable: the nccl backend reads split sizes on the host"
 CAPACITY_ALIGN = 16
@@ -256,7 +256,7 @@ class Workload:
         return self.x.shape[1] * self.x.element_size()
 
     def op_bytes(self, rank: int) -> dict:
-        """op -> (wire bytes, DeepEP bytes) of this rank (SPEC.md section 10)."""
+        """op -> (wire bytes, DeepEP bytes) of this rank (docs/contract.md section 10)."""
         row = self.row_bytes()
         return {"dispatch": ((sum(self.n_to) - self.n_to[rank]) * row, sum(self.n_to) * row),
                 "combine": ((sum(self.n_from) - self.n_from[rank]) * row, sum(self.n_from) * row)}

@@ -110,7 +110,7 @@ def _bench_parser(sub) -> None:
     from fuser_moe.bench import BASELINES, BACKENDS, DECODE_TOKENS, DEFAULT_SWEEP, MODES, STANDARD_TOKENS, WORKLOADS
 
     p = sub.add_parser(
-        "bench", help="time dispatch and combine per backend, mode and T (SPEC.md section 10)",
+        "bench", help="time dispatch and combine per backend, mode and T (docs/contract.md section 10)",
         formatter_class=_FORMAT,
         description="Times MoeDispatch and MoeCombine of the nccl and cuda backends in exact, capacity and "
                     "CUDA-graph mode on the standard (T=4096), decode (T=128) and sweep workloads, with the "

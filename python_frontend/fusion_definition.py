@@ -1,4 +1,4 @@
-"""`FusionDefinition`: the Python way to write a host program (SPEC.md section 6).
+"""`FusionDefinition`: the Python way to write a host program (docs/contract.md section 6).
 
     with FusionDefinition() as fd:
         x = fd.define_tensor(shape=[-1, H], dtype=DataType.BFloat16)
@@ -21,7 +21,7 @@ from fuser_moe.ir import (Add, Cast, CommunicatorBackend, DataType, Extent, Grou
 from fuser_moe.ir.base import type_check
 
 DispatchResult = namedtuple("DispatchResult", MoeDispatch.OUTPUT_NAMES)
-DispatchResult.__doc__ = "The TensorViews of a MoeDispatch, by name (SPEC.md section 3)."
+DispatchResult.__doc__ = "The TensorViews of a MoeDispatch, by name (docs/contract.md section 3)."
 
 
 def _operand(op: str, name: str, v) -> TensorView:
@@ -46,7 +46,7 @@ class Ops:
                      expert_to_rank: Optional[Sequence[int]] = None,
                      backend: Union[CommunicatorBackend, str] = CommunicatorBackend.AUTO,
                      max_recv_tokens: Optional[int] = None) -> DispatchResult:
-        """Dispatch tokens to the ranks that hold their experts (SPEC.md section 3).
+        """Dispatch tokens to the ranks that hold their experts (docs/contract.md section 3).
 
         Args:
             x: [T, H] Float, Half or BFloat16 tokens.
@@ -55,7 +55,7 @@ class Ops:
             num_experts: E, experts in all.
             expert_to_rank: optional placement [E]; contiguous blocks by default.
             backend: CommunicatorBackend.NCCL, CUDA or AUTO.
-            max_recv_tokens: capacity C; outputs get leading extent C (SPEC.md section 5).
+            max_recv_tokens: capacity C; outputs get leading extent C (docs/contract.md section 5).
         Returns: DispatchResult of TensorViews: recv_x [V, H] (x's dtype), recv_topk_idx [V] Int,
             recv_topk_weights [V] Float, recv_src_idx [V] Int, recv_src_rank [V] Int, n_tokens_to_rank [W]
             Int, n_tokens_from_rank [W] Int, n_tokens_per_expert [E_local] Int.
@@ -80,7 +80,7 @@ class Ops:
     def moe_combine(self, x: TensorView, topk_weights: TensorView, src_idx: TensorView, src_rank: TensorView,
                     n_tokens_to_rank: TensorView, n_tokens_from_rank: TensorView, *, num_tokens: Union[int, Val],
                     backend: Union[CommunicatorBackend, str, None] = None) -> TensorView:
-        """Return weighted expert outputs to their tokens and sum them (SPEC.md section 4).
+        """Return weighted expert outputs to their tokens and sum them (docs/contract.md section 4).
 
         Args:
             x: [V, H] expert outputs, row-aligned with the dispatch's recv_x.
@@ -218,9 +218,9 @@ class FusionDefinition:
         Args:
             inputs: tensors (and ints for scalar inputs) in definition order.
             communicator: the expert-parallel group; by default the initialised process group, else one
-                from the launcher's environment, else a single rank (SPEC.md section 6).
+                from the launcher's environment, else a single rank (docs/contract.md section 6).
             trace: record a trace; read it from `fd.last_trace` (or the evaluator's `trace`).
-            check_inputs: checked mode (SPEC.md section 9).
+            check_inputs: checked mode (docs/contract.md section 9).
         """
         from fuser_moe.executors import HostIrEvaluator
 

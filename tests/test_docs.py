@@ -10,7 +10,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]  # torchrun, wherever its script is
 LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
 
 
@@ -42,7 +42,7 @@ def test_the_readme_snippet_runs_as_written_on_4_cpu_ranks(tmp_path):
     script = tmp_path / "moe_example.py"
     script.write_text(readme_snippet())
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    out = subprocess.run([TORCHRUN, "--nproc-per-node", "4", str(script)], capture_output=True, text=True,
+    out = subprocess.run([*TORCHRUN, "--nproc-per-node", "4", str(script)], capture_output=True, text=True,
                          timeout=240, env=env, cwd=str(tmp_path))
     text = out.stdout + out.stderr
     assert out.returncode == 0 and "terminate called" not in text, text
@@ -70,3 +70,39 @@ def test_markdown_links_stay_inside_the_repository(path):
         resolved = os.path.realpath(os.path.join(folder, target.split("#")[0]))
         assert resolved.startswith(os.path.realpath(REPO) + os.sep), f"{path}: {target} is outside the repository"
         assert os.path.exists(resolved), f"{path}: {target} does not exist"
+
+
+SHARED_CONTRACT = "SP" + "EC"  # spelled in two parts so that this file does not cite it itself
+
+
+def test_no_tracked_file_cites_the_shared_contract_or_a_path_outside():
+    """The contract lives in docs/contract.md: docstrings, errors, help texts and docs cite its sections."""
+    cites = re.compile(r"\b" + SHARED_CONTRACT + r"(\.md|\b)")
+    outside = re.compile(r"\.\./" + "shared|/work" + "/shared")
+    found = []
+    for path in tracked_files():
+        if path.endswith((".png", ".json", ".whl")):
+            continue
+        try:
+            text = open(os.path.join(REPO, path), encoding="utf-8").read()
+        except (UnicodeDecodeError, OSError):
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if cites.search(line) or outside.search(line):
+                found.append(f"{path}:{n}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def test_the_contract_has_every_section():
+    text = open(os.path.join(REPO, "docs", "contract.md")).read()
+    titles = ["Layout", "Notation", "MoeDispatch", "MoeCombine", "Capacity mode", "Python frontend",
+              "Evaluator and traces", "Backends", "Errors", "Benchmarks", "Autograd", "FP8 dispatch"]
+    for n, title in enumerate(titles, 1):
+        assert f"\n## {n}. {title}" in text, title
+
+
+def test_the_license_and_the_changelog_are_there():
+    license_text = open(os.path.join(REPO, "LICENSE")).read()
+    assert license_text.startswith("MIT License") and "the fuser_moe authors" in license_text
+    changelog = open(os.path.join(REPO, "CHANGELOG.md")).read()
+    assert changelog.startswith("# Changelog") and "## 0.1.0" in changelog

@@ -1,4 +1,4 @@
-"""Reliability: what SPEC.md section 9 promises, held under stress, on both backends.
+"""Reliability: what docs/contract.md section 9 promises, held under stress, on both backends.
 
   1. Bad inputs on one rank only (the rows of section 9 that tests/test_errors.py leaves out): every
      rank raises, the bad one naming the problem, and the group works afterwards.
@@ -268,7 +268,7 @@ class Vanishing:
         mid_combine (after its first phase) | mid_allocation (CUDA backend: inside the first symmetric
         buffer's rendezvous, its shared-memory segment created and not yet unlinked).
     victim: the rank that vanishes (-1: the last). user_group: the group is created with a long timeout
-        and the Communicator given a short one (SPEC: fuser_moe's own waits keep the Communicator's).
+        and the Communicator given a short one (docs/contract.md section 9: fuser_moe's own waits keep the Communicator's).
     """
 
     how: str

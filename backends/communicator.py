@@ -2,16 +2,18 @@
 
 A `Communicator` wraps a `torch.distributed` process group (or no group at all, for a single rank).
 Backends talk to their peers only through it, so that a collective that times out surfaces as a
-`TimeoutError` (SPEC.md section 9) and so that launcher detection (SPEC.md section 6) lives in one place.
+`TimeoutError` (docs/contract.md section 9) and so that launcher detection (docs/contract.md section 6) lives in one place.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import pickle
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -87,6 +89,13 @@ class Communicator:
         self.timeout_s = float(timeout_s) if timeout_s is not None else timeout_from_env()
         self.owns_group = owns_group
         self._closers: list = []
+        self._closed = False
+        self._exit_state: Optional[dict] = None
+        # What this rank runs now, (node, backend), set by the evaluator around each communication node,
+        # e.g. ("MoeDispatch (node 0)", "nccl"); the backend is None while it is being chosen. Every store
+        # exchange carries it, so that ranks that run different nodes or backends all raise at the first
+        # exchange instead of waiting in different transports. None (or a None part) matches anything.
+        self.context: Optional[tuple] = None
         if self._distributed:
             self.rank = dist.get_rank(self.group)
             if self.rank < 0:
@@ -101,11 +110,16 @@ class Communicator:
         # Connected now, while the store's host is surely alive: a connection opened later to a host that
         # has exited would retry for the store's whole timeout (the user's, for a group passed in).
         self._store = self._open_store() if self._distributed else None
+        if owns_group:
+            # A group fuser_moe initialised is closed at interpreter exit, before torch's own teardown,
+            # when the user never calls close() (`fd.execute` makes such a communicator by itself).
+            self._exit_state = {"open": True, "group_name": self.group_name}
+            atexit.register(_close_at_exit, weakref.ref(self), self._exit_state)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_environment(cls, device=None) -> "Communicator":
-        """The communicator `fd.execute` uses when it is given none (SPEC.md section 6).
+        """The communicator `fd.execute` uses when it is given none (docs/contract.md section 6).
 
         The default process group if one is initialised; otherwise one initialised from the launcher's
         environment (Gloo for CPU tensors, NCCL for CUDA tensors); otherwise a single rank.
@@ -122,12 +136,8 @@ class Communicator:
             dev = torch.device("cuda", launch.local_rank)
         os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(
-            backend=pg_backend_for(dev),
-            rank=launch.rank,
-            world_size=launch.world_size,
-            timeout=pg_timeout_for(dev, timeout_s),
-        )
+        init_default_group(launch.rank, launch.world_size, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           dev, timeout_s)
         return cls(device=dev, timeout_s=timeout_s, owns_group=True)
 
     # ------------------------------------------------------------------ facts
@@ -165,7 +175,12 @@ class Communicator:
         return "fuser_moe/" + self.group_key
 
     # ------------------------------------------------------------------ collectives
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"{what}: this communicator (rank {self.rank} of {self.world_size}) is closed")
+
     def _call(self, what: str, fn, *args, **kwargs):
+        self._check_open(what)
         try:
             return fn(*args, **kwargs)
         except TimeoutError:
@@ -250,21 +265,23 @@ class Communicator:
         """
         if not self.is_distributed:
             return [obj]
+        self._check_open("store exchange")
         with _rounds_lock:
             n = _exchange_rounds.get(self._store_prefix, 0)
             _exchange_rounds[self._store_prefix] = n + 1
         store = self.store
         keys = [f"x/{n}/{s}" for s in range(self.world_size)]
-        self._call("store exchange", store.set, keys[self.rank], pickle.dumps(obj))
+        self._call("store exchange", store.set, keys[self.rank], pickle.dumps((self.context, obj)))
         self._wait_for_keys(store, keys, "store exchange")
-        out = [pickle.loads(self._call("store exchange", store.get, key)) for key in keys]
+        got = [pickle.loads(self._call("store exchange", store.get, key)) for key in keys]
         if n > 0:
             # Every peer has published round n, so it has finished reading round n-1: drop our old key.
             try:
                 store.delete_key(f"x/{n - 1}/{self.rank}")
             except Exception:  # noqa: BLE001 - only housekeeping
                 pass
-        return out
+        _check_contexts([c for c, _ in got])  # every rank read the same round: all raise together
+        return [o for _, o in got]
 
     def _wait_for_keys(self, store, keys: list, what: str) -> None:
         """Waits until every rank has published its key, at most `timeout_s` (the store's own timeout may
@@ -296,7 +313,7 @@ class Communicator:
             self._call("barrier", dist.barrier, group=self.group)
 
     def agree(self, error: Optional[BaseException]) -> None:
-        """Makes every rank raise when any rank found an error (SPEC.md section 9).
+        """Makes every rank raise when any rank found an error (docs/contract.md section 9).
 
         Each rank passes the error it found in its own input, or None. The rank that found one raises
         it; every other rank raises the same type saying which rank rejected its input. Nothing else
@@ -322,15 +339,73 @@ class Communicator:
         """Registers a callable that releases a resource tied to this group (buffers, mappings)."""
         self._closers.append(closer)
 
+    @property
+    def closed(self) -> bool:
+        """True once `close` has run: the communicator holds no group or store any more."""
+        return self._closed
+
     def close(self) -> None:
-        while self._closers:
-            self._closers.pop()()
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self.owns_group = False
+        """Releases what this communicator holds, in order; idempotent.
+
+        First the resources registered with `on_close` (the CUDA backend's buffers and mappings, which
+        may still talk to the store), newest first; then this communicator's references to the store
+        connection and to the process group; last, the process group itself when fuser_moe initialised
+        it (`owns_group`). A reference to a group that outlives `destroy_process_group()` is destroyed
+        late, during interpreter shutdown, where Gloo and the store's threads abort the process
+        ("terminate called without an active exception"): dropping every reference first avoids it.
+        A closed communicator cannot run collectives any more.
+        """
+        try:
+            while self._closers:
+                self._closers.pop()()
+        finally:
+            self._closed = True
+            self._store = None
+            self.group = None
+            self._selection_facts = None
+            if self._exit_state is not None:
+                self._exit_state["open"] = False
+            if self.owns_group:
+                self.owns_group = False
+                if dist.is_available() and dist.is_initialized():
+                    dist.destroy_process_group()
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+
+def _check_contexts(contexts: list) -> None:
+    """Raises ValueError when the ranks of one exchange round run different nodes or backends."""
+    known = [c for c in contexts if c is not None]
+    nodes = {node for node, _ in known}
+    backends = {backend for _, backend in known if backend is not None}
+    if len(nodes) <= 1 and len(backends) <= 1:
+        return
+
+    def describe(c):
+        if c is None:
+            return "not in a node of a fusion"
+        return f"{c[0]} on backend {c[1]}" if c[1] is not None else f"{c[0]}, choosing its backend"
+    runs = "; ".join(f"rank {s}: {describe(c)}" for s, c in enumerate(contexts))
+    what = "the backend" if len(nodes) <= 1 else "the node they run"
+    raise ValueError(f"ranks disagree on {what} ({runs}); every rank must run the same fusion with the same "
+                     "backend (docs/contract.md section 9)")
+
+
+def _close_at_exit(ref, state: dict) -> None:
+    """atexit hook of a communicator that owns its group: closes it, or, when the communicator itself is
+    gone but never closed, destroys the group it initialised."""
+    if not state["open"]:
+        return
+    comm = ref()
+    try:
+        if comm is not None:
+            comm.close()
+        elif dist.is_available() and dist.is_initialized() and str(dist.group.WORLD.group_name) == state["group_name"]:
+            state["open"] = False
+            dist.destroy_process_group()
+    except Exception as exc:  # noqa: BLE001 - at exit, report and go on
+        warnings.warn(f"fuser_moe: closing the communicator at exit failed: {exc}")
 
 
 _SPIN_S = 5e-3  # _wait_within_timeout polls without sleeping this long, then naps _NAP_S between polls
@@ -346,6 +421,60 @@ def pg_timeout_for(device: torch.device, timeout_s: float) -> datetime.timedelta
     """The timeout of a process group fuser_moe initialises for `device` tensors and a `timeout_s` communicator."""
     margin = WATCHDOG_MARGIN_S + 0.1 * timeout_s if device.type == "cuda" else 0.0
     return datetime.timedelta(seconds=timeout_s + margin)
+
+
+_inits = 0  # default groups this process has initialised (each one's arrival keys are its own)
+
+
+def init_default_group(rank: int, world_size: int, host: str, port: int, device: torch.device, timeout_s: float,
+                       rendezvous_timeout_s: Optional[float] = None) -> None:
+    """Initialises the default process group, every wait bounded and every missing rank named.
+
+    torch's own set-up waits for the other ranks in places that raise a raw `DistStoreError` (or wait
+    for the group's whole timeout) when a rank never joins: the store's host waiting for its clients,
+    the backends' connections. Here every rank first connects to the store (rank 0 hosts it unless a
+    torchrun agent does), publishes that it arrived and waits for the others' arrival for at most
+    `rendezvous_timeout_s` (default `timeout_s`); only then does torch set up the group, with every
+    rank present.
+
+    Args:
+        rank, world_size: this rank and the number of ranks.
+        host, port: where the store is (MASTER_ADDR, MASTER_PORT).
+        device: the device this rank computes on; picks the backends (`pg_backend_for`).
+        timeout_s: the group's collectives and store time out after this (plus a margin on CUDA).
+        rendezvous_timeout_s: how long to wait for every rank to arrive.
+    Raises:
+        TimeoutError: naming the rank(s) that did not arrive (or the store's host that never answered).
+    """
+    global _inits
+    wait_s = timeout_s if rendezvous_timeout_s is None else rendezvous_timeout_s
+    wait = datetime.timedelta(seconds=wait_s)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        store = dist.TCPStore(host, port, world_size, is_master=(rank == 0 and not agent_store), timeout=wait,
+                              wait_for_workers=False, multi_tenant=True)
+    except (RuntimeError, TimeoutError) as exc:
+        if not _is_timeout(exc) and "connect" not in str(exc).lower():
+            raise
+        raise TimeoutError(f"rank {rank} of {world_size} could not reach the group's store at {host}:{port} within "
+                           f"{wait_s:g} s: rank 0 (the store's host) did not start, or did not start fuser_moe "
+                           f"({exc})") from exc
+    _inits += 1
+    keys = [f"fuser_moe/arrived/{_inits}/{r}" for r in range(world_size)]
+    store.set(keys[rank], "1")
+    try:
+        store.wait(keys, wait)
+    except RuntimeError as exc:
+        if not _is_timeout(exc):
+            raise
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        raise TimeoutError(f"rank(s) {missing} did not join the group within the timeout of {wait_s:g} s "
+                           f"(rank {rank} of {world_size} waited): every rank must call execute (or make its "
+                           "communicator) the same number of times; FUSER_MOE_TIMEOUT_S sets the timeout") from exc
+    group_timeout = max(pg_timeout_for(device, timeout_s), wait)
+    store.set_timeout(group_timeout)
+    dist.init_process_group(backend=pg_backend_for(device), store=dist.PrefixStore("default_pg", store), rank=rank,
+                            world_size=world_size, timeout=group_timeout)
 
 
 def pg_backend_for(device: torch.device) -> str:

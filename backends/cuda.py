@@ -1,4 +1,4 @@
-"""The CUDA backend: dispatch and combine through symmetric buffers, with no NCCL call (SPEC.md section 8).
+"""The CUDA backend: dispatch and combine through symmetric buffers, with no NCCL call (docs/contract.md section 8).
 
 Every rank writes straight into its peers' buffers and phases are ordered by the transport's
 device-side barrier. Counts travel the same way, so the only host synchronisation is the one
@@ -178,7 +178,7 @@ class CudaBackend:
                  num_experts: int, expert_to_rank: Optional[Sequence[int]] = None,
                  max_recv_tokens: Optional[int] = None, check_inputs: bool = True,
                  stats: Optional[CommStats] = None) -> DispatchOutputs:
-        """Same contract as `NcclBackend.dispatch` (SPEC.md section 3), over symmetric buffers."""
+        """Same contract as `NcclBackend.dispatch` (docs/contract.md section 3), over symmetric buffers."""
         stats = stats if stats is not None else CommStats()
         world = comm.world_size
         if check_inputs:
@@ -492,7 +492,7 @@ class CudaBackend:
     def combine(self, comm: Communicator, x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor,
                 src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor, n_tokens_from_rank: torch.Tensor,
                 num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None) -> torch.Tensor:
-        """Same contract as `NcclBackend.combine` (SPEC.md section 4), over symmetric buffers."""
+        """Same contract as `NcclBackend.combine` (docs/contract.md section 4), over symmetric buffers."""
         stats = stats if stats is not None else CommStats()
         world = comm.world_size
         if check_inputs:

@@ -1,7 +1,7 @@
 """The NCCL backend: dispatch and combine with `all_to_all_single` and split metadata on the host.
 
 Counts are computed on the device and exchanged with one all-to-all, copied to the host, and then the
-metadata and the payload travel with all-to-alls split by those counts (SPEC.md section 8). The same
+metadata and the payload travel with all-to-alls split by those counts (docs/contract.md section 8). The same
 code runs over Gloo on CPU tensors. The routing arithmetic lives in `routing.py`.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from . import routing
 from .common import DTYPE_CODES, CommStats, DispatchOutputs, pad_to_capacity
 from .communicator import Communicator
-from .validation import check_combine_everywhere, checked, placement_checksum, validate_dispatch
+from .validation import check_combine_everywhere, checked, placement_checksum, shape_disagreement, validate_dispatch
 
 
 _HEADER = 6  # n_tokens_to_rank, top-k, hidden size, dtype code, num_experts, placement checksum
@@ -25,10 +25,10 @@ def _split_sizes_agree(comm: Communicator, header_from: torch.Tensor, top_k: int
     Ranks that disagree on the experts would route one expert id to different ranks: wrong rows, no error.
     """
     ks, hs, codes = header_from[:, 1].tolist(), header_from[:, 2].tolist(), header_from[:, 3].tolist()
-    if len(set(ks)) != 1 or len(set(hs)) != 1 or len(set(codes)) != 1:
-        raise ValueError(
-            f"moe_dispatch: ranks disagree on top-k, hidden size or dtype: top-k per rank {ks}, hidden size per "
-            f"rank {hs}, dtype code per rank {codes} (rank {comm.rank} has K={top_k}, H={hidden}, {dtype})")
+    by_code = {code: dt for dt, code in DTYPE_CODES.items()}
+    problem = shape_disagreement(ks, hs, [by_code.get(c, f"dtype code {c}") for c in codes])
+    if problem:
+        raise ValueError(problem)
     experts, checksums = header_from[:, 4].tolist(), header_from[:, 5].tolist()
     if len(set(experts)) != 1 or len(set(checksums)) != 1:
         raise ValueError(f"moe_dispatch: ranks disagree on the experts: num_experts per rank {experts}, "
@@ -44,7 +44,7 @@ class NcclBackend:
                  num_experts: int, expert_to_rank: Optional[Sequence[int]] = None,
                  max_recv_tokens: Optional[int] = None, check_inputs: bool = True,
                  stats: Optional[CommStats] = None) -> DispatchOutputs:
-        """Sends each token once to every rank that holds one of its experts; see SPEC.md section 3.
+        """Sends each token once to every rank that holds one of its experts; see docs/contract.md section 3.
 
         Args:
             comm: the expert-parallel group.
@@ -53,8 +53,8 @@ class NcclBackend:
             topk_weights: [T, K] float32 weights.
             num_experts: E, experts in all.
             expert_to_rank: optional [E] placement; contiguous blocks when None.
-            max_recv_tokens: capacity C; outputs then have leading extent C (SPEC.md section 5).
-            check_inputs: validate on every rank first (SPEC.md section 9).
+            max_recv_tokens: capacity C; outputs then have leading extent C (docs/contract.md section 5).
+            check_inputs: validate on every rank first (docs/contract.md section 9).
             stats: filled with bytes moved and host synchronisations.
         Returns: `DispatchOutputs`.
         """
@@ -119,7 +119,7 @@ class NcclBackend:
     def combine(self, comm: Communicator, x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor,
                 src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor, n_tokens_from_rank: torch.Tensor,
                 num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None) -> torch.Tensor:
-        """Returns expert outputs to their tokens, weighted and summed; see SPEC.md section 4.
+        """Returns expert outputs to their tokens, weighted and summed; see docs/contract.md section 4.
 
         Args:
             comm: the expert-parallel group.

@@ -5,7 +5,7 @@ function here is plain torch on whatever device its tensors are on. Functions wh
 depends on the routing (`plan_dispatch`, `expand_received`, `group_for_combine`) read sizes on the
 host; the CUDA backend's capacity mode uses the fixed-size variants in its own module instead.
 
-Terms (SPEC.md section 2): W ranks, T tokens, K slots per token, E experts. A *wire row* is one token
+Terms (docs/contract.md section 2): W ranks, T tokens, K slots per token, E experts. A *wire row* is one token
 travelling to one destination rank (once, however many of that rank's experts it picked). A *pair* is
 one (token, expert); the receiver expands wire rows into pairs.
 """
@@ -36,7 +36,7 @@ class Placement:
 
 
 def placement_list(num_experts: int, world_size: int, expert_to_rank: Optional[Sequence[int]]) -> list[int]:
-    """The expert-to-rank map as a list, checked (SPEC.md section 9: ValueError)."""
+    """The expert-to-rank map as a list, checked (docs/contract.md section 9: ValueError)."""
     if expert_to_rank is None:
         if num_experts % world_size != 0:
             raise ValueError(
@@ -199,7 +199,7 @@ def group_for_combine(src_rank: torch.Tensor, src_idx: torch.Tensor) -> CombineG
 
 
 def weighted_partials(y: torch.Tensor, weights: torch.Tensor, groups: CombineGroups) -> torch.Tensor:
-    """Step 1 of SPEC.md section 4: per group, the float32 sum of w*y in row order, cast to y's dtype.
+    """Step 1 of docs/contract.md section 4: per group, the float32 sum of w*y in row order, cast to y's dtype.
 
     Sums run one occurrence at a time (each pass scatters into distinct groups), so the additions
     happen in row order on every device, bit for bit; products and sums are separate operations.

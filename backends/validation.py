@@ -1,4 +1,4 @@
-"""Checked mode (SPEC.md section 9): input checks shared by every backend.
+"""Checked mode (docs/contract.md section 9): input checks shared by every backend.
 
 Each function raises the error the contract names for the first problem it finds. Backends call them
 inside `checked(comm, ...)`, which makes every rank raise when any rank's input is bad, before
@@ -155,6 +155,21 @@ def check_combine_everywhere(comm: Communicator, x: torch.Tensor, topk_weights: 
     return [f[0] for f in facts]
 
 
+def dtype_name(dtype) -> str:
+    """'bfloat16' for torch.bfloat16 (or its str), the way messages name dtypes."""
+    return str(dtype).replace("torch.", "")
+
+
+def shape_disagreement(top_ks: Sequence[int], hiddens: Sequence[int], dtypes: Sequence) -> Optional[str]:
+    """The message of ranks that disagree on top-k, hidden size or dtype (rank order), or None when they agree.
+    Both backends raise it, word for word."""
+    names = [dtype_name(d) for d in dtypes]
+    if len(set(top_ks)) == 1 and len(set(hiddens)) == 1 and len(set(names)) == 1:
+        return None
+    return (f"moe_dispatch: ranks disagree on top-k, hidden size or dtype: top-k per rank {list(top_ks)}, hidden "
+            f"size per rank {list(hiddens)}, dtype per rank [{', '.join(names)}]")
+
+
 def placement_checksum(num_experts: int, world_size: int, expert_to_rank: Optional[Sequence[int]]) -> int:
     """A checksum of the (checked) expert placement, the same on every rank that places experts alike
     (an explicit contiguous map and None included)."""
@@ -173,8 +188,9 @@ def check_dispatch_everywhere(comm: Communicator, x: torch.Tensor, topk_idx: tor
                            placement_checksum(num_experts, comm.world_size, expert_to_rank)))
 
     def agree_on_shapes():
-        if len({f[:3] for f in facts}) != 1:
-            raise ValueError(f"moe_dispatch: ranks disagree on (top-k, hidden size, dtype): {[f[:3] for f in facts]}")
+        problem = shape_disagreement([f[0] for f in facts], [f[1] for f in facts], [f[2] for f in facts])
+        if problem:
+            raise ValueError(problem)
         if len({f[3:] for f in facts}) != 1:
             raise ValueError(f"moe_dispatch: ranks disagree on the experts: num_experts per rank "
                              f"{[f[3] for f in facts]}, placement checksum per rank {[f[4] for f in facts]}")

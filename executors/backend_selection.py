@@ -1,4 +1,4 @@
-"""Per-node backend choice (SPEC.md section 7): NCCL, CUDA, or AUTO resolved with a recorded reason.
+"""Per-node backend choice (docs/contract.md section 7): NCCL, CUDA, or AUTO resolved with a recorded reason.
 
 The choice must be the same on every rank, or ranks would wait in different transports; every input
 to it is therefore either the same everywhere (the node's attribute, tensors' device type) or gathered

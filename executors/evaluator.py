@@ -1,4 +1,4 @@
-"""`HostIrEvaluator`: runs a host IR on this rank (SPEC.md section 7).
+"""`HostIrEvaluator`: runs a host IR on this rank (docs/contract.md section 7).
 
 One handler per node type, chosen with `functools.singledispatchmethod` (nvFuser's `handle(Node*)`).
 A handler reads its inputs from the environment, calls one runtime function and binds the outputs;
@@ -40,10 +40,10 @@ class HostIrEvaluator:
     Args:
         container: the host program.
         communicator: the expert-parallel group; when None it is found from the environment at the
-            first run (SPEC.md section 6), on the device of the first input tensor.
+            first run (docs/contract.md section 6), on the device of the first input tensor.
         trace: record a `TraceEvent` per expression in `self.trace`. `FUSER_MOE_TRACE=DIR` turns
             tracing on and writes `DIR/trace_rank{r}.json` after every run.
-        check_inputs: checked mode of SPEC.md section 9; False skips input validation.
+        check_inputs: checked mode of docs/contract.md section 9; False skips input validation.
     """
 
     def __init__(self, container: HostIrContainer, communicator: Optional[Communicator] = None,
@@ -70,14 +70,16 @@ class HostIrEvaluator:
             raise RuntimeError(f"{v.ref()} is read before it is defined (or after its last use)")
         return self._env[id(v)]
 
-    def _bind_extent(self, extent: Extent, size: int, what: str) -> None:
+    def _bind_extent(self, extent: Extent, size: int, what: str, dim: int = 0, shape=None, type_str: str = "") -> None:
+        given = f" (given shape {shape}, expected {type_str})" if shape is not None else ""
         if extent.is_const:
             if extent.value != size:
-                raise TypeError(f"{what}: extent {extent.ref()} must be {extent.value}, got {size}")
+                raise TypeError(f"{what}: dimension {dim} must have size {extent.value}, got {size}{given}")
             return
         known = self._extents.get(id(extent))
         if known is not None and known != size:
-            raise TypeError(f"{what}: extent {extent.ref()} is {known} elsewhere in this run, got {size}")
+            raise TypeError(f"{what}: dimension {dim} (extent {extent.ref()}) is {known} elsewhere in this run, "
+                            f"got {size}{given}")
         self._extents[id(extent)] = size
 
     def _bind(self, v: Val, value, role: str) -> None:
@@ -87,11 +89,19 @@ class HostIrEvaluator:
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{what} must be a torch.Tensor of type {v.type_str()}, got {type(value).__name__}")
             if value.dtype != v.dtype.to_torch():
-                raise TypeError(f"{what} must have dtype {v.dtype.to_torch()} ({v.type_str()}), got {value.dtype}")
+                hint = ""
+                try:
+                    given = DataType.from_torch(value.dtype)
+                    hint = (f"; to bind {value.dtype} tensors, define it with dtype=DataType.{given.name}"
+                            if role == "input" else "")
+                except (TypeError, ValueError, KeyError):
+                    pass
+                raise TypeError(f"{what} must have dtype {v.dtype.to_torch()} (DataType.{v.dtype.name}, "
+                                f"{v.type_str()}), got {value.dtype}{hint}")
             if value.dim() != v.ndim:
                 raise TypeError(f"{what} must be {v.ndim}-D ({v.type_str()}), got shape {list(value.shape)}")
-            for extent, size in zip(v.extents, value.shape):
-                self._bind_extent(extent, int(size), what)
+            for dim, (extent, size) in enumerate(zip(v.extents, value.shape)):
+                self._bind_extent(extent, int(size), what, dim, list(value.shape), v.type_str())
         else:
             if isinstance(value, torch.Tensor):
                 value = int(value.item())
@@ -124,12 +134,15 @@ class HostIrEvaluator:
         outputs_ids = {id(v) for v in c.outputs}
         try:
             for i, expr in enumerate(c.exprs):
+                self._position = i
                 try:
                     self._run_expr(expr)
                 except (TypeError, ValueError, RuntimeError) as exc:
                     if i not in comm_positions:
                         self._fail_together(exc, [p for p in comm_positions if p > i])
                     raise
+                finally:
+                    self.communicator.context = None
                 for v in expr.inputs:  # free what no later expression reads
                     if self._last_uses.get(id(v)) == i and id(v) not in outputs_ids:
                         self._env.pop(id(v), None)
@@ -151,7 +164,12 @@ class HostIrEvaluator:
         instead: the peers raise "rank r rejected its input" rather than wait for it forever.
         """
         if later_comm_nodes and self.check_inputs and self.communicator.is_distributed:
-            self.communicator.agree(error)
+            node = self.container.exprs[later_comm_nodes[0]]
+            self.communicator.context = (f"{node.op_name} (node {later_comm_nodes[0]})", None)
+            try:
+                self.communicator.agree(error)
+            finally:
+                self.communicator.context = None
         raise error
 
     def _run_expr(self, expr: Expr) -> None:
@@ -183,7 +201,16 @@ class HostIrEvaluator:
         self.trace.add(event)
 
     def _backend_for(self, expr, device: torch.device):
-        name, reason = resolve_backend(expr.backend(), device, self.communicator)
+        """Resolves the node's backend. In checked mode every store exchange of the node (backend
+        selection's included) carries which node runs and on which backend, so that ranks that disagree
+        on either raise together at once (docs/contract.md section 9)."""
+        comm = self.communicator
+        node = f"{expr.op_name} (node {getattr(self, '_position', 0)})"
+        if self.check_inputs:
+            comm.context = (node, None)
+        name, reason = resolve_backend(expr.backend(), device, comm)
+        if self.check_inputs:
+            comm.context = (node, name)
         self._choice = (name, reason)
         return get_backend(name)
 

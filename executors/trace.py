@@ -1,7 +1,7 @@
 """Traces of host-IR runs: one event per expression, a summary table and Chrome trace JSON.
 
 An event records the op, the backend it resolved to and why, input and output shapes and dtypes, bytes
-sent and received over the wire, host synchronisations, and wall and device time (SPEC.md section 7).
+sent and received over the wire, host synchronisations, and wall and device time (docs/contract.md section 7).
 Device time comes from CUDA events and is read once at the end of a run, so tracing adds one host
 synchronisation per run on GPUs and none per expression.
 """
@@ -56,6 +56,14 @@ def _bytes_str(n: int) -> str:
     return f"{n} B"
 
 
+SUMMARY_CELL_WIDTH = 64  # characters; a longer cell is cut and ends with an ellipsis
+
+
+def _cut(cell: str, width: int) -> str:
+    """`cell` in at most `width` characters; a cut cell ends with "..." so that it does not read as whole."""
+    return cell if len(cell) <= width else cell[:width - 3] + "..."
+
+
 class Trace:
     """The events of one evaluator, over all of its runs."""
 
@@ -80,10 +88,10 @@ class Trace:
                          _shape_str(e.outputs), _bytes_str(e.bytes_sent), _bytes_str(e.bytes_recv),
                          str(e.host_syncs), f"{e.wall_ms:.3f}",
                          "-" if e.device_ms is None else f"{e.device_ms:.3f}"))
-        widths = [min(max(len(r[c]) for r in rows), 64) for c in range(len(header))]
+        widths = [min(max(len(r[c]) for r in rows), SUMMARY_CELL_WIDTH) for c in range(len(header))]
         lines = [f"trace of rank {self.rank}: {len(self.events)} events"]
         for r in rows:
-            lines.append("  ".join(cell[:w].ljust(w) for cell, w in zip(r, widths)).rstrip())
+            lines.append("  ".join(_cut(cell, w).ljust(w) for cell, w in zip(r, widths)).rstrip())
         text = "\n".join(lines)
         if file is not None:
             print(text, file=file)

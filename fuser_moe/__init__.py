@@ -1,15 +1,15 @@
 """fuser_moe: a host-IR runtime for expert-parallel MoE dispatch and combine.
 
 Write a program with `FusionDefinition`; it becomes a host IR whose `MoeDispatch` and `MoeCombine`
-nodes run on every rank through the NCCL backend or the CUDA backend. See SPEC.md for the contract.
+nodes run on every rank through the NCCL backend or the CUDA backend. See docs/contract.md for the contract.
 """
 import os as _os
 
 # In a source checkout that was not installed (a GPU machine without network for pip's build
 # isolation, say), the layers beside this folder are found through the package path: fuser_moe.ir is
-# ../ir and so on, the same mapping setup.py installs.
+# ../ir and so on, the same mapping pyproject.toml installs.
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if _os.path.isfile(_os.path.join(_root, "setup.py")) and _os.path.isfile(_os.path.join(_root, "ir", "nodes.py")):
+if _os.path.isfile(_os.path.join(_root, "pyproject.toml")) and _os.path.isfile(_os.path.join(_root, "ir", "nodes.py")):
     __path__.append(_root)  # noqa: F821 - the package's own __path__
 
 from fuser_moe.backends.common import DispatchOutputs

@@ -1,4 +1,4 @@
-"""`fuser-moe bench`: dispatch and combine timings per SPEC.md section 10.
+"""`fuser-moe bench`: dispatch and combine timings per docs/contract.md section 10.
 
 On every T of the chosen workloads (standard T=4096, decode T=128, a sweep of T; H=7168, K=8, E=256,
 bfloat16, each token picking K distinct experts uniformly at random) it measures:
@@ -68,7 +68,7 @@ BASELINES = ("all_to_all_single", "all_to_all_vdev_2d")
 OPS = ("dispatch", "combine")
 FP8_VARIANTS = ("fp8", "fp8+quantize")
 FP8_WORKLOADS = ("standard", "decode")  # the workloads that get fp8 dispatch rows
-# Backends whose capacity mode makes no host synchronisation (SPEC.md section 5): only these can be captured.
+# Backends whose capacity mode makes no host synchronisation (docs/contract.md section 5): only these can be captured.
 GRAPH_CAPABLE = ("cuda",)
 NOT_CAPTURABLE = "not capturable: the nccl backend reads split sizes on the host"
 CAPACITY_ALIGN = 16
@@ -280,7 +280,7 @@ class Workload:
         return self.x.shape[1] * self.x.element_size()
 
     def op_bytes(self, rank: int, fp8: bool = False) -> dict:
-        """op -> (wire bytes, DeepEP bytes) of this rank (SPEC.md section 10); with fp8, a dispatch row is
+        """op -> (wire bytes, DeepEP bytes) of this rank (docs/contract.md section 10); with fp8, a dispatch row is
         H bytes and its ceil(H / 128) float32 scales."""
         row = self.row_bytes()
         if fp8:

@@ -27,7 +27,7 @@ import json
 import os
 
 FORMAT = "fuser_moe.bench/1"
-# H200 and H100 SXM: 18 NVLink 4 links of 26.5625 GB/s per direction (SPEC.md section 10).
+# H200 and H100 SXM: 18 NVLink 4 links of 26.5625 GB/s per direction (docs/contract.md section 10).
 NVLINK_LIMIT_GBPS = 18 * 26.5625
 # The nccl mode each series is compared with ("vs nccl").
 NCCL_MODE_FOR = {("nccl", "exact"): "exact", ("nccl", "capacity"): "capacity",

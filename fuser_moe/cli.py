@@ -13,32 +13,73 @@ from dataclasses import fields
 from fuser_moe.backends.communicator import detect_launcher
 
 
+class _FORMAT(argparse.HelpFormatter):
+    """Help that shows every option's default (argparse's own formatter skips options without help)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                and "%(default)" not in text:
+            text = (text + " " if text else "") + "(default: %(default)s)"
+        return text
+
+
 def _demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run a SwiGLU MoE layer and compare it with a single-process computation")
-    p.add_argument("--backend", choices=["auto", "nccl", "cuda"], default="auto")
+    p = sub.add_parser(
+        "demo", help="run a SwiGLU MoE layer and compare it with a single-process computation",
+        formatter_class=_FORMAT,
+        description="Runs a SwiGLU MoE layer (dispatch, three grouped GEMMs, combine) written with "
+                    "FusionDefinition on every rank, prints the host IR and the trace, and compares the output "
+                    "with the same layer computed in one process in float32. Without a launcher it starts "
+                    "--world-size ranks itself; under torchrun, SLURM or Open MPI it runs on theirs. The exit "
+                    "code is the verdict: 0 when the difference is at the dtype's rounding level, 1 above it "
+                    "or when a rank fails, 2 for bad options.")
+    p.add_argument("--backend", choices=["auto", "nccl", "cuda"], default="auto",
+                   help="backend of both communication nodes (auto: per node, the trace says why)")
     p.add_argument("--world-size", type=int, default=4, help="ranks to start when no launcher started us")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the ranks compute (cuda: a GPU a rank)")
     p.add_argument("--tokens", type=int, default=64, help="tokens per rank")
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=128, help="hidden size H")
     p.add_argument("--ffn", type=int, default=256, help="expert intermediate size")
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--experts", type=int, default=16, help="experts in all (a multiple of the ranks)")
+    p.add_argument("--topk", type=int, default=2, help="experts per token")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                   help="dtype of the tokens and the weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs and the weights")
     p.add_argument("--no-trace", action="store_true", help="do not record or print the trace")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before stuck ranks are stopped")
 
 
+def demo_option_problem(args, world_size: int):
+    """The first problem with the demo's options for `world_size` ranks, as one line, or None."""
+    for name in ("tokens", "hidden", "ffn", "experts", "topk"):
+        if getattr(args, name) < 1:
+            return f"--{name} must be >= 1, got {getattr(args, name)}"
+    if args.topk > args.experts:
+        return f"--topk {args.topk} exceeds --experts {args.experts}"
+    if world_size < 1:
+        return f"--world-size must be >= 1, got {world_size}"
+    if args.experts % world_size:
+        return (f"--experts {args.experts} must be a multiple of the {world_size} ranks (experts sit in contiguous "
+                f"blocks of E / W per rank)")
+    if args.timeout <= 0:
+        return f"--timeout must be positive, got {args.timeout:g}"
+    return None
+
+
 def run_demo_command(args) -> int:
-    from fuser_moe.demo import DemoConfig, format_report, run_demo
+    from fuser_moe.demo import DemoConfig, demo_passed, format_report, run_demo
 
     names = {f.name for f in fields(DemoConfig)}
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in names}, trace=not args.no_trace)
-    if args.topk > args.experts:
-        print(f"fuser-moe demo: --topk {args.topk} exceeds --experts {args.experts}", file=sys.stderr)
-        return 2
     launch = detect_launcher()
-    if launch is not None and launch.world_size > 1:
+    under_launcher = launch is not None and launch.world_size > 1
+    problem = demo_option_problem(args, launch.world_size if under_launcher else args.world_size)
+    if problem:
+        if not under_launcher or launch.rank == 0:
+            print(f"fuser-moe demo: {problem}", file=sys.stderr)
+        return 2
+    if under_launcher:
         from fuser_moe.backends.communicator import Communicator
 
         comm = Communicator.from_environment(device=args.device)
@@ -49,7 +90,7 @@ def run_demo_command(args) -> int:
             comm.close()
         if launch.rank == 0:
             print(format_report(reports, cfg, launch.world_size, args.device))
-        return 0
+        return 0 if demo_passed(reports, cfg) else 1
     from fuser_moe.launch import RankFailure, spawn, too_few_gpus
 
     why = too_few_gpus(args.device, args.world_size)
@@ -62,32 +103,34 @@ def run_demo_command(args) -> int:
         print(f"fuser-moe demo failed:\n{exc}", file=sys.stderr)
         return 1
     print(format_report(reports, cfg, args.world_size, args.device))
-    return 0
+    return 0 if demo_passed(reports, cfg) else 1
 
 
 def _bench_parser(sub) -> None:
     from fuser_moe.bench import BASELINES, BACKENDS, DECODE_TOKENS, DEFAULT_SWEEP, MODES, STANDARD_TOKENS, WORKLOADS
 
     p = sub.add_parser(
-        "bench", help="time dispatch and combine per backend, mode and T (SPEC.md section 10)",
+        "bench", help="time dispatch and combine per backend, mode and T (docs/contract.md section 10)",
+        formatter_class=_FORMAT,
         description="Times MoeDispatch and MoeCombine of the nccl and cuda backends in exact, capacity and "
                     "CUDA-graph mode on the standard (T=4096), decode (T=128) and sweep workloads, with the "
                     "all_to_all_single and all_to_all_vdev_2d baselines, and fp8 dispatch (e4m3 with "
                     "per-128-column scales) on the standard and decode workloads; checks every result against "
                     "the reference first. Progress goes to stderr, the tables to stdout, the "
                     "results to OUT/bench.json and OUT/bench.png.")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda",
+                   help="cuda: one rank per GPU; cpu: Gloo and shared-memory ranks")
     p.add_argument("--world-size", type=int, default=None, help="ranks to start (default: every GPU, or 4 CPU ranks)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="which of standard, decode, sweep to run")
     p.add_argument("--tokens", type=int, default=STANDARD_TOKENS, help="T of the standard workload")
     p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS, help="T of the decode workload")
     p.add_argument("--sweep", default=DEFAULT_SWEEP,
                    help="T values of the sweep: LO:HI (the powers of two in between), A,B,C, or none")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--experts", type=int, default=256)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    p.add_argument("--backends", default=",".join(BACKENDS))
+    p.add_argument("--hidden", type=int, default=7168, help="hidden size H")
+    p.add_argument("--topk", type=int, default=8, help="experts per token")
+    p.add_argument("--experts", type=int, default=256, help="experts in all (a multiple of the ranks)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16", help="dtype of x")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="which backends to time")
     p.add_argument("--modes", default=",".join(MODES),
                    help="of exact, capacity, graph (graph: capacity mode in a CUDA graph)")
     p.add_argument("--baselines", default=",".join(BASELINES), help=f"of {', '.join(BASELINES)}, or none")
@@ -95,9 +138,9 @@ def _bench_parser(sub) -> None:
                    help="max_recv_tokens for every T (default: from the routing, see --capacity-factor)")
     p.add_argument("--capacity-factor", type=float, default=1.25,
                    help="C = max(factor * T * K, most pairs a rank receives), rounded up to 16")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--reps", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls before timing")
+    p.add_argument("--reps", type=int, default=20, help="timed calls per measurement (the median is reported)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the routing and the tokens")
     p.add_argument("--no-check", action="store_true", help="skip the bitwise check against the nccl backend")
     p.add_argument("--no-fp8", action="store_true",
                    help="skip the fp8 dispatch rows (e4m3 x with per-128-column scales; variants fp8 and "
@@ -105,7 +148,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--out", default=None, help="folder for bench.json and bench.png (default ./fuser_moe_bench)")
     p.add_argument("--json", default=None, help="results file (default OUT/bench.json)")
     p.add_argument("--plot", default=None, help="plot file (default: the JSON's name with .png)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="write no plot")
     p.add_argument("--plot-from", default=None, metavar="JSON",
                    help="measure nothing: reprint the tables of an earlier run and redraw its plot")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -204,10 +247,15 @@ def run_bench_command(args) -> int:
     if args.device == "cuda":
         import torch
 
-        world = args.world_size or torch.cuda.device_count()
-        if world < 1 or torch.cuda.device_count() < world:
-            print(f"fuser-moe bench: {world} ranks need that many GPUs; {torch.cuda.device_count()} visible",
-                  file=sys.stderr)
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        world = args.world_size or visible
+        if visible == 0:
+            print("fuser-moe bench: --device cuda (the default) needs GPUs and none is visible; use --device cpu "
+                  "to time the CPU ranks (Gloo and shared memory) instead", file=sys.stderr)
+            return 2
+        if world < 1 or visible < world:
+            print(f"fuser-moe bench: --world-size {world} needs one GPU a rank; {visible} visible "
+                  f"(use --world-size {visible} or fewer, or --device cpu)", file=sys.stderr)
             return 2
     else:
         world = args.world_size or 4
@@ -225,8 +273,14 @@ def run_bench_command(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fuser-moe", description="fuser_moe: expert-parallel MoE host-IR runtime")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from fuser_moe import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fuser-moe", formatter_class=_FORMAT,
+        description="fuser_moe: expert-parallel MoE host-IR runtime. `fuser-moe COMMAND --help` describes "
+                    "each command.")
+    parser.add_argument("--version", action="version", version=f"fuser-moe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _demo_parser(sub)
     _bench_parser(sub)
     args = parser.parse_args(argv)

@@ -40,10 +40,31 @@ def too_few_gpus(device: str, world_size: int) -> Optional[str]:
         return None
     import torch
 
-    visible = torch.cuda.device_count()
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0:
+        return "--device cuda needs GPUs and none is visible (use --device cpu for CPU ranks)"
     if visible < world_size:
-        return f"--world-size {world_size} needs that many GPUs; {visible} visible"
+        return (f"--world-size {world_size} needs that many GPUs (one a rank); {visible} visible "
+                f"(use --world-size {visible} or fewer, or --device cpu)")
     return None
+
+
+def rank_device(device: str, rank: int):
+    """The `torch.device` of spawned rank `rank` for a launch on `device`.
+
+    "cpu": the CPU. "cuda": one GPU a rank, rank i on cuda:i. "cuda:N": every rank on cuda:N, sharing
+    one GPU (the CUDA backend works so, through CUDA IPC within one device; NCCL refuses two ranks on one
+    GPU, so the nccl backend cannot run there).
+    """
+    import torch
+
+    if device == "cuda":
+        return torch.device("cuda", rank)
+    if device.startswith("cuda:"):
+        return torch.device(device)
+    if device != "cpu":
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    return torch.device("cpu")
 
 
 def free_port() -> int:
@@ -59,20 +80,16 @@ def init_rank(rank: int, world_size: int, port: int, device: str, timeout_s: flo
     collectives and its store time out after `timeout_s`, which is also the Communicator's timeout.
     """
     import torch
-    import torch.distributed as dist
     from torch.distributed.distributed_c10d import _get_default_store, _set_pg_timeout
 
-    from fuser_moe.backends.communicator import Communicator, pg_backend_for, pg_timeout_for
+    from fuser_moe.backends.communicator import Communicator, init_default_group, pg_timeout_for
 
-    if device.startswith("cuda"):
-        torch.cuda.set_device(rank)
-        dev = torch.device("cuda", rank)
-    else:
-        dev = torch.device("cpu")
+    dev = rank_device(device, rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(
-        backend=pg_backend_for(dev), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=max(timeout, datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)))
+    init_default_group(rank, world_size, "127.0.0.1", port, dev, timeout_s,
+                       rendezvous_timeout_s=max(timeout_s, RENDEZVOUS_TIMEOUT_S))
     if timeout_s < RENDEZVOUS_TIMEOUT_S:
         try:
             _set_pg_timeout(pg_timeout_for(dev, timeout_s))
@@ -87,9 +104,13 @@ def _rank_main(rank, world_size, port, device, timeout_s, fn, args, results):
     comm = None
     try:
         comm = init_rank(rank, world_size, port, device, timeout_s)
-        results.put((rank, True, fn(comm, *args)))
+    except BaseException:  # noqa: BLE001 - the parent reports it, and stops the others at once
+        results.put((rank, False, "the rank failed to start:\n" + traceback.format_exc(), False))
+        return
+    try:
+        results.put((rank, True, fn(comm, *args), True))
     except BaseException:  # noqa: BLE001 - the parent reports it
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, False, traceback.format_exc(), True))
     finally:
         if comm is not None:
             try:
@@ -140,7 +161,7 @@ def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), device: s
             p.start()
         while len(got) < world_size:
             try:
-                rank, ok, value = results.get(timeout=0.2)
+                rank, ok, value, started = results.get(timeout=0.2)
             except queue.Empty:
                 dead = [r for r in range(world_size) if r not in got and not procs[r].is_alive()]
                 if dead:  # the others may be waiting for a rank that died: a short grace, as for a failure
@@ -163,6 +184,11 @@ def run_ranks(fn: Callable, world_size: int, args: Sequence[Any] = (), device: s
                 continue
             got[rank] = (ok, value)
             answered.add(rank)
+            if not started:  # the others wait for it in the rendezvous, for nothing: stop them now
+                for r in range(world_size):
+                    if r not in got:
+                        got[r] = (False, f"rank {r} was stopped: rank {rank} failed to start")
+                break
             if not ok:  # the others may be waiting for it: a short grace, then stop waiting
                 deadline = min(deadline, time.monotonic() + grace_s)
     finally:
@@ -192,7 +218,7 @@ def _drain(results, got: dict) -> set:
     ranks = set()
     while True:
         try:
-            rank, ok, value = results.get_nowait()
+            rank, ok, value, _ = results.get_nowait()
         except queue.Empty:
             return ranks
         got.setdefault(rank, (ok, value))

@@ -1,4 +1,4 @@
-"""The contract's semantics for all ranks in one process, written plainly (SPEC.md sections 3-5).
+"""The contract's semantics for all ranks in one process, written plainly (docs/contract.md sections 3-5).
 
 This is the oracle every backend is compared with, bit for bit. It is deliberately independent of
 `fuser_moe.backends.routing`: loops over tokens, slots and rows, in the order the contract states, so
@@ -96,7 +96,7 @@ def reference_dispatch(xs: Sequence[torch.Tensor], topk_idxs: Sequence[torch.Ten
 
 def reference_combine(ys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], src_idxs: Sequence[torch.Tensor],
                       src_ranks: Sequence[torch.Tensor], num_tokens: Sequence[int]) -> list[torch.Tensor]:
-    """Combine for every rank at once, with the rounding points of SPEC.md section 4.
+    """Combine for every rank at once, with the rounding points of docs/contract.md section 4.
 
     Args: per expert rank e, y [V_e, H] expert outputs, weights [V_e], src_idx [V_e], src_rank [V_e];
         num_tokens: T of every source rank.

@@ -1,12 +1,12 @@
 """Soak: many dispatch + combine rounds of random shapes, each compared with the reference, with the
-rank's resources watched (SPEC.md sections 3-5 and 9, held for a long time).
+rank's resources watched (docs/contract.md sections 3-5 and 9, held for a long time).
 
 Every round draws, from one seed shared by all ranks, the tokens of each rank (0 included), the hidden
 size, top-k, the number of experts and their placement, the dtypes, the routing skew (uniform, Zipf-like
 hot experts, every token to one expert, every token to one rank, empty slots, every slot empty) and
 sometimes capacity mode; it runs dispatch and combine through one backend, and compares every output of
 this rank with `fuser_moe.reference` bit for bit. Every `fault_every`-th round one rank gets a bad input
-(SPEC.md section 9): every rank must raise the contract's error type and the next round must work.
+(docs/contract.md section 9): every rank must raise the contract's error type and the next round must work.
 
 After a warm-up that grows every cached buffer to the largest size a round can need, the rank's host
 memory (RSS), open file descriptors, threads, shared-memory segments (named in /dev/shm and mapped) and,
@@ -200,7 +200,7 @@ def make_round_inputs(rnd: Round, world_size: int):
 
 
 def pairs_per_rank(idxs, num_experts: int, world_size: int, expert_to_rank: Optional[list]) -> list:
-    """Rows each rank receives (SPEC.md's V): the pairs routed to it by every rank."""
+    """Rows each rank receives (docs/contract.md's V): the pairs routed to it by every rank."""
     placement = expert_to_rank or [e // (num_experts // world_size) for e in range(num_experts)]
     counts = [0] * world_size
     for idx in idxs:

@@ -139,7 +139,7 @@ class Expr:
 
 
 def type_check(cond: bool, op: str, operand: str, expected: str, got: Any) -> None:
-    """Raises TypeError naming the op, the operand and what was expected (SPEC.md section 6)."""
+    """Raises TypeError naming the op, the operand and what was expected (docs/contract.md section 6)."""
     if not cond:
         raise TypeError(f"{op}: operand '{operand}' must be {expected}, got {got}")
 

@@ -14,7 +14,7 @@ from .dtypes import FLOATING_TYPES, FP8_TYPES, INDEX_TYPES, DataType
 
 
 class CommunicatorBackend(enum.Enum):
-    """Which transport a communication node uses. AUTO resolves per node at run time (SPEC.md section 7)."""
+    """Which transport a communication node uses. AUTO resolves per node at run time (docs/contract.md section 7)."""
 
     NCCL = "nccl"
     CUDA = "cuda"
@@ -69,7 +69,7 @@ class MoeDispatch(Expr):
 
     Inputs: x [T, H] floating, topk_idx [T, K] Int or Int32, topk_weights [T, K] Float; with an fp8 x
     (Float8_e4m3fn) also x_scales [T, ceil(H / 128)] Float (docs/contract.md section 12).
-    Outputs (SPEC.md section 3): recv_x, recv_topk_idx, recv_topk_weights, recv_src_idx, recv_src_rank,
+    Outputs (docs/contract.md section 3): recv_x, recv_topk_idx, recv_topk_weights, recv_src_idx, recv_src_rank,
     n_tokens_to_rank, n_tokens_from_rank, n_tokens_per_expert; with x_scales also recv_x_scales.
     Attributes: num_experts, expert_to_rank (None: contiguous blocks), backend, max_recv_tokens.
     """
@@ -146,7 +146,7 @@ class MoeCombine(Expr):
 
     Inputs: x [V, H] floating (row-aligned with dispatch's recv_x), topk_weights [V] Float, src_idx [V]
     Int, src_rank [V] Int, n_tokens_to_rank [W] Int, n_tokens_from_rank [W] Int, num_tokens (scalar Int).
-    Output: combined_x [num_tokens, H] in x's dtype (SPEC.md section 4).
+    Output: combined_x [num_tokens, H] in x's dtype (docs/contract.md section 4).
     """
 
     op_name = "MoeCombine"

@@ -1,4 +1,4 @@
-"""`FusionDefinition`: the Python way to write a host program (SPEC.md section 6).
+"""`FusionDefinition`: the Python way to write a host program (docs/contract.md section 6).
 
     with FusionDefinition() as fd:
         x = fd.define_tensor(shape=[-1, H], dtype=DataType.BFloat16)
@@ -21,7 +21,7 @@ from fuser_moe.ir import (Add, Cast, CommunicatorBackend, DataType, DequantizeFp
 from fuser_moe.ir.base import type_check
 
 DispatchResult = namedtuple("DispatchResult", MoeDispatch.OUTPUT_NAMES)
-DispatchResult.__doc__ = "The TensorViews of a MoeDispatch, by name (SPEC.md section 3)."
+DispatchResult.__doc__ = "The TensorViews of a MoeDispatch, by name (docs/contract.md section 3)."
 ScaledDispatchResult = namedtuple("ScaledDispatchResult", MoeDispatch.SCALED_OUTPUT_NAMES)
 ScaledDispatchResult.__doc__ = ("The TensorViews of an fp8 MoeDispatch: DispatchResult's and recv_x_scales "
                                 "(docs/contract.md section 12).")
@@ -54,7 +54,7 @@ class Ops:
                      expert_to_rank: Optional[Sequence[int]] = None,
                      backend: Union[CommunicatorBackend, str] = CommunicatorBackend.AUTO,
                      max_recv_tokens: Optional[int] = None, x_scales: Optional[TensorView] = None):
-        """Dispatch tokens to the ranks that hold their experts (SPEC.md section 3).
+        """Dispatch tokens to the ranks that hold their experts (docs/contract.md section 3).
 
         Args:
             x: [T, H] Float, Half or BFloat16 tokens; or Float8_e4m3fn together with x_scales.
@@ -63,7 +63,7 @@ class Ops:
             num_experts: E, experts in all.
             expert_to_rank: optional placement [E]; contiguous blocks by default.
             backend: CommunicatorBackend.NCCL, CUDA or AUTO.
-            max_recv_tokens: capacity C; outputs get leading extent C (SPEC.md section 5).
+            max_recv_tokens: capacity C; outputs get leading extent C (docs/contract.md section 5).
             x_scales: [T, ceil(H / 128)] Float, one scale per 128 columns of an fp8 x (docs/contract.md
                 section 12); they travel with their row.
         Returns: DispatchResult of TensorViews: recv_x [V, H] (x's dtype), recv_topk_idx [V] Int,
@@ -95,15 +95,16 @@ class Ops:
 
     def moe_combine(self, x: TensorView, topk_weights: TensorView, src_idx: TensorView, src_rank: TensorView,
                     n_tokens_to_rank: TensorView, n_tokens_from_rank: TensorView, *, num_tokens: Union[int, Val],
-                    backend: Union[CommunicatorBackend, str] = CommunicatorBackend.AUTO) -> TensorView:
-        """Return weighted expert outputs to their tokens and sum them (SPEC.md section 4).
+                    backend: Union[CommunicatorBackend, str, None] = None) -> TensorView:
+        """Return weighted expert outputs to their tokens and sum them (docs/contract.md section 4).
 
         Args:
             x: [V, H] expert outputs, row-aligned with the dispatch's recv_x.
             topk_weights: [V] Float; src_idx: [V] Int; src_rank: [V] Int; n_tokens_to_rank and
                 n_tokens_from_rank: [W] Int; all from the matching dispatch.
             num_tokens: T of this rank: an int, or a scalar such as `fd.ops.size(x, 0)`.
-            backend: CommunicatorBackend.NCCL, CUDA or AUTO.
+            backend: CommunicatorBackend.NCCL, CUDA or AUTO; when not given, the backend of the MoeDispatch
+                whose outputs these are (AUTO when they come from none).
         Returns: combined_x [num_tokens, H] in x's dtype.
         """
         op = "moe_combine"
@@ -121,6 +122,10 @@ class Ops:
             count = num_tokens
             size_of = count.definition
             rows = size_of.in_a().axis(size_of.dim()) if isinstance(size_of, Size) else Extent()
+        if backend is None:
+            dispatch = next((v.definition for v in operands if isinstance(getattr(v, "definition", None), MoeDispatch)),
+                            None)
+            backend = dispatch.backend() if dispatch is not None else CommunicatorBackend.AUTO
         hidden = operands[0].axis(1) if operands[0].ndim == 2 else Extent()
         out = TensorView(operands[0].dtype, [rows, hidden])
         self._emit(MoeCombine(out, *operands, count, backend=backend), ["combined_x"])
@@ -261,9 +266,9 @@ class FusionDefinition:
         Args:
             inputs: tensors (and ints for scalar inputs) in definition order.
             communicator: the expert-parallel group; by default the initialised process group, else one
-                from the launcher's environment, else a single rank (SPEC.md section 6).
+                from the launcher's environment, else a single rank (docs/contract.md section 6).
             trace: record a trace; read it from `fd.last_trace` (or the evaluator's `trace`).
-            check_inputs: checked mode (SPEC.md section 9).
+            check_inputs: checked mode (docs/contract.md section 9).
         """
         from fuser_moe.executors import HostIrEvaluator
 

@@ -24,9 +24,16 @@ def cuda_backend_skip_reason(device: str):
 
 @pytest.fixture(params=["nccl", "cuda"])
 def backend(request):
-    """Every backend; a missing one is skipped with the reason named."""
+    """Every backend; a missing one is skipped with the reason named, and so is nccl where a test's
+    `world_size` ranks share one GPU (harness.nccl_skip_reason)."""
     if request.param == "cuda":
         reason = cuda_backend_skip_reason(harness.TEST_DEVICE)
+        if reason:
+            pytest.skip(reason)
+    else:
+        params = getattr(getattr(request.node, "callspec", None), "params", {})
+        world_size = params.get("world_size")
+        reason = harness.nccl_skip_reason(world_size) if isinstance(world_size, int) else None
         if reason:
             pytest.skip(reason)
     return request.param

@@ -6,7 +6,10 @@ test sends a module-level function to every rank and gets every rank's result. A
 fails the test with its traceback; a job that does not finish within its timeout, or a rank that dies,
 kills the pool, which is started afresh for the next test. Nothing can hang.
 
-Environment: FUSER_MOE_TEST_DEVICE=cuda runs ranks on GPUs (rank i on cuda:i).
+Environment: FUSER_MOE_TEST_DEVICE=cuda runs ranks on GPUs: rank i on cuda:i when there are as many
+GPUs as ranks, otherwise every rank on cuda:0 (`pool_device`). The cuda backend runs so (CUDA IPC
+within one device); NCCL refuses two ranks on one GPU, so nccl cases of such a world are skipped with
+that reason (`nccl_skip_reason`, applied by tests/conftest.py and by `run_on_ranks`).
 """
 from __future__ import annotations
 
@@ -22,9 +25,41 @@ JOB_TIMEOUT_S = float(os.environ.get("FUSER_MOE_TEST_TIMEOUT_S", "120"))
 COLLECTIVE_TIMEOUT_S = 60.0
 
 
+def gpu_count() -> int:
+    """GPUs visible to the tests (0 unless FUSER_MOE_TEST_DEVICE=cuda)."""
+    if not TEST_DEVICE.startswith("cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pool_device(world_size: int) -> str:
+    """Where the ranks of a `world_size` job run, as `fuser_moe.launch.rank_device` reads it: "cpu",
+    "cuda" (rank i on cuda:i) or "cuda:0" (every rank on one GPU, when there are fewer GPUs than ranks)."""
+    if not TEST_DEVICE.startswith("cuda"):
+        return "cpu"
+    return "cuda" if gpu_count() >= world_size else "cuda:0"
+
+
+def shares_gpu(world_size: int) -> bool:
+    """True when the ranks of a `world_size` job share one GPU."""
+    return pool_device(world_size) == "cuda:0" and world_size > 1
+
+
+def nccl_skip_reason(world_size: int):
+    """Why the nccl backend cannot run `world_size` ranks here, or None."""
+    if shares_gpu(world_size):
+        return (f"nccl backend skipped: {world_size} ranks share cuda:0 ({gpu_count()} GPU(s) visible) and NCCL "
+                "refuses two ranks on one GPU")
+    return None
+
+
 def _worker(rank, world_size, port, device, jobs, results):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
+        if os.environ.get("FUSER_MOE_TEST_BREAK_START") == str(rank):  # tests of the harness itself
+            raise RuntimeError(f"rank {rank}: a start failure planted by FUSER_MOE_TEST_BREAK_START")
         from fuser_moe.launch import init_rank
 
         comm = init_rank(rank, world_size, port, device, COLLECTIVE_TIMEOUT_S)
@@ -52,9 +87,13 @@ class RankFailure(AssertionError):
 
 
 class RankPool:
-    def __init__(self, world_size: int, device: str = TEST_DEVICE):
+    """`world_size` rank processes with an initialised group, kept across tests; `device` as
+    `fuser_moe.launch.rank_device` reads it (default: `pool_device(world_size)`)."""
+
+    def __init__(self, world_size: int, device=None):
         from fuser_moe.launch import free_port
 
+        device = pool_device(world_size) if device is None else device
         self.world_size, self.device = world_size, device
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
@@ -85,6 +124,10 @@ class RankPool:
             if jid != job_id:
                 continue
             got[rank] = (ok, value)
+            if not ok and job_id == -1:
+                # A rank that failed to start leaves the others waiting in the rendezvous: stop them now.
+                self.kill()
+                raise RankFailure(f"{what}: rank {rank} failed to start (the other ranks were stopped):\n{value}")
             if not ok:
                 deadline = min(deadline, time.monotonic() + 10.0)  # the others may be stuck waiting for it
         failures = [f"--- rank {r} ---\n{v}" for r, (ok, v) in sorted(got.items()) if not ok]
@@ -154,7 +197,15 @@ def run_on_ranks(world_size: int, fn, *args, timeout_s: float = JOB_TIMEOUT_S) -
         if pool is not None:
             pool.kill()
         pool = _pools[world_size] = RankPool(world_size)
-    return pool.run(fn, *args, timeout_s=timeout_s)
+    try:
+        return pool.run(fn, *args, timeout_s=timeout_s)
+    except RankFailure as exc:
+        # A test that runs the nccl backend among others (a soak over both, say) on ranks sharing a GPU.
+        if shares_gpu(world_size) and "Duplicate GPU detected" in str(exc):
+            import pytest
+
+            pytest.skip(nccl_skip_reason(world_size))
+        raise
 
 
 def close_pools() -> None:
@@ -167,9 +218,8 @@ atexit.register(close_pools)
 
 
 def available_world_sizes(candidates=(1, 2, 3, 4)) -> list:
+    """The world sizes of `candidates` that can run here: all of them on the CPU and on one GPU or
+    more (ranks share cuda:0 when there are fewer GPUs than ranks); none without a GPU on cuda."""
     if TEST_DEVICE.startswith("cuda"):
-        import torch
-
-        n = torch.cuda.device_count()
-        return [w for w in candidates if w <= n]
+        return list(candidates) if gpu_count() >= 1 else []
     return list(candidates)

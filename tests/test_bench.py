@@ -1,4 +1,4 @@
-"""`fuser-moe bench` (SPEC.md section 10) on CPU ranks: Gloo and the shared-memory transport run the same
+"""`fuser-moe bench` (docs/contract.md section 10) on CPU ranks: Gloo and the shared-memory transport run the same
 measurement code as on GPUs. Every measurement is checked against the nccl backend before it is timed
 and recorded; the tables print; the results land in JSON, and in a PNG where matplotlib is installed
 (it stays optional); a case that fails is recorded and the run goes on.

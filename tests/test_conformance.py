@@ -1,4 +1,4 @@
-"""Conformance of every backend with the reference, bit for bit (SPEC.md sections 3-5).
+"""Conformance of every backend with the reference, bit for bit (docs/contract.md sections 3-5).
 
 Parametrized like gtest's INSTANTIATE_TEST_SUITE_P over backend x world size x top-k x dtype; each
 case runs on real ranks started by the harness.

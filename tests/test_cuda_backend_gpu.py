@@ -1,7 +1,8 @@
 """The CUDA backend on GPUs: capacity mode under a CUDA graph, no host synchronisation, flat memory.
 
-These need CUDA GPUs (FUSER_MOE_TEST_DEVICE=cuda, one per rank) and are skipped elsewhere with that
-reason; tools/gpu_check.sh runs them on a GPU machine.
+These need CUDA GPUs (FUSER_MOE_TEST_DEVICE=cuda: one per rank, or every rank on cuda:0 when there are
+fewer GPUs than ranks, which the cuda backend allows) and are skipped elsewhere with that reason;
+tools/gpu_check.sh runs them on a GPU machine.
 """
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Checked mode (SPEC.md section 9): a bad input on one rank makes every rank raise, nothing hangs.
+"""Checked mode (docs/contract.md section 9): a bad input on one rank makes every rank raise, nothing hangs.
 
 The rank with the bad input raises an error that names the problem; every other rank raises the same
 type saying which rank rejected its input. Afterwards the group still works: each case ends with a

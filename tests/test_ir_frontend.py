@@ -178,7 +178,7 @@ def test_grouped_mm_zero_fills_rows_past_the_groups_and_checks_sizes():
 @pytest.mark.parametrize("bad,text", [
     (lambda a, b, g: [a.double(), b, g], "input %a must have dtype torch.float32"),
     (lambda a, b, g: [a[0], b, g], "input %a must be 2-D"),
-    (lambda a, b, g: [a, b[:, :3], g], "input %b: extent 4 must be 4, got 3"),
+    (lambda a, b, g: [a, b[:, :3], g], "input %b: dimension 1 must have size 4, got 3 (given shape [2, 3, 3]"),
     (lambda a, b, g: [a, b, 3], "must be a torch.Tensor"),
 ])
 def test_evaluator_checks_bound_inputs(bad, text):

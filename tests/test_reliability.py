@@ -1,4 +1,4 @@
-"""Reliability: what SPEC.md section 9 promises, held under stress, on both backends.
+"""Reliability: what docs/contract.md section 9 promises, held under stress, on both backends.
 
   1. Bad inputs on one rank only (the rows of section 9 that tests/test_errors.py leaves out): every
      rank raises, the bad one naming the problem, and the group works afterwards.
@@ -11,7 +11,8 @@
   5. Two expert-parallel groups in one world at once, without crosstalk.
   6. Cleanup: a failed job, and Ctrl-C on `fuser-moe demo`, leave no process and no segment.
 
-Ranks run where the harness puts them (FUSER_MOE_TEST_DEVICE=cuda: rank i on cuda:i). Tests that kill
+Ranks run where the harness puts them (FUSER_MOE_TEST_DEVICE=cuda: rank i on cuda:i, or every rank on
+cuda:0 when there are fewer GPUs than ranks; nccl cases of such a world are skipped). Tests that kill
 or stall a rank start their own processes (`fuser_moe.launch.run_ranks`), never the shared pool.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from harness import TEST_DEVICE, RankFailure, RankPool, available_world_sizes, run_on_ranks, running
+from harness import (TEST_DEVICE, RankFailure, RankPool, available_world_sizes, nccl_skip_reason,
+                     pool_device, run_on_ranks, running, shares_gpu)
 from moe_cases import Case, expect_error, rank_inputs, run_case
 
 from fuser_moe.backends.transport.shm import segments_of
@@ -46,7 +48,7 @@ BACKENDS = ("nccl", "cuda")
 # The bad input sits on a middle rank where there is one (neither the store's host nor the last rank).
 BAD_INPUT_WORLD = (available_world_sizes((3, 2)) or [1])[0]
 BAD_RANK = 1
-needs_two_ranks = pytest.mark.skipif(BAD_INPUT_WORLD < 2, reason="needs 2 ranks (2 GPUs with FUSER_MOE_TEST_DEVICE=cuda)")
+needs_two_ranks = pytest.mark.skipif(BAD_INPUT_WORLD < 2, reason="needs 2 ranks (a GPU with FUSER_MOE_TEST_DEVICE=cuda)")
 
 
 # =============================================================================== 1. bad input matrix
@@ -112,17 +114,16 @@ def cuda_backend_skip_reason(device: str):
     return None if missing is None else f"cuda backend skipped: {missing}"
 
 
-def _skip_missing(backend: str) -> None:
-    if backend == "cuda":
-        reason = cuda_backend_skip_reason(TEST_DEVICE)
-        if reason:
-            pytest.skip(reason)
+def _skip_missing(backend: str, world_size: int = 2) -> None:
+    reason = cuda_backend_skip_reason(TEST_DEVICE) if backend == "cuda" else nccl_skip_reason(world_size)
+    if reason:
+        pytest.skip(reason)
 
 
 @needs_two_ranks
 @pytest.mark.parametrize("backend_name,which", _with_known_bugs(DISPATCH_ROWS))
 def test_dispatch_bad_input_on_one_rank(backend_name, which):
-    _skip_missing(backend_name)
+    _skip_missing(backend_name, BAD_INPUT_WORLD)
     bad = min(BAD_RANK, BAD_INPUT_WORLD - 1)
     run_on_ranks(BAD_INPUT_WORLD, dispatch_row_body, backend_name, which, bad)
 
@@ -267,7 +268,7 @@ class Vanishing:
         mid_combine (after its first phase) | mid_allocation (CUDA backend: inside the first symmetric
         buffer's rendezvous, its shared-memory segment created and not yet unlinked).
     victim: the rank that vanishes (-1: the last). user_group: the group is created with a long timeout
-        and the Communicator given a short one (SPEC: fuser_moe's own waits keep the Communicator's).
+        and the Communicator given a short one (docs/contract.md section 9: fuser_moe's own waits keep the Communicator's).
     """
 
     how: str
@@ -369,14 +370,16 @@ def vanished(request, tmp_path_factory):
                      if getattr(item, "originalname", "") == "test_vanished_peer" and hasattr(item, "callspec")})
     wanted = [(b, s) for b, s in wanted if b in VANISHINGS[s].backends and not
               (b == "cuda" and cuda_backend_skip_reason(TEST_DEVICE))
-              and VANISHINGS[s].world_size <= max(available_world_sizes((1, 2, 3, 4)))]
+              and not (b == "nccl" and nccl_skip_reason(VANISHINGS[s].world_size))
+              and VANISHINGS[s].world_size in available_world_sizes((1, 2, 3, 4))]
     folder = tmp_path_factory.mktemp("vanished")
 
     def launch(key):
         backend, scenario = key
         spec = VANISHINGS[scenario]
         marker = str(folder / f"{backend}-{scenario}.json")
-        outcomes = run_ranks(vanishing_body, spec.world_size, (backend, scenario, marker), device=TEST_DEVICE,
+        outcomes = run_ranks(vanishing_body, spec.world_size, (backend, scenario, marker),
+                             device=pool_device(spec.world_size),
                              timeout_s=60, collective_timeout_s=60.0 if spec.user_group else PEER_TIMEOUT_S,
                              grace_s=30, exit_grace_s=30)  # slow with this many processes on few cores
         return key, (outcomes, marker)
@@ -391,7 +394,8 @@ def test_vanished_peer(backend, scenario, vanished):
     if backend not in spec.backends:
         pytest.skip(f"{scenario} concerns the {' and '.join(spec.backends)} backend only")
     if (backend, scenario) not in vanished:
-        pytest.skip(f"needs {spec.world_size} ranks")
+        pytest.skip(nccl_skip_reason(spec.world_size) if backend == "nccl" and nccl_skip_reason(spec.world_size)
+                    else f"needs {spec.world_size} ranks")
     outcomes, marker = vanished[backend, scenario]
     victim = spec.victim % spec.world_size
     for o in outcomes:
@@ -427,7 +431,10 @@ SOAK_WORLDS = {2: 120, 3: 40}  # world size -> rounds per backend (after the war
 
 @pytest.mark.parametrize("world_size", [w for w in available_world_sizes((2, 3)) if w in SOAK_WORLDS])
 def test_soak_short(world_size):
-    backends = tuple(b for b in BACKENDS if not (b == "cuda" and cuda_backend_skip_reason(TEST_DEVICE)))
+    backends = tuple(b for b in BACKENDS if not (b == "cuda" and cuda_backend_skip_reason(TEST_DEVICE))
+                     and not (b == "nccl" and nccl_skip_reason(world_size)))
+    if not backends:
+        pytest.skip(nccl_skip_reason(world_size) or "no backend can run here")
     cfg = SoakConfig(rounds=SOAK_WORLDS[world_size], backends=backends, seed=world_size, fault_every=10)
     per_rank = run_on_ranks(world_size, soak_rank, cfg, timeout_s=300)
     assert not verdict(per_rank), "\n".join(verdict(per_rank))
@@ -468,14 +475,16 @@ class _LeakingFds:
         return self.inner.combine(*args, **kwargs)
 
 
-def soak_self_check_body(comm):
+def soak_self_check_body(comm, inner: str = "nccl"):
     cfg = SoakConfig(rounds=12, backends=("corrupting", "leaking"), fault_every=0, max_tokens=6)
-    nccl = get_backend("nccl")
-    return soak_rank(comm, cfg, backends={"corrupting": _Corrupting(nccl), "leaking": _LeakingFds(nccl)})
+    backend = get_backend(inner)
+    return soak_rank(comm, cfg, backends={"corrupting": _Corrupting(backend), "leaking": _LeakingFds(backend)})
 
 
 def test_soak_catches_wrong_results_and_leaks():
-    per_rank = run_on_ranks(2, soak_self_check_body)
+    inner = "cuda" if shares_gpu(2) else "nccl"  # NCCL refuses two ranks on one GPU
+    _skip_missing(inner)
+    per_rank = run_on_ranks(2, soak_self_check_body, inner)
     corrupting, leaking = per_rank[0]
     assert corrupting["mismatches"] > 0 and "combined_x differs" in corrupting["problems"][0], corrupting
     assert any("fds grew" in line for line in leaking["leaks"]), leaking
@@ -485,7 +494,8 @@ def test_soak_catches_wrong_results_and_leaks():
     assert len(grown) == 2 and "shm_mapped grew" in grown[0] and "rss grew" in grown[1], grown
 
 
-@pytest.mark.skipif(2 not in available_world_sizes((2,)), reason="needs 2 ranks")
+@pytest.mark.skipif(2 not in available_world_sizes((2,)) or shares_gpu(2),
+                    reason="needs 2 ranks (2 GPUs with FUSER_MOE_TEST_DEVICE=cuda: the tool puts one rank on each)")
 def test_soak_tool_prints_what_it_ran_and_exits_zero():
     out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "soak.py"), "--rounds", "20",
                           "--world-size", "2", "--backends", "nccl,cuda", "--fault-every", "5",
@@ -637,11 +647,11 @@ def two_groups_body(comm, backends, rounds):
     return facts
 
 
-@pytest.mark.skipif(4 not in available_world_sizes((4,)), reason="needs 4 ranks (4 GPUs with FUSER_MOE_TEST_DEVICE=cuda)")
+@pytest.mark.skipif(4 not in available_world_sizes((4,)), reason="needs 4 ranks (a GPU with FUSER_MOE_TEST_DEVICE=cuda)")
 @pytest.mark.parametrize("backends", [("nccl", "nccl"), ("cuda", "cuda"), ("nccl", "cuda")], ids="-".join)
 def test_two_groups_in_one_world_do_not_cross(backends):
     for b in backends:
-        _skip_missing(b)
+        _skip_missing(b, 4)
     facts = run_on_ranks(4, two_groups_body, backends, 8)
     for rank, f in enumerate(facts):
         g = rank // 2

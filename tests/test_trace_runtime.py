@@ -168,7 +168,7 @@ def auto_backend_body(comm):
 
 @pytest.mark.parametrize("world_size", MULTI[:1])
 def test_auto_backend_resolves_per_node_and_says_why(world_size):
-    """SPEC.md section 7: cuda for CUDA tensors on one host with peer access, nccl otherwise."""
+    """docs/contract.md section 7: cuda for CUDA tensors on one host with peer access, nccl otherwise."""
     choices = run_on_ranks(world_size, auto_backend_body)
     for per_rank in choices:
         assert len(per_rank) == 2

@@ -1,4 +1,4 @@
-"""The symmetric-memory transport of the CUDA backend (SPEC.md section 8).
+"""The symmetric-memory transport of the CUDA backend (docs/contract.md section 8).
 
 Every behaviour runs on W spawned ranks (W in 1, 2, 4), on the CPU (`ShmTransport`, POSIX shared memory)
 and on GPUs (`CudaIpcTransport`, rank i on cuda:i; skipped where fewer than W GPUs exist). The harness is

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-checks every CUDA kernel source of the backends (backends/**/*.cu) with nvcc, the way NVRTC
-# builds them at run time (SPEC.md section 8): sm_90, no fused multiply-add, C++17. Needs no GPU.
+# builds them at run time (docs/contract.md section 8): sm_90, no fused multiply-add, C++17. Needs no GPU.
 # Exits non-zero on a compile error; prints a skip message and exits 0 where nvcc is missing.
 #
 # Usage: tools/check_kernels.sh [ARCH]      (ARCH defaults to sm_90, or $FUSER_MOE_CHECK_ARCH)

@@ -4,7 +4,7 @@
 #   suite: kernels compile check; the whole parametrized suite with ranks on the GPUs
 #          (FUSER_MOE_TEST_DEVICE=cuda: every world size up to the GPU count); the demo under torchrun
 #          with both backends.
-#   bench: the whole benchmark (SPEC.md section 10, fuser_moe/bench.py): standard (T=4096), decode
+#   bench: the whole benchmark (docs/contract.md section 10, fuser_moe/bench.py): standard (T=4096), decode
 #          (T=128) and the sweep of T from 1 to 16384; nccl and cuda backends in exact, capacity and
 #          CUDA-graph mode; the all_to_all_single and all_to_all_vdev_2d baselines; every result checked
 #          bit for bit before it is timed. First a short run under torchrun (the launcher path, into
@@ -12,7 +12,7 @@
 #          bench.png, bench_progress.log (a line per measurement) and bench.txt (the tables, printed last).
 #   soak:  tools/soak.py with one rank per GPU, both backends (SOAK_ROUNDS rounds each, default 1000),
 #          into soak.log and soak.json: mismatches, wrong errors and leaks fail it.
-#   compare: before/after on this machine in one run (SPEC.md section 10): the standard and decode
+#   compare: before/after on this machine in one run (docs/contract.md section 10): the standard and decode
 #          workloads, every mode, with the checkout at $BEFORE (say a `git worktree add` of the commit
 #          before a change) and then with this one, into compare_before.txt and compare_after.txt.
 # Usage: tools/gpu_check.sh [suite|bench|soak|compare|all]    (default all = suite, bench, soak; PYTEST_ARGS passes

@@ -1,4 +1,4 @@
-// Dispatch and combine kernels of the CUDA backend (SPEC.md sections 3, 4 and 8).
+// Dispatch and combine kernels of the CUDA backend (docs/contract.md sections 3, 4 and 8).
 //
 // Dispatch, on rank r (W ranks, T tokens, K slots, E experts), tokens cut into chunks of `chunk` tokens:
 //   count   (a block per chunk)  per chunk: tokens for each destination rank, pairs for each expert.

@@ -1,4 +1,4 @@
-"""Symmetric-memory transport of the CUDA backend (SPEC.md section 8).
+"""Symmetric-memory transport of the CUDA backend (docs/contract.md section 8).
 
 `transport_for(comm)` gives the one transport of a communicator: `CudaIpcTransport` for CUDA devices
 (buffers shared through CUDA IPC, NVRTC-compiled push and barrier kernels), `ShmTransport` for the CPU

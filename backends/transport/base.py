@@ -2,7 +2,7 @@
 
 A transport gives every rank of a group the same-shaped buffer (`SymmetricTensor`), lets a rank write
 whole rows straight into its peers' buffers (`push_rows`) and orders those writes with a barrier
-(SPEC.md section 8). `CudaIpcTransport` (cuda_ipc.py) maps GPU memory through CUDA IPC and runs the
+(docs/contract.md section 8). `CudaIpcTransport` (cuda_ipc.py) maps GPU memory through CUDA IPC and runs the
 kernels in kernels/; `ShmTransport` (shm.py) runs the same protocol over POSIX shared memory on the CPU,
 so that CI exercises its offsets, caching and barrier logic. This module holds the interface, the
 control-block layout, the buffer cache and the store rendezvous that both use.

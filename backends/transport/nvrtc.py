@@ -1,6 +1,6 @@
 """Compiles the backends' CUDA C++ kernels with NVRTC at first use, loads them and launches them.
 
-Every kernel of the CUDA backend lives in a `.cu` file (SPEC.md section 8) that compiles unchanged
+Every kernel of the CUDA backend lives in a `.cu` file (docs/contract.md section 8) that compiles unchanged
 under nvcc (tools/check_kernels.sh) and NVRTC: no system headers, fixed-width types by typedef, and
 `extern "C"` entry points so that names are not mangled.
 
@@ -8,7 +8,7 @@ under nvcc (tools/check_kernels.sh) and NVRTC: no system headers, fixed-width ty
     kernel.launch(grid, block, [src_tensor, ctypes.c_int64(n), ...])   # on torch's current stream
 
 Compilation targets the device's own architecture (`--gpu-architecture=sm_XY`), with `--fmad=false`
-(SPEC.md section 4: `a * b + c` must not be contracted) and `-std=c++17`. Binaries are cached on disk,
+(docs/contract.md section 4: `a * b + c` must not be contracted) and `-std=c++17`. Binaries are cached on disk,
 keyed by the sha256 of the source, the headers beside it, the options, the architecture and the NVRTC
 version, under `$FUSER_MOE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/fuser_moe/kernels`, else
 `~/.cache/fuser_moe/kernels`; loaded modules are cached per device in the process.

@@ -24,6 +24,13 @@ DispatchResult = namedtuple("DispatchResult", MoeDispatch.OUTPUT_NAMES)
 DispatchResult.__doc__ = "The TensorViews of a MoeDispatch, by name (SPEC.md section 3)."
 
 
+def _differentiable_call(inputs) -> bool:
+    """Grad mode is on and an input tensor requires grad: execute records a backward (section 11)."""
+    import torch
+
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+
+
 def _operand(op: str, name: str, v) -> TensorView:
     type_check(isinstance(v, TensorView), op, name, "a TensorView defined in this FusionDefinition",
                type(v).__name__)
@@ -216,6 +223,9 @@ class FusionDefinition:
                 from the launcher's environment, else a single rank (SPEC.md section 6).
             trace: record a trace; read it from `fd.last_trace` (or the evaluator's `trace`).
             check_inputs: checked mode (SPEC.md section 9).
+        Returns: the outputs, tensors (ints for scalar outputs). When grad mode is on and an input requires
+            grad, floating outputs carry a grad_fn: `backward()`, called on every rank, runs the program
+            printed by `backward_ir()` (docs/contract.md section 11).
         """
         from fuser_moe.executors import HostIrEvaluator
 
@@ -227,7 +237,38 @@ class FusionDefinition:
             evaluator = HostIrEvaluator(self.container, communicator, trace=trace, check_inputs=check_inputs)
             self._evaluators[key] = evaluator
         self.last_evaluator = evaluator
+        if _differentiable_call(inputs):
+            outputs, self.last_evaluator = self._differentiable().run(inputs, communicator, trace, check_inputs)
+            return outputs
         return evaluator.run(inputs)
+
+    # ------------------------------------------------------------------ autograd (docs/contract.md section 11)
+    def _differentiable(self):
+        from fuser_moe.executors.autograd import DifferentiableProgram
+
+        if getattr(self, "_autograd", None) is None:
+            self._autograd = DifferentiableProgram(self.container, getattr(self, "_routing", None))
+        return self._autograd
+
+    def backward_ir(self, requires_grad: Optional[Sequence[bool]] = None,
+                    grad_outputs: Optional[Sequence[bool]] = None):
+        """The backward host IR that `backward()` runs after `execute` with inputs that require grad.
+
+        Args:
+            requires_grad: per input, whether its gradient is wanted (default: every floating input).
+            grad_outputs: per output, whether a gradient arrives for it (default: every floating output).
+        Returns: the backward `HostIrContainer` (print it: one node a line, typed). Its inputs are the
+            gradients of the outputs (`%grad_<name>`) and the forward values it reads; its outputs are
+            the gradients of the inputs that get one, in input order.
+        """
+        if not self._built:
+            raise RuntimeError("backward_ir() is called after the `with FusionDefinition() as fd:` block closes")
+        prog = self._differentiable()
+        needs = tuple(requires_grad) if requires_grad is not None else tuple(
+            isinstance(v, TensorView) and v.dtype in (DataType.Float, DataType.Half, DataType.BFloat16)
+            for v in self.container.inputs)
+        defined = tuple(grad_outputs) if grad_outputs is not None else prog.all_grads()
+        return prog.program(needs, defined).container
 
     @property
     def last_trace(self):

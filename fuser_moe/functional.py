@@ -71,6 +71,15 @@ def _communicator(communicator: Optional[Communicator], device: torch.device) ->
     return comm
 
 
+@torch._dynamo.assume_constant_result
+def _config_for(communicator, device: str, num_experts: int, expert_to_rank, backend, max_recv_tokens,
+                check_inputs) -> str:
+    """The key of a call's configuration (registered at first use). torch.compile runs this for real while it
+    traces (a constant of the graph), so the fake implementations find the configuration."""
+    comm = _communicator(communicator, torch.device(device))
+    return _config(comm, num_experts, expert_to_rank, backend, max_recv_tokens, check_inputs)
+
+
 def _config(comm: Communicator, num_experts: int, expert_to_rank, backend, max_recv_tokens, check_inputs) -> str:
     if comm not in _comm_ids:
         _comm_ids[comm] = next(_comm_counter)
@@ -293,7 +302,9 @@ def moe_dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, *, num_exper
         expert_to_rank: optional [E] placement; contiguous blocks when None.
         max_recv_tokens: capacity C: outputs get leading extent C (static shapes, torch.compile traces
             through); None: exact sizes (torch.compile breaks the graph around the call).
-        x_scales: [T, ceil(H / 128)] float32 scales of an fp8 x (section 12): returned as recv_x_scales.
+        x_scales: [T, ceil(H / 128)] float32 scales of an fp8 x (section 12): returned as recv_x_scales,
+            row-aligned with recv_x. FP8 calls run eagerly (a graph break under torch.compile) and give a
+            gradient to topk_weights only.
         check_inputs: checked mode (section 9).
     Returns: `DispatchOutputs`: recv_x [V, H] (x's dtype), recv_topk_idx [V] int64, recv_topk_weights [V]
         float32, recv_src_idx [V] int64, recv_src_rank [V] int64, n_tokens_to_rank [W] int64,
@@ -301,9 +312,12 @@ def moe_dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, *, num_exper
         Gradients flow to x (grad_x is the combine of grad_recv_x with unit weights) and to topk_weights
         (each pair's float32 gradient of recv_topk_weights), on every rank's backward().
     """
-    comm = _communicator(communicator, x.device)
-    config = _config(comm, num_experts, expert_to_rank, backend, max_recv_tokens, check_inputs)
+    config = _config_for(communicator, str(x.device), num_experts, None if expert_to_rank is None else
+                         tuple(expert_to_rank), backend, max_recv_tokens, check_inputs)
     if x_scales is not None:
+        if not _fp8_supported():
+            raise NotImplementedError("moe_dispatch: x_scales needs FP8 dispatch (docs/contract.md section 12), "
+                                      "which this build of fuser_moe lacks")
         return _dispatch_fp8(config, x, topk_idx, topk_weights, x_scales)
     if max_recv_tokens is None:
         return _dispatch_exact(x, topk_idx, topk_weights, config)
@@ -321,7 +335,30 @@ def _dispatch_fp8(config, x, topk_idx, topk_weights, x_scales):
     fd = _dispatch_fusion(config, x.dtype, x.shape[1], topk_idx.shape[1], topk_idx.dtype, with_scales=True)
     outs = fd.execute([x, topk_idx, topk_weights, x_scales], communicator=cfg.comm, check_inputs=cfg.check_inputs)
     named = dict(zip(fd._output_names, outs))
-    return DispatchOutputs(**{f: named[f] for f in DispatchOutputs._fields if f in named})
+    result_type = DispatchOutputs
+    if not set(named) <= set(DispatchOutputs._fields):  # DispatchOutputs without a recv_x_scales field
+        result_type = _with_scales_type()
+    return result_type(**{f: named[f] for f in result_type._fields if f in named})
+
+
+def _with_scales_type():
+    global _DispatchOutputsWithScales
+    if _DispatchOutputsWithScales is None:
+        from collections import namedtuple
+
+        _DispatchOutputsWithScales = namedtuple("DispatchOutputs", DispatchOutputs._fields + ("recv_x_scales",))
+    return _DispatchOutputsWithScales
+
+
+_DispatchOutputsWithScales = None
+
+
+def _fp8_supported() -> bool:
+    import inspect
+
+    from fuser_moe.python_frontend import Ops
+
+    return "x_scales" in inspect.signature(Ops.moe_dispatch).parameters
 
 
 def moe_combine(x: Tensor, dispatch: DispatchOutputs, topk_idx: Tensor, topk_weights: Optional[Tensor] = None, *,
@@ -342,8 +379,8 @@ def moe_combine(x: Tensor, dispatch: DispatchOutputs, topk_idx: Tensor, topk_wei
         float32(grad_out[src_idx[row]])), grad_topk_weights[row] = float32 dot(grad_out[t], x[row]);
         padding rows get zeros.
     """
-    comm = _communicator(communicator, x.device)
-    config = _config(comm, num_experts, expert_to_rank, backend, max_recv_tokens, check_inputs)
+    config = _config_for(communicator, str(x.device), num_experts, None if expert_to_rank is None else
+                         tuple(expert_to_rank), backend, max_recv_tokens, check_inputs)
     weights = dispatch.recv_topk_weights if topk_weights is None else topk_weights
     args = (x, weights, dispatch.recv_src_idx, dispatch.recv_src_rank, dispatch.n_tokens_to_rank,
             dispatch.n_tokens_from_rank, topk_idx, config)

@@ -275,6 +275,13 @@ class FusionDefinition:
         ev = getattr(self, "last_evaluator", None)
         return None if ev is None else ev.trace
 
+    @property
+    def last_backward_trace(self):
+        """The trace of the last backward run of this fusion (with `execute(..., trace=True)`), or None."""
+        prog = getattr(self, "_autograd", None)
+        ev = None if prog is None else prog.last_backward_evaluator
+        return None if ev is None else ev.trace
+
     def __str__(self) -> str:
         return self.container.to_string()
 

@@ -314,3 +314,55 @@ def test_combine_without_its_dispatch_has_no_gradient_path():
         fd.add_output(fd.ops.moe_combine(y, w, *ints, num_tokens=3))
     with pytest.raises(ValueError, match="routing of the MoeDispatch"):
         fd.backward_ir()
+
+
+# ---------------------------------------------------------------------------------------- MoELayer, train
+def moe_layer_module_body(comm, backend: str, capacity) -> None:
+    """MoELayer on every rank against the same layer in one process (plain torch, every expert)."""
+    from fuser_moe.nn import MoELayer, expert_weights, reference_moe, router_weight
+
+    W, r = comm.world_size, comm.rank
+    T, H, F, E, K = 9, 8, 12, 2 * W, 2
+    layer = MoELayer(H, F, E, K, communicator=comm, backend=backend, capacity=capacity, seed=5, device=comm.device)
+    gen = torch.Generator().manual_seed(17)
+    xs = [torch.randn(T, H, generator=gen) for _ in range(W)]
+    gs = [torch.randn(T, H, generator=gen) for _ in range(W)]
+    x = xs[r].to(comm.device).clone().requires_grad_()
+    out = layer(x)
+    out.backward(gs[r].to(comm.device))
+    experts = [expert_weights(e, H, F, seed=5) for e in range(E)]  # every expert, as the ranks drew theirs
+    params = [router_weight(E, H, seed=5).requires_grad_()] + [
+        torch.stack([w[i] for w in experts]).requires_grad_() for i in range(3)]
+    X = torch.cat(xs).requires_grad_()
+    ref = reference_moe(X, *params, top_k=K)
+    ref.backward(torch.cat(gs))
+    rows = slice(r * T, (r + 1) * T)
+    torch.testing.assert_close(out.detach().cpu(), ref[rows].detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.cpu(), X.grad[rows], rtol=1e-5, atol=1e-6)
+    local = layer.local_experts
+    for name, p in zip(("w_gate", "w_up", "w_down"), params[1:]):
+        torch.testing.assert_close(getattr(layer, name).grad.cpu(), p.grad[local], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"rank {r}: grad of {name}: {m}")
+    router = layer.router.weight.grad.clone()
+    if comm.is_distributed:
+        torch.distributed.all_reduce(router, group=comm.group)
+    torch.testing.assert_close(router.cpu(), params[0].grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("capacity", [None, 64], ids=["exact", "capacity"])
+@pytest.mark.parametrize("world_size", [w for w in WORLD_SIZES if w == 2] or [1])
+def test_moe_layer_matches_single_process(backend, world_size, capacity):
+    run_on_ranks(world_size, moe_layer_module_body, backend, capacity)
+
+
+def test_train_command_follows_single_process(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from fuser_moe.cli import main
+
+    plot = tmp_path / "loss.png"
+    code = main(["train", "--world-size", "2", "--steps", "3", "--tokens", "8", "--experts", "4",
+                 "--plot", str(plot), "--timeout", "120"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "step-0 gradients" in text and "OK" in text and "largest relative difference" in text
+    assert plot.stat().st_size > 1000

@@ -115,9 +115,6 @@ def live_values(container: HostIrContainer, needs_grad: Sequence[bool]) -> set:
             continue
         if isinstance(e, Size) or not any(id(v) in live for v in e.inputs):
             continue
-        if not isinstance(e, (GroupedMm, Silu, Mul, Add, Cast)):
-            raise NotImplementedError(f"autograd: no adjoint for {e.op_name}, which reads a value that needs a "
-                                      f"gradient: {e.to_string()}")
         for out in e.outputs:
             if isinstance(out, TensorView) and out.dtype in DIFFERENTIABLE:
                 live.add(id(out))
@@ -177,9 +174,9 @@ class _Builder:
         if isinstance(e, MoeCombine):
             return self._combine(e)
         grads = [self.grad_of(o) for o in e.outputs]
-        g = grads[0] if grads else None
-        if g is None:
+        if all(grad is None for grad in grads):
             return
+        g = grads[0]
         if isinstance(e, GroupedMm):
             a, b, sizes = e.inputs
             if self.needs(a):
@@ -205,6 +202,10 @@ class _Builder:
             a = e.inputs[0]
             if self.needs(a):
                 self.contribute(a, self.emit(Cast(self.like(a), g, a.dtype), [f"grad_{a.name}"]).outputs[0])
+        elif any(self.needs(v) for v in e.inputs):
+            # Raised only where a gradient must pass through the node: never lose one silently.
+            raise NotImplementedError(f"autograd: no adjoint for {e.op_name}, but a gradient must flow through "
+                                      f"{e.to_string()} (detach its input, or run the fusion under torch.no_grad())")
 
     def _sum_to(self, grad: TensorView, operand: TensorView) -> TensorView:
         if _same_extents(grad, operand):

@@ -168,7 +168,8 @@ def _dispatch_op(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, config: str)
         Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg = _configs[config]
     fd = _dispatch_fusion(config, x.dtype, x.shape[1], topk_idx.shape[1], topk_idx.dtype)
-    outs = fd.execute([x, topk_idx, topk_weights], communicator=cfg.comm, check_inputs=cfg.check_inputs)
+    with torch.no_grad():  # the op's autograd formula is registered below; no second graph inside
+        outs = fd.execute([x, topk_idx, topk_weights], communicator=cfg.comm, check_inputs=cfg.check_inputs)
     return tuple(_fresh(t) for t in outs[:8])
 
 
@@ -215,14 +216,14 @@ def _(grad_recv_x, grad_recv_topk_weights, recv_topk_idx, recv_src_idx, recv_src
 def _dispatch_setup(ctx, inputs, output):
     x, topk_idx, _, config = inputs
     ctx.save_for_backward(output[1], output[3], output[4], output[5], output[6], topk_idx)
-    ctx.num_tokens, ctx.config, ctx.hidden = x.shape[0], config, x.shape[1]
+    ctx.num_tokens, ctx.config, ctx.hidden, ctx.x_dtype = x.shape[0], config, x.shape[1], x.dtype
 
 
 def _dispatch_backward(ctx, grad_recv_x, _g1, grad_recv_topk_weights, *_rest):
     recv_topk_idx, recv_src_idx = ctx.saved_tensors[:2]
     rows = recv_src_idx.shape[0]
     if grad_recv_x is None:
-        grad_recv_x = torch.zeros(rows, ctx.hidden, device=recv_src_idx.device)
+        grad_recv_x = torch.zeros(rows, ctx.hidden, dtype=ctx.x_dtype, device=recv_src_idx.device)
     if grad_recv_topk_weights is None:
         grad_recv_topk_weights = torch.zeros(rows, device=recv_src_idx.device)
     grad_x, grad_w = torch.ops.fuser_moe.moe_dispatch_backward(grad_recv_x, grad_recv_topk_weights,
@@ -238,8 +239,9 @@ def _combine_op(x: Tensor, topk_weights: Tensor, src_idx: Tensor, src_rank: Tens
                 n_tokens_from_rank: Tensor, topk_idx: Tensor, config: str) -> Tensor:
     cfg = _configs[config]
     fd = _combine_fusion(config, x.dtype, x.shape[1], topk_idx.shape[1], topk_idx.dtype)
-    (out,) = fd.execute([x, topk_weights, src_idx, src_rank, n_tokens_to_rank, n_tokens_from_rank, topk_idx],
-                        communicator=cfg.comm, check_inputs=cfg.check_inputs)
+    with torch.no_grad():
+        (out,) = fd.execute([x, topk_weights, src_idx, src_rank, n_tokens_to_rank, n_tokens_from_rank, topk_idx],
+                            communicator=cfg.comm, check_inputs=cfg.check_inputs)
     return _fresh(out)
 
 

@@ -366,3 +366,34 @@ def test_train_command_follows_single_process(tmp_path, capsys):
     assert code == 0, text
     assert "step-0 gradients" in text and "OK" in text and "largest relative difference" in text
     assert plot.stat().st_size > 1000
+
+
+def test_a_node_without_adjoint_raises_instead_of_losing_the_gradient():
+    from fuser_moe.ir import TensorView
+    from fuser_moe.ir.base import Expr
+
+    class Opaque(Expr):
+        op_name = "Opaque"
+
+    with FusionDefinition() as fd:
+        x = fd.define_tensor(shape=[-1, 4], dtype=DataType.Float, name="x")
+        out = TensorView(DataType.Float, list(x.extents))
+        fd.ops._emit(Opaque([out], [x]))
+        fd.add_output(out)
+    with pytest.raises(NotImplementedError, match="no adjoint for Opaque"):
+        fd.backward_ir()
+
+
+def test_function_api_with_an_unused_output_and_bfloat16():
+    """Only recv_topk_weights reaches the loss: grad_recv_x arrives as None (zeros of x's dtype)."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 8, generator=gen).to(torch.bfloat16).requires_grad_()
+    idx = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(6)])
+    idx[1, 1] = -1
+    w = torch.rand(6, 2, generator=gen).requires_grad_()
+    d = fm.moe_dispatch(x, idx, w, num_experts=4, communicator=fm.Communicator())
+    (d.recv_topk_weights * torch.arange(d.recv_topk_weights.shape[0])).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    rows = {(int(t), int(e)): float(v) for v, (t, e) in enumerate(zip(d.recv_src_idx, d.recv_topk_idx))}
+    want = torch.tensor([[rows.get((t, int(e)), 0.0) if e >= 0 else 0.0 for e in idx[t]] for t in range(6)])
+    assert torch.equal(w.grad, want)

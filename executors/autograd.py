@@ -603,11 +603,10 @@ class _FusionFunction(torch.autograd.Function):
         ctx.save_for_backward(*to_save)
         ctx.state = state
         ctx.set_materialize_grads(False)
-        non_diff = [o for o, v in zip(outputs, state.program.container.outputs)
-                    if isinstance(o, torch.Tensor) and not (isinstance(v, TensorView) and v.dtype in DIFFERENTIABLE)]
-        outputs = [o.clone() if any(o is t for t in tensors) else o for o in outputs]
-        ctx.mark_non_differentiable(*[o for o in outputs if isinstance(o, torch.Tensor) and not o.is_floating_point()]
-                                    + [o for o in non_diff if o.is_floating_point()])
+        outputs = [o.clone() if any(o is t for t in tensors) else o for o in outputs]  # an input passed through
+        ctx.mark_non_differentiable(*[o for o, v in zip(outputs, state.program.container.outputs)
+                                      if isinstance(o, torch.Tensor)
+                                      and not (isinstance(v, TensorView) and v.dtype in DIFFERENTIABLE)])
         return tuple(outputs)
 
     @staticmethod

@@ -47,8 +47,9 @@ def grad_fusion(case: Case, backend: str, expert: str) -> FusionDefinition:
     return fd
 
 
-def expected_grads(case: Case, expert: str, grad_outs: list):
-    """Per rank: (grad_x with the contract's rounding points, grad_topk_weights in float64)."""
+def expected_grads(case: Case, expert: str, grad_outs: list, device="cpu"):
+    """Per rank: (grad_x with the contract's rounding points, grad_topk_weights in float64). The expert's
+    own adjoint (a local op) runs on `device`, as torch does there."""
     xs, idxs, ws = make_inputs(case)
     dtype = DTYPES[case.dtype]
     ref = reference_dispatch(xs, idxs, ws, case.num_experts, case.expert_to_rank, case.max_recv_tokens)
@@ -63,7 +64,7 @@ def expected_grads(case: Case, expert: str, grad_outs: list):
             rows.append((r.recv_topk_weights[v].float() * grad_outs[s][t].float()).to(dtype))
         g_y = torch.stack(rows) if rows else torch.empty(0, case.hidden, dtype=dtype)
         if expert == "silu":
-            g_y = torch.ops.aten.silu_backward(g_y, r.recv_x)
+            g_y = torch.ops.aten.silu_backward(g_y.to(device), r.recv_x.to(device)).cpu()
         grad_recv.append(g_y)
     ones = [torch.ones(r.recv_x.shape[0]) for r in ref]
     grad_x = reference_combine(grad_recv, ones, [r.recv_src_idx for r in ref], [r.recv_src_rank for r in ref],
@@ -87,7 +88,7 @@ def grad_body(comm, case: Case, backend: str, expert: str = "identity") -> dict:
     r, dev = comm.rank, comm.device
     xs, idxs, ws = make_inputs(case)
     grad_outs = _grad_outs(case)
-    want_x, want_w = expected_grads(case, expert, grad_outs)
+    want_x, want_w = expected_grads(case, expert, grad_outs, dev)
     got = {}
     for path in ("fusion", "fusion again", "function"):
         x = xs[r].to(dev).clone().requires_grad_()

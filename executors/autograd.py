@@ -289,8 +289,7 @@ class _Builder:
         grad_of_output: list = []
         for out, defined in zip(fwd.outputs, grads_defined):
             if defined and isinstance(out, TensorView) and id(out) in self.live:
-                g = TensorView(out.dtype, list(out.extents), name=None)
-                g.name = None
+                g = TensorView(out.dtype, list(out.extents))
                 grad_inputs.append((g, f"grad_{out.name}"))
                 self.contribute(out, g)
                 grad_of_output.append(g)
@@ -306,7 +305,8 @@ class _Builder:
         saved, seen = [], set()
         for e, _ in self.exprs:
             for v in e.inputs:
-                if id(v) in self.produced or id(v) in grad_ids or id(v) in seen or (v.is_const and not isinstance(v, TensorView)):
+                constant = v.is_const and not isinstance(v, TensorView)
+                if constant or id(v) in self.produced or id(v) in grad_ids or id(v) in seen:
                     continue
                 seen.add(id(v))
                 saved.append(v)

@@ -98,12 +98,13 @@ def batch(cfg: TrainConfig, step: int, world_size: int, device):
     return x.to(device), y.to(device)
 
 
-def _relative(got: Optional[torch.Tensor], want: Optional[torch.Tensor]) -> float:
+def _relative(got: Optional[torch.Tensor], want: Optional[torch.Tensor]) -> tuple:
+    """(max |got - want| / max |want|, max |want|); a missing gradient counts as zeros."""
     got = torch.zeros_like(want) if got is None else got
     want = torch.zeros_like(got) if want is None else want
     scale = want.abs().max().item() if want.numel() else 0.0
     diff = (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
-    return diff / scale if scale > 0 else diff
+    return (diff / scale if scale > 0 else diff), scale
 
 
 def train_rank(comm, cfg: TrainConfig) -> dict:
@@ -173,7 +174,7 @@ def _step0_grads(model: ExpertParallelModel, reference: Optional[SingleProcessMo
     for rank, grads in enumerate(everyone):
         for name, g in grads.items():
             if name in ref and (rank == 0 or name.startswith("expert")):
-                checks.append((f"{name} (rank {rank})", _relative(g, ref[name].detach().cpu())))
+                checks.append((f"{name} (rank {rank})", *_relative(g, ref[name].detach().cpu())))
     return checks
 
 
@@ -182,12 +183,12 @@ def format_report(results: list, cfg: TrainConfig, world: int, device: str) -> t
     first = results[0]
     out = io.StringIO()
     checks = first["grad_check"]
-    worst = max((r for _, r in checks), default=0.0)
+    worst = max((r for _, r, _ in checks), default=0.0)
     grads_ok = worst <= GRAD_TOLERANCE and bool(checks)
     print(f"\nstep-0 gradients, {world} ranks ({device}, backend {cfg.backend}) vs one process, float32:", file=out)
-    print(f"  {'parameter':<28} max|g - g_ref| / max|g_ref|", file=out)
-    for name, rel in checks:
-        print(f"  {name:<28} {rel:.3e}", file=out)
+    print(f"  {'parameter':<28} {'max|g_ref|':>10}  max|g - g_ref| / max|g_ref|", file=out)
+    for name, rel, scale in checks:
+        print(f"  {name:<28} {scale:10.3e}  {rel:.3e}", file=out)
     print(f"  worst {worst:.3e} (tolerance {GRAD_TOLERANCE:g}): {'OK' if grads_ok else 'FAILED'}", file=out)
     losses, ref = first["losses"], first["reference_losses"]
     curve = [abs(a - b) / abs(b) if b else abs(a - b) for a, b in zip(losses, ref)]

@@ -17,10 +17,13 @@ from fuser_moe.backends.communicator import Communicator
 from fuser_moe.executors import HostIrEvaluator, Trace
 from fuser_moe.ir import CommunicatorBackend, DataType, HostIrContainer, MoeCombine, MoeDispatch, TensorView, Val
 from fuser_moe.python_frontend import FusionDefinition
+from fuser_moe.functional import moe_combine, moe_dispatch
+from fuser_moe.nn import MoELayer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Communicator", "CommunicatorBackend", "DataType", "DispatchOutputs", "FusionDefinition", "HostIrContainer",
-    "HostIrEvaluator", "MoeCombine", "MoeDispatch", "TensorView", "Trace", "Val", "__version__",
+    "HostIrEvaluator", "MoELayer", "MoeCombine", "MoeDispatch", "TensorView", "Trace", "Val", "__version__",
+    "moe_combine", "moe_dispatch",
 ]

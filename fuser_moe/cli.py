@@ -1,4 +1,4 @@
-"""The command line: `fuser-moe demo` and `fuser-moe bench` (also `python -m fuser_moe ...`).
+"""The command line: `fuser-moe demo`, `fuser-moe bench` and `fuser-moe train` (also `python -m fuser_moe ...`).
 
 Without a launcher both start their ranks themselves (4 CPU ranks, or one rank per GPU for the
 benchmark); under torchrun, SLURM or Open MPI they run on the launcher's ranks, one per process.
@@ -272,6 +272,25 @@ def run_bench_command(args) -> int:
     return _bench_outputs(document, json_path, plot_path, not args.no_plot)
 
 
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a small MoE model over expert parallelism and compare it with one process")
+    p.add_argument("--backend", choices=["auto", "nccl", "cuda"], default="auto")
+    p.add_argument("--world-size", type=int, default=4, help="ranks to start when no launcher started us")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--tokens", type=int, default=32, help="tokens per rank and step")
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--ffn", type=int, default=64, help="expert intermediate size")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--capacity", type=int, default=None, help="max_recv_tokens (capacity mode); exact sizes if unset")
+    p.add_argument("--plot", default="fuser_moe_train_loss.png", help="where to write the loss plot (PNG)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before stuck ranks are stopped")
+
+
 def main(argv=None) -> int:
     from fuser_moe import __version__
 
@@ -283,12 +302,17 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _demo_parser(sub)
     _bench_parser(sub)
+    _train_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return run_demo_command(args)
         if args.command == "bench":
             return run_bench_command(args)
+        if args.command == "train":
+            from fuser_moe.train import run_train_command
+
+            return run_train_command(args)
     except KeyboardInterrupt:
         print("fuser-moe: interrupted", file=sys.stderr)
         return 130

@@ -32,6 +32,13 @@ def _scale_extent(hidden: Extent) -> Extent:
     return Extent(-(-hidden.value // 128)) if hidden.is_const else Extent()
 
 
+def _differentiable_call(inputs) -> bool:
+    """Grad mode is on and an input tensor requires grad: execute records a backward (section 11)."""
+    import torch
+
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+
+
 def _operand(op: str, name: str, v) -> TensorView:
     type_check(isinstance(v, TensorView), op, name, "a TensorView defined in this FusionDefinition",
                type(v).__name__)
@@ -269,6 +276,9 @@ class FusionDefinition:
                 from the launcher's environment, else a single rank (docs/contract.md section 6).
             trace: record a trace; read it from `fd.last_trace` (or the evaluator's `trace`).
             check_inputs: checked mode (docs/contract.md section 9).
+        Returns: the outputs, tensors (ints for scalar outputs). When grad mode is on and an input requires
+            grad, floating outputs carry a grad_fn: `backward()`, called on every rank, runs the program
+            printed by `backward_ir()` (docs/contract.md section 11).
         """
         from fuser_moe.executors import HostIrEvaluator
 
@@ -280,11 +290,49 @@ class FusionDefinition:
             evaluator = HostIrEvaluator(self.container, communicator, trace=trace, check_inputs=check_inputs)
             self._evaluators[key] = evaluator
         self.last_evaluator = evaluator
+        if _differentiable_call(inputs):
+            outputs, self.last_evaluator = self._differentiable().run(inputs, communicator, trace, check_inputs)
+            return outputs
         return evaluator.run(inputs)
+
+    # ------------------------------------------------------------------ autograd (docs/contract.md section 11)
+    def _differentiable(self):
+        from fuser_moe.executors.autograd import DifferentiableProgram
+
+        if getattr(self, "_autograd", None) is None:
+            self._autograd = DifferentiableProgram(self.container, getattr(self, "_routing", None))
+        return self._autograd
+
+    def backward_ir(self, requires_grad: Optional[Sequence[bool]] = None,
+                    grad_outputs: Optional[Sequence[bool]] = None):
+        """The backward host IR that `backward()` runs after `execute` with inputs that require grad.
+
+        Args:
+            requires_grad: per input, whether its gradient is wanted (default: every floating input).
+            grad_outputs: per output, whether a gradient arrives for it (default: every floating output).
+        Returns: the backward `HostIrContainer` (print it: one node a line, typed). Its inputs are the
+            gradients of the outputs (`%grad_<name>`) and the forward values it reads; its outputs are
+            the gradients of the inputs that get one, in input order.
+        """
+        if not self._built:
+            raise RuntimeError("backward_ir() is called after the `with FusionDefinition() as fd:` block closes")
+        prog = self._differentiable()
+        needs = tuple(requires_grad) if requires_grad is not None else tuple(
+            isinstance(v, TensorView) and v.dtype in (DataType.Float, DataType.Half, DataType.BFloat16)
+            for v in self.container.inputs)
+        defined = tuple(grad_outputs) if grad_outputs is not None else prog.all_grads()
+        return prog.program(needs, defined).container
 
     @property
     def last_trace(self):
         ev = getattr(self, "last_evaluator", None)
+        return None if ev is None else ev.trace
+
+    @property
+    def last_backward_trace(self):
+        """The trace of the last backward run of this fusion (with `execute(..., trace=True)`), or None."""
+        prog = getattr(self, "_autograd", None)
+        ev = None if prog is None else prog.last_backward_evaluator
         return None if ev is None else ev.trace
 
     def __str__(self) -> str:

@@ -37,12 +37,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import routing
+from . import cuda_torch, routing
 from .common import CommStats, DeviceCount, DispatchOutputs
 from .communicator import Communicator
 from .validation import check_combine_everywhere, check_dispatch_everywhere, checked
 
-_INT64_MAX = torch.iinfo(torch.int64).max
 _KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "moe.cu")
 _IDX_SUFFIX = {torch.int64: "i64", torch.int32: "i32"}
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -96,9 +95,6 @@ class _GroupState:
         self.ranks = torch.arange(world, device=device)
         self.zeros_w = torch.zeros(world, dtype=torch.int64, device=device)
         self.own_row = torch.full((world,), comm.rank, dtype=torch.int64, device=device)
-        # Largest token count of any rank seen by an exact-mode dispatch: every rank learns the same
-        # value from the count matrix, so combine can size its buffers without asking the peers.
-        self.max_tokens: Optional[int] = None
         # Rows of the exact mode's receive buffers (the same on every rank); rows are sent into them
         # before the host knows this call's counts, and sent again in the rare call that outgrows them.
         self.wire_capacity: Optional[int] = None
@@ -131,10 +127,6 @@ class _GroupState:
                                "them were dropped)")
         if transport_error is not None:
             raise transport_error
-
-
-def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    return torch.cumsum(t, dim) - t
 
 
 class CudaBackend:
@@ -177,8 +169,13 @@ class CudaBackend:
     def dispatch(self, comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
                  num_experts: int, expert_to_rank: Optional[Sequence[int]] = None,
                  max_recv_tokens: Optional[int] = None, check_inputs: bool = True,
-                 stats: Optional[CommStats] = None) -> DispatchOutputs:
-        """Same contract as `NcclBackend.dispatch` (SPEC.md section 3), over symmetric buffers."""
+                 stats: Optional[CommStats] = None, return_handle: bool = False):
+        """Same contract as `NcclBackend.dispatch` (docs/contract.md section 3), over symmetric buffers.
+
+        Args: as `NcclBackend.dispatch`; return_handle: also return the `routing.DispatchHandle` that
+            `combine(handle=...)` takes.
+        Returns: `DispatchOutputs`, or (`DispatchOutputs`, `DispatchHandle`) with return_handle.
+        """
         stats = stats if stats is not None else CommStats()
         world = comm.world_size
         if check_inputs:
@@ -187,11 +184,12 @@ class CudaBackend:
         placement = routing.make_placement(num_experts, world, expert_to_rank, x.device)
         state = self._state(comm)
         if self._kernels_apply(x, topk_idx.shape[1], world):
-            out, pairs_in = self._dispatch_kernels(comm, state, x, topk_idx, topk_weights, placement, max_recv_tokens,
-                                                   check_inputs, stats)
+            out, pairs_in, handle = self._dispatch_kernels(comm, state, x, topk_idx, topk_weights, placement,
+                                                           max_recv_tokens, check_inputs, stats)
         else:
-            out, pairs_in = self._dispatch_torch(comm, state, x, topk_idx, topk_weights, placement, max_recv_tokens,
-                                                 check_inputs, stats)
+            out, pairs, handle = cuda_torch.dispatch(comm, state, x, topk_idx, topk_weights, placement,
+                                                     max_recv_tokens, check_inputs, stats)
+            pairs_in = lambda: pairs  # noqa: E731
         if max_recv_tokens is None and check_inputs:
             # Checked mode reports this call's own errors at once; every rank raises together.
             checked(comm, lambda: state.raise_pending(comm))
@@ -211,7 +209,7 @@ class CudaBackend:
                                        f"{max_recv_tokens}")
                 state.raise_pending(comm)
             checked(comm, fits)
-        return out
+        return (out, handle) if return_handle else out
 
     @staticmethod
     def _kernels_apply(x: torch.Tensor, top_k: int, world: int) -> bool:
@@ -275,7 +273,7 @@ class CudaBackend:
 
         wire_row_bytes = row_bytes + meta_width * 8
         if max_recv_tokens is not None:
-            state.max_tokens = None  # unknown on the host: combine asks the peers
+            max_tokens = None  # unknown on the host: a combine asks the peers
             x_buf, meta_buf = send(max_recv_tokens)
             out_rows = max_recv_tokens
             stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
@@ -293,7 +291,7 @@ class CudaBackend:
                 sent = send(max(needed, state.wire_capacity or 0))
             x_buf, meta_buf = sent
             state.wire_capacity = min(x_buf.rows, meta_buf.rows)
-            state.max_tokens = max(state.max_tokens or 0, host[_SUM_MAX_TOKENS])
+            max_tokens = host[_SUM_MAX_TOKENS]  # every rank learns the same value from the count matrix
             out_rows = host[_SUM_PAIRS_IN]
             stats.bytes_sent = host[_SUM_SENT_REMOTE] * wire_row_bytes + (world - 1) * (world + num_experts + 1) * 8
             stats.bytes_recv = host[_SUM_RECV_REMOTE] * wire_row_bytes
@@ -310,198 +308,33 @@ class CudaBackend:
             ctypes.c_int32(top_k), summary, ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank,
             state.errors])
         out = DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from, per_expert)
-        return out, lambda: int(summary[_SUM_PAIRS_IN])
-
-    def _dispatch_torch(self, comm: Communicator, state: _GroupState, x: torch.Tensor, topk_idx: torch.Tensor,
-                        topk_weights: torch.Tensor, placement, max_recv_tokens: Optional[int], check_inputs: bool,
-                        stats: CommStats):
-        """Dispatch with `push_rows` and torch (CPU tensors; CUDA beyond the kernels' limits)."""
-        world, rank = comm.world_size, comm.rank
-        tr = state.transport
-        device = x.device
-        tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
-
-        # 1. counts
-        dest = routing.slot_destinations(topk_idx, placement)  # [T, K]
-        hits = dest.unsqueeze(-1) == state.ranks  # [T, K, W]
-        routed = hits.any(dim=1)  # [T, W]
-        count_row = torch.cat([routed.sum(0), hits.sum((0, 1)),
-                               torch.full((1,), tokens, dtype=torch.int64, device=device)]).view(1, 2 * world + 1)
-        counts = tr.buffer("dispatch_counts", torch.int64, (2 * world + 1,), world)
-        self._push_to_all(state, count_row, counts)
-        tr.barrier()
-        matrix = counts.local[:world].clone()  # [src, 2W+1]: wire rows and pairs to each rank, tokens
-        n_from = matrix[:, rank].contiguous()
-        n_to = count_row[0, :world].clone()
-
-        row_bytes = hidden * x.element_size() + (1 + 2 * top_k) * 8
-        host = None
-        if max_recv_tokens is not None:
-            state.max_tokens = None  # unknown on the host: combine asks the peers
-            capacity = max_recv_tokens
-            sent = n_to.sum() - n_to[rank]
-            stats.bytes_sent = sent * row_bytes  # a device scalar, read when the trace is
-        elif state.wire_capacity is not None:
-            # Exact mode with buffers from earlier calls: send now, learn the sizes while rows travel.
-            capacity = state.wire_capacity
-        else:
-            host = self._read_counts(comm, state, matrix, check_inputs, stats)
-            capacity = max(self._wire_in(host, world))
-
-        # 2. data, then 3. the receiver's order, all enqueued without the host knowing any size
-        meta = torch.cat([torch.arange(tokens, device=device).unsqueeze(1), topk_idx.long(),
-                          routing.pack_weights(topk_weights)], dim=1)
-        arranged = self._send_and_arrange(state, x, meta, routed, matrix, n_from, placement, rank, top_k, capacity)
-
-        if max_recv_tokens is None:
-            if host is None:
-                host = self._read_counts(comm, state, matrix, check_inputs, stats, expect_overflow_over=capacity)
-            needed = max(self._wire_in(host, world))
-            if needed > capacity:
-                # Some rows did not fit; every rank saw the same matrix, so all grow and send again.
-                capacity = needed
-                arranged = self._send_and_arrange(state, x, meta, routed, matrix, n_from, placement, rank, top_k,
-                                                  capacity)
-            state.wire_capacity = max(capacity, state.wire_capacity or 0)
-            state.max_tokens = max([state.max_tokens or 0] + [row[2 * world] for row in host])
-            wire_in = self._wire_in(host, world)
-            sent = sum(host[rank][:world]) - host[rank][rank]
-            stats.bytes_sent += sent * row_bytes + (world - 1) * (2 * world + 1) * 8
-            stats.bytes_recv += (wire_in[rank] - host[rank][rank]) * row_bytes
-            out_rows = sum(host[s][world + rank] for s in range(world))
-        else:
-            out_rows = max_recv_tokens
-        out = self._gather(state, arranged, n_from, top_k, out_rows, padded=max_recv_tokens is not None)
-        out = out._replace(n_tokens_to_rank=n_to, n_tokens_from_rank=n_from,
-                           n_tokens_per_expert=arranged["per_expert"])
-        return out, lambda: int(matrix[:, world + rank].sum())
-
-    @staticmethod
-    def _push_to_all(state: _GroupState, row: torch.Tensor, buf) -> None:
-        """Writes a one-row tensor into this rank's row of every rank's `buf`."""
-        state.transport.push_rows(row.contiguous(), state.zeros_w, state.ranks, state.own_row, buf)
-
-    @staticmethod
-    def _wire_in(host: list, world: int) -> list:
-        """Wire rows each rank receives, from the count matrix on the host."""
-        return [sum(host[s][d] for s in range(world)) for d in range(world)]
-
-    @staticmethod
-    def _read_counts(comm, state: _GroupState, matrix: torch.Tensor, check_inputs: bool, stats: CommStats,
-                     expect_overflow_over: Optional[int] = None) -> list:
-        """The count matrix on the host (the exact mode's one synchronisation), and the device's errors.
-
-        Reading the error words right after costs a small copy, not a wait. When the rows were sent
-        into buffers of `expect_overflow_over` rows and the matrix shows they did not fit, the
-        transport's overflow report is expected (the caller grows and sends again) and is dropped.
-        (Checked mode reports this call's own errors at its end, on every rank.)
-        """
-        host = matrix.tolist()
-        stats.sync("count matrix to host")
-        world = len(host)
-        overflowed = expect_overflow_over is not None and \
-            max(CudaBackend._wire_in(host, world)) > expect_overflow_over
-        if overflowed:
-            try:
-                state.transport.check()
-            except RuntimeError:
-                pass
-        elif not check_inputs:
-            state.raise_pending(comm)
-        return host
-
-    def _send_and_arrange(self, state: _GroupState, x: torch.Tensor, meta: torch.Tensor, routed: torch.Tensor,
-                          matrix: torch.Tensor, n_from: torch.Tensor, placement, rank: int, top_k: int,
-                          capacity: int) -> dict:
-        """Pushes every wire row into its peer's buffer, then sorts the received slots into the contract's order.
-
-        Shapes depend on `capacity` only, so nothing here needs the host to know a count.
-        """
-        tr, device = state.transport, x.device
-        world, tokens = routed.shape[1], routed.shape[0]
-        # One row more than the wire rows: row `capacity` is kept zero and padding rows gather from it.
-        x_buf = tr.buffer("dispatch_x", x.dtype, (x.shape[1],), capacity + 1)
-        meta_buf = tr.buffer("dispatch_meta", torch.int64, (1 + 2 * top_k,), capacity)
-        # Zeroed before this rank's rows go out: no peer writes it in this call unless the call
-        # overflows (then an error is reported), and peers of a resent call write below it.
-        x_buf.local[capacity].zero_()
-        if tokens:
-            base = matrix[:rank, :world].sum(0)  # where this rank's rows start in each peer's buffer
-            # Rank-major [W, T] so that the scan runs along the contiguous dimension.
-            routed_t = routed.t().contiguous()
-            position = _exclusive_cumsum(routed_t.long(), dim=1)
-            dst_row = torch.where(routed_t, base.unsqueeze(1) + position, -1).view(-1)
-            src_row = torch.arange(tokens, device=device).repeat(world)
-            dst_rank = state.ranks.repeat_interleave(tokens)
-            tr.push_rows(x.contiguous(), src_row, dst_rank, dst_row, x_buf)
-            tr.push_rows(meta, src_row, dst_rank, dst_row, meta_buf)
-        tr.barrier()
-
-        n_local = placement.n_local[rank]
-        recv_meta = meta_buf.local[:capacity]
-        wire_idx = torch.arange(capacity, device=device)
-        in_use = (wire_idx < n_from.sum()).unsqueeze(1)
-        # Rows past this call's wire rows hold whatever an earlier call left: never read their experts.
-        experts = torch.where(in_use, recv_meta[:, 1:1 + top_k], -1)
-        clamped = experts.clamp(min=0, max=placement.num_experts - 1)
-        mine = (experts >= 0) & (placement.expert_to_rank[clamped] == rank)
-        local = placement.local_index[clamped]
-        key = torch.where(mine, local * max(capacity, 1) + wire_idx.unsqueeze(1),
-                          torch.full_like(local, _INT64_MAX)).view(-1)
-        sorted_key, perm = torch.sort(key, stable=True)
-        # Keys are grouped by local expert: each expert's count is the distance between its bounds.
-        bounds = torch.searchsorted(sorted_key, torch.arange(n_local + 1, device=device) * max(capacity, 1))
-        return {"x_buf": x_buf, "capacity": capacity, "meta": recv_meta, "experts": experts,
-                "sorted_key": sorted_key, "perm": perm, "per_expert": bounds[1:] - bounds[:-1],
-                "pairs": mine.sum()}
-
-    @staticmethod
-    def _gather(state: _GroupState, arranged: dict, n_from: torch.Tensor, top_k: int, out_rows: int,
-                padded: bool) -> DispatchOutputs:
-        """The first `out_rows` rows in the contract's order; with `padded`, rows past the pairs are padding."""
-        device = n_from.device
-        sorted_key, perm = arranged["sorted_key"][:out_rows], arranged["perm"][:out_rows]
-        if perm.shape[0] < out_rows:  # capacity mode with fewer slots than rows: pad the index
-            fill = torch.zeros(out_rows - perm.shape[0], dtype=perm.dtype, device=device)
-            perm = torch.cat([perm, fill])
-            sorted_key = torch.cat([sorted_key, torch.full_like(fill, _INT64_MAX)])
-        meta, experts = arranged["meta"], arranged["experts"]
-        wire_row, slot = perm // top_k, perm % top_k
-        wire_src = (wire_row.unsqueeze(1) >= torch.cumsum(n_from, 0).unsqueeze(0)).sum(1)
-        topk_idx = experts[wire_row, slot]
-        weights = routing.unpack_weights(meta[wire_row, 1 + top_k + slot])
-        src_idx = meta[wire_row, 0]
-        if not padded:
-            recv_x = arranged["x_buf"].local[wire_row]
-        else:
-            valid = sorted_key != _INT64_MAX
-            # Padding rows copy the buffer's zero row: one gather, no second pass over recv_x.
-            recv_x = arranged["x_buf"].local[torch.where(valid, wire_row, arranged["capacity"])]
-            minus_one = torch.full_like(topk_idx, -1)
-            topk_idx = torch.where(valid, topk_idx, minus_one)
-            weights = torch.where(valid, weights, torch.zeros((), dtype=weights.dtype, device=device))
-            src_idx = torch.where(valid, src_idx, minus_one)
-            wire_src = torch.where(valid, wire_src, minus_one)
-            pairs = arranged["pairs"]
-            errors = state.errors
-            torch.maximum(errors[0], torch.where(pairs > out_rows, pairs, torch.zeros_like(pairs)), out=errors[0])
-            errors[1].fill_(out_rows)
-        return DispatchOutputs(recv_x, topk_idx, weights, src_idx, wire_src, n_from, n_from, n_from)
+        handle = routing.DispatchHandle(
+            backend=self.name, num_tokens=tokens, pairs=None, wire_row=None, send_token=None, n_to=None, n_from=None,
+            wire_out_max=None, max_tokens=max_tokens, src_idx=src_idx, src_rank=src_rank)
+        return out, lambda: int(summary[_SUM_PAIRS_IN]), handle
 
     # ------------------------------------------------------------------ combine
     def combine(self, comm: Communicator, x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor,
                 src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor, n_tokens_from_rank: torch.Tensor,
-                num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None) -> torch.Tensor:
-        """Same contract as `NcclBackend.combine` (SPEC.md section 4), over symmetric buffers."""
+                num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None,
+                handle: Optional[routing.DispatchHandle] = None) -> torch.Tensor:
+        """Same contract as `NcclBackend.combine` (docs/contract.md section 4), over symmetric buffers.
+
+        Args: as `NcclBackend.combine`; handle: the matching dispatch's `DispatchHandle` (optional; every
+            rank passes one or none). It tells the kernels every rank's token count without asking the
+            peers, and the torch path where each partial row goes without exchanging counts.
+        """
         stats = stats if stats is not None else CommStats()
         world = comm.world_size
+        if handle is not None and not handle.serves(self.name, src_idx, src_rank, num_tokens):
+            handle = None
         if check_inputs:
             tokens_of_rank = check_combine_everywhere(comm, x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
                                                       n_tokens_from_rank, num_tokens)
             stats.sync("input checks")
-        elif self._state(comm).max_tokens is not None:
-            # An exact-mode dispatch told every rank the same token counts (the count matrix).
-            tokens_of_rank = [self._state(comm).max_tokens]
+        elif handle is not None and handle.max_tokens is not None:
+            # The matching exact-mode dispatch told every rank the same token counts (the count matrix).
+            tokens_of_rank = [handle.max_tokens]
         else:
             # Buffer sizes must agree on every rank: a host-side exchange, no device synchronisation.
             tokens_of_rank = comm.exchange(num_tokens)
@@ -510,8 +343,9 @@ class CudaBackend:
             out = self._combine_kernels(comm, state, x, topk_weights, src_idx, src_rank, num_tokens,
                                         max(tokens_of_rank), stats)
         else:
-            out = self._combine_torch(comm, state, x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
-                                      n_tokens_from_rank, num_tokens, max(tokens_of_rank), stats)
+            torch_handle = handle if handle is not None and handle.partial_base is not None else None
+            out = cuda_torch.combine(comm, state, x, topk_weights, src_idx, src_rank, n_tokens_to_rank, num_tokens,
+                                     stats, torch_handle)
         if check_inputs:
             checked(comm, lambda: state.raise_pending(comm))
             stats.sync("device error words")
@@ -566,70 +400,3 @@ class CudaBackend:
         stats.bytes_sent = DeviceCount(counters[0], row_bytes)
         stats.bytes_recv = DeviceCount(counters[1], row_bytes)
         return out
-
-    def _combine_torch(self, comm: Communicator, state: _GroupState, x: torch.Tensor, topk_weights: torch.Tensor,
-                       src_idx: torch.Tensor, src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor,
-                       n_tokens_from_rank: torch.Tensor, num_tokens: int, max_tokens: int,
-                       stats: CommStats) -> torch.Tensor:
-        """Combine with `push_rows` and torch (CPU tensors; CUDA beyond the kernels' limits)."""
-        world, rank = comm.world_size, comm.rank
-        tr = state.transport
-        hidden, dtype = x.shape[1], x.dtype
-
-        # 1. counts
-        counts = tr.buffer("combine_counts", torch.int64, (world,), world)
-        self._push_to_all(state, n_tokens_to_rank.view(1, world), counts)
-        tr.barrier()
-        to_matrix = counts.local[:world].clone()  # [s, e] = tokens rank s sent to rank e
-
-        # 2. partial rows to their source ranks
-        capacity = max_tokens * world
-        part_buf = tr.buffer("combine_partials", dtype, (hidden,), capacity)
-        idx_buf = tr.buffer("combine_src_idx", torch.int64, (), capacity)
-        offsets = to_matrix[:, :rank].sum(1)  # where this rank's rows start in each source's buffer
-        group_base = _exclusive_cumsum(n_tokens_from_rank)
-        sent = self._send_partials_torch(tr, x, topk_weights, src_idx, src_rank, offsets, group_base, part_buf,
-                                         idx_buf)
-        tr.barrier()
-        row_bytes = hidden * x.element_size() + 8
-        stats.bytes_sent = (sent - n_tokens_from_rank[rank]) * row_bytes
-        stats.bytes_recv = (to_matrix[rank].sum() - to_matrix[rank, rank]) * row_bytes
-
-        # 3. each token's partials, in ascending expert-rank order, summed in float32
-        return self._sum_partials(part_buf, idx_buf, to_matrix[rank], num_tokens, capacity, world, hidden, dtype)
-
-    @staticmethod
-    def _send_partials_torch(tr, x, weights, src_idx, src_rank, offsets, group_base, part_buf, idx_buf):
-        """CPU transport: the shared routing arithmetic, then a push of the partial rows."""
-        groups = routing.group_for_combine(src_rank, src_idx)
-        partials = routing.weighted_partials(x, weights, groups)
-        n_groups = partials.shape[0]
-        g = torch.arange(n_groups, device=x.device)
-        s = groups.group_src_rank
-        dst_row = offsets[s] + g - group_base[s]
-        if n_groups:
-            tr.push_rows(partials, g, s, dst_row, part_buf)
-            tr.push_rows(groups.group_src_idx.contiguous().view(-1), g, s, dst_row, idx_buf)
-        return torch.tensor(n_groups)
-
-    @staticmethod
-    def _sum_partials(part_buf, idx_buf, to_row: torch.Tensor, num_tokens: int, capacity: int, world: int,
-                      hidden: int, dtype) -> torch.Tensor:
-        device = to_row.device
-        rows = torch.arange(capacity, device=device)
-        bounds = torch.cumsum(to_row, 0)
-        received = rows < bounds[-1]
-        from_rank = (rows.unsqueeze(1) >= bounds.unsqueeze(0)).sum(1)
-        token = idx_buf.local[:capacity]
-        slot = torch.full((world * num_tokens + 1,), -1, dtype=torch.int64, device=device)
-        target = torch.where(received, from_rank * num_tokens + token, torch.full_like(token, world * num_tokens))
-        slot.scatter_(0, target, rows)
-        slot = slot[:world * num_tokens].view(world, num_tokens)
-        partials = part_buf.local
-        acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=device)
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        for e in range(world):
-            present = slot[e] >= 0
-            # A token without a partial from e adds +0.0, which leaves a sum that started at +0.0 unchanged.
-            acc = acc + torch.where(present.unsqueeze(1), partials[slot[e].clamp(min=0)].float(), zero)
-        return acc.to(dtype)

@@ -1,8 +1,10 @@
 """The NCCL backend: dispatch and combine with `all_to_all_single` and split metadata on the host.
 
-Counts are computed on the device and exchanged with one all-to-all, copied to the host, and then the
-metadata and the payload travel with all-to-alls split by those counts (SPEC.md section 8). The same
-code runs over Gloo on CPU tensors. The routing arithmetic lives in `routing.py`.
+Counts are computed on the device and exchanged with one all-to-all, copied to the host (the count
+matrix: every rank's count row), and then the metadata and the payload travel with all-to-alls split by
+those counts (docs/contract.md section 8). The same code runs over Gloo on CPU tensors. The routing
+plan (where every pair lands on its receiver, the combine groups and the summation order) is
+`routing.py`'s, so the receiver places rows without sorting.
 """
 from __future__ import annotations
 
@@ -11,40 +13,44 @@ from typing import Optional, Sequence
 import torch
 
 from . import routing
-from .common import DTYPE_CODES, CommStats, DispatchOutputs, pad_to_capacity
+from .common import DTYPE_CODES, CommStats, DispatchOutputs
 from .communicator import Communicator
 from .validation import check_combine_everywhere, checked, placement_checksum, validate_dispatch
 
 
-_HEADER = 6  # n_tokens_to_rank, top-k, hidden size, dtype code, num_experts, placement checksum
+# After the count row: top-k, hidden size, dtype code, num_experts, placement checksum (checked by every rank).
+_CHECKS = 5
 
 
-def _split_sizes_agree(comm: Communicator, header_from: torch.Tensor, top_k: int, hidden: int, dtype) -> None:
+def _split_sizes_agree(comm: Communicator, checks_from: list, top_k: int, hidden: int, dtype) -> None:
     """Every rank sees every source's (K, H, dtype, E, placement) and raises the same error if they disagree.
 
     Ranks that disagree on the experts would route one expert id to different ranks: wrong rows, no error.
     """
-    ks, hs, codes = header_from[:, 1].tolist(), header_from[:, 2].tolist(), header_from[:, 3].tolist()
+    ks, hs, codes = ([row[i] for row in checks_from] for i in range(3))
     if len(set(ks)) != 1 or len(set(hs)) != 1 or len(set(codes)) != 1:
         raise ValueError(
             f"moe_dispatch: ranks disagree on top-k, hidden size or dtype: top-k per rank {ks}, hidden size per "
             f"rank {hs}, dtype code per rank {codes} (rank {comm.rank} has K={top_k}, H={hidden}, {dtype})")
-    experts, checksums = header_from[:, 4].tolist(), header_from[:, 5].tolist()
+    experts, checksums = [row[3] for row in checks_from], [row[4] for row in checks_from]
     if len(set(experts)) != 1 or len(set(checksums)) != 1:
         raise ValueError(f"moe_dispatch: ranks disagree on the experts: num_experts per rank {experts}, "
                          f"placement checksum per rank {checksums}")
 
 
 class NcclBackend:
-    """Collectives through `torch.distributed` (NCCL on CUDA tensors, Gloo on CPU tensors)."""
+    """Collectives through `torch.distributed` (NCCL on CUDA tensors, Gloo on CPU tensors).
+
+    The routing plan is `routing.py`'s (docs/contract.md section 8); rows travel with all_to_all_single.
+    """
 
     name = "nccl"
 
     def dispatch(self, comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
                  num_experts: int, expert_to_rank: Optional[Sequence[int]] = None,
                  max_recv_tokens: Optional[int] = None, check_inputs: bool = True,
-                 stats: Optional[CommStats] = None) -> DispatchOutputs:
-        """Sends each token once to every rank that holds one of its experts; see SPEC.md section 3.
+                 stats: Optional[CommStats] = None, return_handle: bool = False):
+        """Sends each token once to every rank that holds one of its experts; see docs/contract.md section 3.
 
         Args:
             comm: the expert-parallel group.
@@ -53,10 +59,11 @@ class NcclBackend:
             topk_weights: [T, K] float32 weights.
             num_experts: E, experts in all.
             expert_to_rank: optional [E] placement; contiguous blocks when None.
-            max_recv_tokens: capacity C; outputs then have leading extent C (SPEC.md section 5).
-            check_inputs: validate on every rank first (SPEC.md section 9).
+            max_recv_tokens: capacity C; outputs then have leading extent C (docs/contract.md section 5).
+            check_inputs: validate on every rank first (docs/contract.md section 9).
             stats: filled with bytes moved and host synchronisations.
-        Returns: `DispatchOutputs`.
+            return_handle: also return the `routing.DispatchHandle` that `combine(handle=...)` takes.
+        Returns: `DispatchOutputs`, or (`DispatchOutputs`, `DispatchHandle`) with return_handle.
         """
         stats = stats if stats is not None else CommStats()
         world, rank = comm.world_size, comm.rank
@@ -64,62 +71,76 @@ class NcclBackend:
             checked(comm, lambda: validate_dispatch(x, topk_idx, topk_weights, num_experts, expert_to_rank, world))
             stats.sync("input checks")
         placement = routing.make_placement(num_experts, world, expert_to_rank, x.device)
-        top_k, hidden = topk_idx.shape[1], x.shape[1]
-        plan = routing.plan_dispatch(topk_idx, topk_weights, placement)
-        stats.sync("wire rows (nonzero)")
+        tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
+        counts = routing.count_row(topk_idx, placement)
 
-        # Counts, with (K, H, dtype) alongside so that ranks can check they agree.
+        # 1. The count matrix: every rank's count row to every rank (with K, H, dtype, E alongside, so
+        #    that ranks can check they agree), in one all-to-all, then on the host.
+        row_len = world + num_experts + 1
         checksum = placement_checksum(num_experts, world, expert_to_rank) if check_inputs else 0
-        header_to = torch.stack([plan.n_tokens_to_rank,
-                                 torch.full_like(plan.n_tokens_to_rank, top_k),
-                                 torch.full_like(plan.n_tokens_to_rank, hidden),
-                                 torch.full_like(plan.n_tokens_to_rank, DTYPE_CODES[x.dtype]),
-                                 torch.full_like(plan.n_tokens_to_rank, num_experts),
-                                 torch.full_like(plan.n_tokens_to_rank, checksum)], dim=1)
-        header_from = torch.empty_like(header_to)
-        comm.all_to_all_single(header_from, header_to)
-        headers = torch.cat([header_to[:, 0], header_from.flatten()]).tolist()
-        stats.sync("split sizes to host")
-        n_to, n_from = headers[:world], headers[world:][0::_HEADER]
-        header_from_host = torch.tensor(headers[world:]).view(world, _HEADER)
+        checks = torch.tensor([top_k, hidden, DTYPE_CODES[x.dtype], num_experts, checksum], dtype=torch.int64,
+                              device=x.device)
+        row_to = torch.cat([counts.row, checks]).unsqueeze(0).expand(world, -1).contiguous()
+        rows_from = torch.empty_like(row_to)
+        comm.all_to_all_single(rows_from, row_to)
+        host = rows_from.tolist()
+        stats.sync("count matrix to host")
         if check_inputs:
-            _split_sizes_agree(comm, header_from_host, top_k, hidden, x.dtype)
-        n_to_dev = plan.n_tokens_to_rank
-        n_from_dev = header_from[:, 0].contiguous()
+            _split_sizes_agree(comm, [r[row_len:] for r in host], top_k, hidden, x.dtype)
+        matrix = rows_from[:, :row_len]
+        n_to = host[rank][:world]
+        n_from = [host[s][rank] for s in range(world)]
+        per_expert = routing.pairs_of_rank(host, placement, rank)
+        pairs = sum(per_expert)
+        if max_recv_tokens is not None and pairs > max_recv_tokens:
+            def overflow():
+                raise RuntimeError(f"moe_dispatch: capacity overflow: this rank receives {pairs} rows but "
+                                   f"max_recv_tokens={max_recv_tokens}; needed capacity {pairs}, given "
+                                   f"{max_recv_tokens}")
+            checked(comm, overflow) if check_inputs else overflow()
+        elif max_recv_tokens is not None and check_inputs:
+            checked(comm, lambda: None)  # a peer's overflow makes this rank raise too
 
-        meta_width = plan.meta.shape[1]
-        meta_recv = torch.empty(sum(n_from), meta_width, dtype=torch.int64, device=x.device)
-        comm.all_to_all_single(meta_recv, plan.meta, n_from, n_to)
-        wire_x = torch.empty(sum(n_from), hidden, dtype=x.dtype, device=x.device)
-        comm.all_to_all_single(wire_x, x[plan.send_token], n_from, n_to)
+        # 2. Where every pair lands, the wire rows and their metadata; then the rows travel.
+        out_rows = routing.place_pairs(topk_idx, counts, matrix, placement, rank)
+        send = routing.send_rows(counts)
+        meta = routing.wire_meta(topk_idx, topk_weights, counts, out_rows, send, rank)
+        n_in = sum(n_from)
+        wire = routing.pack_wire_rows(x, send.token, meta)
+        wire_in = torch.empty(n_in, wire.shape[1], dtype=wire.dtype, device=x.device)
+        comm.all_to_all_single(wire_in, wire, n_from, n_to)
+        x_in, meta_in = routing.unpack_wire_rows(wire_in, x.dtype, hidden, meta.shape[1])
 
-        sent_rows, recv_rows = sum(n_to) - n_to[rank], sum(n_from) - n_from[rank]
-        row_bytes = hidden * x.element_size() + meta_width * 8
-        stats.bytes_sent += sent_rows * row_bytes + (world - 1) * _HEADER * 8
-        stats.bytes_recv += recv_rows * row_bytes + (world - 1) * _HEADER * 8
+        sent_rows, recv_rows = sum(n_to) - n_to[rank], n_in - n_from[rank]
+        row_bytes = wire.shape[1]
+        stats.bytes_sent += sent_rows * row_bytes + (world - 1) * row_to.shape[1] * 8
+        stats.bytes_recv += recv_rows * row_bytes + (world - 1) * row_to.shape[1] * 8
 
-        exp = routing.expand_received(meta_recv, n_from, placement, rank, top_k)
-        stats.sync("received pairs (nonzero)")
+        # 3. Expansion into the contract's order: each wire row to the output rows its metadata names.
+        exp = routing.expand(meta_in, x_in, top_k, pairs, pairs if max_recv_tokens is None else max_recv_tokens)
         out = DispatchOutputs(
-            recv_x=wire_x[exp.wire_row],
+            recv_x=exp.recv_x,
             recv_topk_idx=exp.topk_idx,
             recv_topk_weights=exp.topk_weights,
             recv_src_idx=exp.src_idx,
             recv_src_rank=exp.src_rank,
-            n_tokens_to_rank=n_to_dev,
-            n_tokens_from_rank=n_from_dev,
-            n_tokens_per_expert=exp.n_tokens_per_expert,
+            n_tokens_to_rank=counts.row[:world].clone(),
+            n_tokens_from_rank=matrix[:, rank].contiguous(),
+            n_tokens_per_expert=torch.tensor(per_expert, dtype=torch.int64, device=x.device),
         )
-        if max_recv_tokens is None:
+        if not return_handle:
             return out
-        if check_inputs:
-            return checked(comm, lambda: pad_to_capacity(out, max_recv_tokens))
-        return pad_to_capacity(out, max_recv_tokens)
+        handle = routing.DispatchHandle(
+            backend=self.name, num_tokens=tokens, pairs=pairs, wire_row=exp.wire_row, send_token=send.token,
+            n_to=n_to, n_from=n_from, wire_out_max=max(sum(r[:world]) for r in host),
+            max_tokens=max(r[row_len - 1] for r in host), src_idx=out.recv_src_idx, src_rank=out.recv_src_rank)
+        return out, handle
 
     def combine(self, comm: Communicator, x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor,
                 src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor, n_tokens_from_rank: torch.Tensor,
-                num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None) -> torch.Tensor:
-        """Returns expert outputs to their tokens, weighted and summed; see SPEC.md section 4.
+                num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None,
+                handle: Optional[routing.DispatchHandle] = None) -> torch.Tensor:
+        """Returns expert outputs to their tokens, weighted and summed; see docs/contract.md section 4.
 
         Args:
             comm: the expert-parallel group.
@@ -127,6 +148,11 @@ class NcclBackend:
             topk_weights: [V] float32; src_idx: [V] int64; src_rank: [V] int64 (-1 marks padding);
             n_tokens_to_rank, n_tokens_from_rank: [W] int64, from the matching dispatch.
             num_tokens: T on this rank.
+            check_inputs: validate on every rank first (docs/contract.md section 9).
+            stats: filled with bytes moved and host synchronisations.
+            handle: the matching dispatch's `DispatchHandle` (optional): with it the rows' groups and the
+                tokens of the returning partials are known, so only the partial rows travel. A handle
+                of another dispatch (other src_idx / src_rank tensors) is not used.
         Returns: combined_x [num_tokens, H] in x's dtype.
         """
         stats = stats if stats is not None else CommStats()
@@ -136,19 +162,24 @@ class NcclBackend:
             check_combine_everywhere(comm, x, topk_weights, src_idx, src_rank, n_tokens_to_rank, n_tokens_from_rank,
                                      num_tokens)
             stats.sync("input checks")
-
-        groups = routing.group_for_combine(src_rank, src_idx)
-        counts = torch.cat([n_tokens_to_rank, n_tokens_from_rank]).tolist()
-        stats.sync("split sizes to host")
-        n_to, n_from = counts[:world], counts[world:]
-
-        partials = routing.weighted_partials(x, topk_weights, groups)
-        recv_partials = torch.empty(sum(n_to), hidden, dtype=x.dtype, device=x.device)
-        comm.all_to_all_single(recv_partials, partials, n_to, n_from)
-        recv_idx = torch.empty(sum(n_to), dtype=torch.int64, device=x.device)
-        comm.all_to_all_single(recv_idx, groups.group_src_idx.contiguous(), n_to, n_from)
-
-        row_bytes = hidden * x.element_size() + 8
+        row_bytes = hidden * x.element_size()
+        if handle is not None and handle.serves(self.name, src_idx, src_rank, num_tokens):
+            n_to, n_from, pairs = handle.n_to, handle.n_from, handle.pairs
+            partials = routing.weighted_partials(x[:pairs], topk_weights[:pairs], handle.wire_row, sum(n_from))
+            partials_in = torch.empty(sum(n_to), hidden, dtype=x.dtype, device=x.device)
+            comm.all_to_all_single(partials_in, partials, n_to, n_from)
+            token = handle.send_token
+        else:
+            groups = routing.group_rows(src_rank, src_idx)
+            counts = torch.cat([n_tokens_to_rank, n_tokens_from_rank]).tolist()
+            stats.sync("split sizes to host")
+            n_to, n_from = counts[:world], counts[world:]
+            partials = routing.weighted_partials(x, topk_weights, groups.row_group, groups.n_groups)
+            partials_in = torch.empty(sum(n_to), hidden, dtype=x.dtype, device=x.device)
+            comm.all_to_all_single(partials_in, partials, n_to, n_from)
+            token = torch.empty(sum(n_to), dtype=torch.int64, device=x.device)
+            comm.all_to_all_single(token, groups.group_src_idx.contiguous(), n_to, n_from)
+            row_bytes += 8
         stats.bytes_sent += (sum(n_from) - n_from[rank]) * row_bytes
         stats.bytes_recv += (sum(n_to) - n_to[rank]) * row_bytes
-        return routing.sum_partials(num_tokens, hidden, x.dtype, recv_partials, recv_idx, n_to)
+        return routing.sum_partials(partials_in, token, num_tokens, n_to)

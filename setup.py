@@ -22,7 +22,7 @@ setup(
     python_requires=">=3.10",
     packages=list(LAYERS),
     package_dir=LAYERS,
-    package_data={"fuser_moe.backends": ["kernels/*.cu"], "fuser_moe.backends.transport": ["kernels/*.cu"]},
+    package_data={"fuser_moe.backends": ["kernels/*.cu", "kernels/*.cuh"]},
     include_package_data=True,
     install_requires=["torch>=2.11", "numpy"],
     extras_require={

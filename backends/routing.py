@@ -121,8 +121,9 @@ def meta_width(top_k: int) -> int:
 
 
 def pack_weights(weights: torch.Tensor) -> torch.Tensor:
-    """float32 -> int64 carrying the exact bits (so weights can travel in the int64 metadata)."""
-    return weights.contiguous().view(torch.int32).to(torch.int64)
+    """float32 -> int64 carrying the exact bits, zero-extended (so weights can travel in the int64
+    metadata; the kernels write the same word: `__float_as_uint(w)`)."""
+    return weights.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
 
 
 def unpack_weights(bits: torch.Tensor) -> torch.Tensor:

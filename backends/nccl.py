@@ -12,14 +12,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import routing
+from . import nccl_kernels, routing
 from .common import DTYPE_CODES, CommStats, DispatchOutputs
 from .communicator import Communicator
 from .validation import check_combine_everywhere, checked, placement_checksum, validate_dispatch
-
-
-# After the count row: top-k, hidden size, dtype code, num_experts, placement checksum (checked by every rank).
-_CHECKS = 5
 
 
 def _split_sizes_agree(comm: Communicator, checks_from: list, top_k: int, hidden: int, dtype) -> None:
@@ -72,49 +68,87 @@ class NcclBackend:
             stats.sync("input checks")
         placement = routing.make_placement(num_experts, world, expert_to_rank, x.device)
         tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
+        row_len = world + num_experts + 1
+        if check_inputs:
+            # Ranks agree on (K, H, dtype, E, placement) before the count rows travel: their width is W + E + 1.
+            checks = torch.tensor([top_k, hidden, DTYPE_CODES[x.dtype], num_experts,
+                                   placement_checksum(num_experts, world, expert_to_rank)], dtype=torch.int64,
+                                  device=x.device)
+            checks_to = checks.unsqueeze(0).expand(world, -1).contiguous()
+            checks_from = torch.empty_like(checks_to)
+            comm.all_to_all_single(checks_from, checks_to)
+            _split_sizes_agree(comm, checks_from.tolist(), top_k, hidden, x.dtype)
+            stats.sync("shapes agreed")
+        checks = torch.empty(0, dtype=torch.int64, device=x.device)
+
+        def agree(host: list) -> tuple:
+            """On the count matrix (host ints): capacity overflow is raised on every rank."""
+            per_expert = routing.pairs_of_rank(host, placement, rank)
+            pairs = sum(per_expert)
+            if max_recv_tokens is not None and pairs > max_recv_tokens:
+                overflow[0] = RuntimeError(
+                    f"moe_dispatch: capacity overflow: this rank receives {pairs} rows but max_recv_tokens="
+                    f"{max_recv_tokens}; needed capacity {pairs}, given {max_recv_tokens}")
+            if max_recv_tokens is not None and check_inputs:
+                def fits():
+                    if overflow[0] is not None:
+                        raise overflow[0]
+                checked(comm, fits)  # every rank raises before anything travels
+            return per_expert, pairs
+
+        # Unchecked mode raises an overflow after the payload has travelled (no peer is left waiting in a
+        # collective); the rows past the capacity are dropped, never silently.
+        overflow = [None]
+
+        if nccl_kernels.serves(x, top_k, world):
+            out, host, n_to, n_from, per_expert, pairs, meta_width = nccl_kernels.dispatch(
+                comm, x, topk_idx, topk_weights, placement, checks, agree, max_recv_tokens, stats)
+            wire_row = send_token = None
+            row_bytes = hidden * x.element_size() + meta_width * 8
+        else:
+            out, host, n_to, n_from, pairs, wire_row, send_token, row_bytes = self._dispatch_torch(
+                comm, x, topk_idx, topk_weights, placement, checks, agree, max_recv_tokens, stats)
+        if overflow[0] is not None:
+            raise overflow[0]
+        sent_rows, recv_rows = sum(n_to) - n_to[rank], sum(n_from) - n_from[rank]
+        stats.bytes_sent += sent_rows * row_bytes + (world - 1) * row_len * 8
+        stats.bytes_recv += recv_rows * row_bytes + (world - 1) * row_len * 8
+        if not return_handle:
+            return out
+        handle = routing.DispatchHandle(
+            backend=self.name, num_tokens=tokens, pairs=pairs, wire_row=wire_row, send_token=send_token,
+            n_to=n_to, n_from=n_from, wire_out_max=max(sum(r[:world]) for r in host),
+            max_tokens=max(r[row_len - 1] for r in host), src_idx=out.recv_src_idx, src_rank=out.recv_src_rank)
+        return out, handle
+
+    @staticmethod
+    def _dispatch_torch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                        placement: routing.Placement, checks: torch.Tensor, agree, max_recv_tokens: Optional[int],
+                        stats: CommStats):
+        """Dispatch with routing.py's torch twin (CPU tensors over Gloo; CUDA where the kernels do not serve)."""
+        world, rank = comm.world_size, comm.rank
+        top_k, hidden = topk_idx.shape[1], x.shape[1]
         counts = routing.count_row(topk_idx, placement)
 
-        # 1. The count matrix: every rank's count row to every rank (with K, H, dtype, E alongside, so
-        #    that ranks can check they agree), in one all-to-all, then on the host.
-        row_len = world + num_experts + 1
-        checksum = placement_checksum(num_experts, world, expert_to_rank) if check_inputs else 0
-        checks = torch.tensor([top_k, hidden, DTYPE_CODES[x.dtype], num_experts, checksum], dtype=torch.int64,
-                              device=x.device)
+        # 1. The count matrix: every rank's count row to every rank, in one all-to-all, then on the host.
         row_to = torch.cat([counts.row, checks]).unsqueeze(0).expand(world, -1).contiguous()
         rows_from = torch.empty_like(row_to)
         comm.all_to_all_single(rows_from, row_to)
         host = rows_from.tolist()
         stats.sync("count matrix to host")
-        if check_inputs:
-            _split_sizes_agree(comm, [r[row_len:] for r in host], top_k, hidden, x.dtype)
-        matrix = rows_from[:, :row_len]
+        per_expert, pairs = agree(host)
+        matrix = rows_from[:, :counts.row.numel()]
         n_to = host[rank][:world]
         n_from = [host[s][rank] for s in range(world)]
-        per_expert = routing.pairs_of_rank(host, placement, rank)
-        pairs = sum(per_expert)
-        if max_recv_tokens is not None and pairs > max_recv_tokens:
-            def overflow():
-                raise RuntimeError(f"moe_dispatch: capacity overflow: this rank receives {pairs} rows but "
-                                   f"max_recv_tokens={max_recv_tokens}; needed capacity {pairs}, given "
-                                   f"{max_recv_tokens}")
-            checked(comm, overflow) if check_inputs else overflow()
-        elif max_recv_tokens is not None and check_inputs:
-            checked(comm, lambda: None)  # a peer's overflow makes this rank raise too
 
-        # 2. Where every pair lands, the wire rows and their metadata; then the rows travel.
+        # 2. Where every pair lands, the wire rows and their metadata; then the rows travel, packed.
         out_rows = routing.place_pairs(topk_idx, counts, matrix, placement, rank)
         send = routing.send_rows(counts)
         meta = routing.wire_meta(topk_idx, topk_weights, counts, out_rows, send, rank)
-        n_in = sum(n_from)
         wire = routing.pack_wire_rows(x, send.token, meta)
-        wire_in = torch.empty(n_in, wire.shape[1], dtype=wire.dtype, device=x.device)
+        wire_in = torch.empty(sum(n_from), wire.shape[1], dtype=wire.dtype, device=x.device)
         comm.all_to_all_single(wire_in, wire, n_from, n_to)
         x_in, meta_in = routing.unpack_wire_rows(wire_in, x.dtype, hidden, meta.shape[1])
-
-        sent_rows, recv_rows = sum(n_to) - n_to[rank], n_in - n_from[rank]
-        row_bytes = wire.shape[1]
-        stats.bytes_sent += sent_rows * row_bytes + (world - 1) * row_to.shape[1] * 8
-        stats.bytes_recv += recv_rows * row_bytes + (world - 1) * row_to.shape[1] * 8
 
         # 3. Expansion into the contract's order: each wire row to the output rows its metadata names.
         exp = routing.expand(meta_in, x_in, top_k, pairs, pairs if max_recv_tokens is None else max_recv_tokens)
@@ -128,13 +162,7 @@ class NcclBackend:
             n_tokens_from_rank=matrix[:, rank].contiguous(),
             n_tokens_per_expert=torch.tensor(per_expert, dtype=torch.int64, device=x.device),
         )
-        if not return_handle:
-            return out
-        handle = routing.DispatchHandle(
-            backend=self.name, num_tokens=tokens, pairs=pairs, wire_row=exp.wire_row, send_token=send.token,
-            n_to=n_to, n_from=n_from, wire_out_max=max(sum(r[:world]) for r in host),
-            max_tokens=max(r[row_len - 1] for r in host), src_idx=out.recv_src_idx, src_rank=out.recv_src_rank)
-        return out, handle
+        return out, host, n_to, n_from, pairs, exp.wire_row, send.token, wire.shape[1]
 
     def combine(self, comm: Communicator, x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor,
                 src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor, n_tokens_from_rank: torch.Tensor,
@@ -159,11 +187,26 @@ class NcclBackend:
         world, rank = comm.world_size, comm.rank
         hidden = x.shape[1] if x.dim() == 2 else 0
         if check_inputs:
-            check_combine_everywhere(comm, x, topk_weights, src_idx, src_rank, n_tokens_to_rank, n_tokens_from_rank,
-                                     num_tokens)
+            tokens_of_rank = check_combine_everywhere(comm, x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
+                                                      n_tokens_from_rank, num_tokens)
             stats.sync("input checks")
         row_bytes = hidden * x.element_size()
-        if handle is not None and handle.serves(self.name, src_idx, src_rank, num_tokens):
+        if handle is not None and not handle.serves(self.name, src_idx, src_rank, num_tokens):
+            handle = None
+        if x.dim() == 2 and nccl_kernels.serves(x, 1, world):
+            if handle is not None and handle.max_tokens is not None:
+                max_tokens = handle.max_tokens
+            elif check_inputs:
+                max_tokens = max(tokens_of_rank)
+            else:
+                max_tokens = max(comm.exchange(num_tokens))  # a host-side exchange, no device synchronisation
+            out, errors = nccl_kernels.combine(comm, x, topk_weights, src_idx, src_rank, num_tokens, max_tokens,
+                                               stats)
+            if check_inputs:
+                checked(comm, lambda: _raise_combine_errors(rank, errors))
+                stats.sync("device error words")
+            return out
+        if handle is not None and handle.wire_row is not None:
             n_to, n_from, pairs = handle.n_to, handle.n_from, handle.pairs
             partials = routing.weighted_partials(x[:pairs], topk_weights[:pairs], handle.wire_row, sum(n_from))
             partials_in = torch.empty(sum(n_to), hidden, dtype=x.dtype, device=x.device)
@@ -183,3 +226,14 @@ class NcclBackend:
         stats.bytes_sent += (sum(n_from) - n_from[rank]) * row_bytes
         stats.bytes_recv += (sum(n_to) - n_to[rank]) * row_bytes
         return routing.sum_partials(partials_in, token, num_tokens, n_to)
+
+
+def _raise_combine_errors(rank: int, errors: torch.Tensor) -> None:
+    """The error words of the combine kernels (moe.cu FM_ERR_BAD_ROW, FM_ERR_BIG_GROUP), read on the host."""
+    words = errors.tolist()
+    if words[2]:
+        raise RuntimeError(f"nccl backend, rank {rank}: moe_combine: row {words[2] - 1} names a source rank outside "
+                           "the group or a token past every rank's token count")
+    if words[3]:
+        raise RuntimeError(f"nccl backend, rank {rank}: moe_combine: a token has {words[3]} rows on this rank; the "
+                           "kernels sum at most 64 rows of one token on one rank")

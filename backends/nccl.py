@@ -146,7 +146,7 @@ class NcclBackend:
         send = routing.send_rows(counts)
         meta = routing.wire_meta(topk_idx, topk_weights, counts, out_rows, send, rank)
         wire = routing.pack_wire_rows(x, send.token, meta)
-        wire_in = torch.empty(sum(n_from), wire.shape[1], dtype=wire.dtype, device=x.device)
+        wire_in = routing.scratch("wire_rows_in", (sum(n_from), wire.shape[1]), wire.dtype, x.device)
         comm.all_to_all_single(wire_in, wire, n_from, n_to)
         x_in, meta_in = routing.unpack_wire_rows(wire_in, x.dtype, hidden, meta.shape[1])
 
@@ -209,7 +209,7 @@ class NcclBackend:
         if handle is not None and handle.wire_row is not None:
             n_to, n_from, pairs = handle.n_to, handle.n_from, handle.pairs
             partials = routing.weighted_partials(x[:pairs], topk_weights[:pairs], handle.wire_row, sum(n_from))
-            partials_in = torch.empty(sum(n_to), hidden, dtype=x.dtype, device=x.device)
+            partials_in = routing.scratch("partials_in", (sum(n_to), hidden), x.dtype, x.device)
             comm.all_to_all_single(partials_in, partials, n_to, n_from)
             token = handle.send_token
         else:

@@ -29,6 +29,7 @@ one source rank at a time. No Python loop here runs more than W times.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import InitVar, dataclass
 from typing import Optional, Sequence
@@ -129,6 +130,27 @@ def pack_weights(weights: torch.Tensor) -> torch.Tensor:
 def unpack_weights(bits: torch.Tensor) -> torch.Tensor:
     """The inverse of `pack_weights`: int64 words holding float32 bits -> float32."""
     return bits.to(torch.int32).contiguous().view(torch.float32)
+
+
+_scratch_buffers: dict = {}
+
+
+def scratch(name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor for an intermediate that does not outlive the call (CPU only; elsewhere a
+    fresh `torch.empty`). On CPUs a fresh multi-megabyte allocation is returned to the system when freed,
+    and its pages fault in again on first touch, which costs more than the work on it; these buffers are
+    kept per (thread, name, dtype) and grown when a call needs more."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    key = (threading.get_ident(), name, dtype)
+    buffer = _scratch_buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch_buffers[key] = torch.empty(max(numel, 1), dtype=dtype)
+    return buffer[:numel].view(shape)
 
 
 def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -276,7 +298,8 @@ def pack_wire_rows(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> 
     if padded != row_bytes:
         parts.append(torch.zeros(token.numel(), padded - row_bytes, dtype=torch.uint8, device=x.device))
     parts.append(meta.view(torch.uint8))
-    return torch.cat(parts, dim=1)
+    width = sum(p.shape[1] for p in parts)
+    return torch.cat(parts, dim=1, out=scratch("wire_rows_out", (token.numel(), width), torch.uint8, x.device))
 
 
 def unpack_wire_rows(wire: torch.Tensor, dtype: torch.dtype, hidden: int, width: int) -> tuple:
@@ -392,15 +415,16 @@ def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.T
     """
     hidden = y.shape[1]
     # float32(w) * float32(y), rounded once (a float32 copy first: mixed-dtype products are slow on CPUs)
+    product = scratch("partials_product", tuple(y.shape), torch.float32, y.device)
     if y.dtype == torch.float32:
-        product = y * weights.unsqueeze(1)
+        torch.mul(y, weights.unsqueeze(1), out=product)
     else:
-        product = y.float().mul_(weights.unsqueeze(1))
+        product.copy_(y).mul_(weights.unsqueeze(1))
     if y.device.type == "cpu":
         # index_add_ along dim 0 adds source rows serially in index order on the CPU.
-        acc = torch.zeros(n_groups + 1, hidden, dtype=torch.float32)
+        acc = scratch("partials_sum", (n_groups + 1, hidden), torch.float32, y.device).zero_()
         acc.index_add_(0, torch.where(row_group >= 0, row_group, n_groups), product)
-        return acc[:n_groups].to(y.dtype)
+        return acc[:n_groups].to(y.dtype, copy=True)  # (a copy: acc is a scratch buffer)
     # CUDA: index_add_ adds with atomics (any order). Lay each group's rows out densely after a column
     # of +0.0 and scan along the group: the scan of a non-innermost dimension runs sequentially in float32.
     keep = (row_group >= 0).nonzero().squeeze(1)
@@ -422,16 +446,17 @@ def sum_partials(partials: torch.Tensor, token: torch.Tensor, num_tokens: int, s
         splits: [W] rows from each expert rank (host ints).
     Returns: [T, H] in partials' dtype.
     """
-    acc = torch.zeros(num_tokens, partials.shape[1], dtype=torch.float32, device=partials.device)
+    acc = scratch("combined_sum", (num_tokens, partials.shape[1]), torch.float32, partials.device).zero_()
     if partials.device.type == "cpu":
-        acc.index_add_(0, token, partials.float())  # serial, in row order: ascending expert rank
+        wide = scratch("combined_rows", tuple(partials.shape), torch.float32, partials.device).copy_(partials)
+        acc.index_add_(0, token, wide)  # serial, in row order: ascending expert rank
     else:
         start = 0
         for n in splits:  # one expert rank at a time: each element gets one add per pass
             if n:
                 acc.index_add_(0, token[start:start + n], partials[start:start + n].float())
             start += n
-    return acc.to(partials.dtype)
+    return acc.to(partials.dtype, copy=True)  # (a copy: acc is a scratch buffer on CPUs)
 
 
 # ------------------------------------------------------------------------------------------ handle

@@ -355,3 +355,72 @@ def test_kernels_and_torch_twin_agree_stage_by_stage(top_k, dtype):
             ctypes.c_int64(tokens[s]), ctypes.c_int64(hidden), out, counters])
         torch.cuda.synchronize()
         assert same_bits(out, cpu_out[s]), "reduce"
+
+
+# ------------------------------------------------------------------------------------------ handle
+def handle_body(comm, backend, capacity):
+    """Combine with the dispatch's handle, without one, and with another dispatch's: the same bits."""
+    from moe_cases import Case, rank_inputs
+
+    from fuser_moe.executors import get_backend
+
+    impl = get_backend(backend)
+    case = Case(comm.world_size, 3, num_experts=4 * comm.world_size, seed=41)
+    x, idx, w = rank_inputs(comm, case)
+    kwargs = dict(num_experts=case.num_experts, max_recv_tokens=capacity)
+    d, handle = impl.dispatch(comm, x, idx, w, return_handle=True, **kwargs)
+    other_d, other = impl.dispatch(comm, x.flip(0), idx.flip(0), w.flip(0), return_handle=True, **kwargs)
+    assert not other.serves(backend, d.recv_src_idx, d.recv_src_rank, x.shape[0])
+    assert handle.serves(backend, d.recv_src_idx, d.recv_src_rank, x.shape[0])
+    y = torch.nn.functional.silu(d.recv_x.float()).to(d.recv_x.dtype)
+    args = (comm, y, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank, d.n_tokens_to_rank,
+            d.n_tokens_from_rank, x.shape[0])
+    results = []
+    for check in (True, False):
+        for h in (handle, None, other):
+            results.append(impl.combine(*args, check_inputs=check, handle=h).cpu())
+    assert all(same_bits(r, results[0]) for r in results), "combine differs with / without the handle"
+    del handle
+    del d  # a handle holds its dispatch's outputs weakly
+    return True
+
+
+@pytest.mark.parametrize("capacity", [None, 400])
+def test_combine_with_and_without_the_dispatch_handle(backend, capacity):
+    from harness import run_on_ranks
+
+    assert run_on_ranks(2, handle_body, backend, capacity) == [True, True]
+
+
+def test_a_handle_does_not_keep_the_dispatch_outputs_alive():
+    import gc
+    import weakref
+
+    src_idx, src_rank = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+    handle = routing.DispatchHandle("nccl", 3, 3, None, None, [3], [3], 3, 3, src_idx, src_rank)
+    probe = weakref.ref(src_idx)
+    assert handle.serves("nccl", src_idx, src_rank, 3) and not handle.serves("cuda", src_idx, src_rank, 3)
+    del src_idx
+    gc.collect()
+    assert probe() is None
+
+
+# ------------------------------------------------------------------------------------------ evaluator
+def test_an_error_inside_a_node_names_the_node_and_keeps_its_type():
+    from fuser_moe import DataType, FusionDefinition
+    from fuser_moe.backends.communicator import Communicator
+
+    with FusionDefinition() as fd:
+        x = fd.define_tensor(shape=[-1, 8], dtype=DataType.BFloat16, name="x")
+        idx = fd.define_tensor(shape=[-1, 2], dtype=DataType.Int, name="topk_idx")
+        w = fd.define_tensor(shape=[-1, 2], dtype=DataType.Float, name="topk_weights")
+        d = fd.ops.moe_dispatch(x, idx, w, num_experts=4, backend="nccl")
+        out = fd.ops.moe_combine(d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
+                                 d.n_tokens_to_rank, d.n_tokens_from_rank, num_tokens=fd.ops.size(x, 0),
+                                 backend="nccl")
+        fd.add_output(out)
+    bad = torch.tensor([[0, 9], [1, 2]])
+    with pytest.raises(ValueError, match=r"topk_idx\[0, 1\] = 9") as caught:
+        fd.execute([torch.zeros(2, 8, dtype=torch.bfloat16), bad, torch.ones(2, 2)], communicator=Communicator())
+    message = str(caught.value)
+    assert "while executing %" in message and "= MoeDispatch[num_experts=4, backend=nccl]" in message, message

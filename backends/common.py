@@ -11,7 +11,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class DispatchOutputs(NamedTuple):
-    """The outputs of MoeDispatch on this rank (SPEC.md section 3).
+    """The outputs of MoeDispatch on this rank (docs/contract.md section 3).
 
     recv_x: [V, H], x's dtype, one row per received (source token, local expert) pair.
     recv_topk_idx: [V] int64, global expert id of the row (-1 on capacity padding).
@@ -65,7 +65,7 @@ class DeviceCount:
 
 
 def pad_to_capacity(out: DispatchOutputs, capacity: Optional[int]) -> DispatchOutputs:
-    """Capacity mode (SPEC.md section 5): leading extent C, padding rows marked -1 with weight 0."""
+    """Capacity mode (docs/contract.md section 5): leading extent C, padding rows marked -1 with weight 0."""
     if capacity is None:
         return out
     v = out.recv_x.shape[0]

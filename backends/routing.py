@@ -59,7 +59,7 @@ class Placement:
 
 
 def placement_list(num_experts: int, world_size: int, expert_to_rank: Optional[Sequence[int]]) -> list[int]:
-    """The expert-to-rank map as a list, checked (SPEC.md section 9: ValueError)."""
+    """The expert-to-rank map as a list, checked (docs/contract.md section 9: ValueError)."""
     if expert_to_rank is None:
         if num_experts % world_size != 0:
             raise ValueError(

@@ -1,4 +1,4 @@
-// Push-rows kernel of the symmetric-memory transport (SPEC.md section 8): the alltoallv's data path.
+// Push-rows kernel of the symmetric-memory transport (docs/contract.md section 8): the alltoallv's data path.
 //
 // For every entry i: peer buffer dst_rank[i], row dst_row[i]  <-  src row src_row[i], whole rows,
 // written straight into the peer's memory (over NVLink when the buffer is mapped from another GPU).

@@ -1,4 +1,4 @@
-// Device-side barrier of the symmetric-memory transport (SPEC.md section 8).
+// Device-side barrier of the symmetric-memory transport (docs/contract.md section 8).
 //
 // Every rank owns a control block of int64 words in symmetric memory. Its layout is `ControlLayout`
 // in backends/transport/base.py and must match the FM_* constants below (tests/test_transport.py

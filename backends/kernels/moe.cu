@@ -1,4 +1,4 @@
-// Dispatch and combine kernels of the CUDA backend (SPEC.md sections 3, 4 and 8).
+// Dispatch and combine kernels of the CUDA backend (docs/contract.md sections 3, 4 and 8).
 //
 // Dispatch, on rank r (W ranks, T tokens, K slots, E experts), tokens cut into chunks of `chunk` tokens:
 //   count   (a block per chunk)  per chunk: tokens for each destination rank, pairs for each expert.
@@ -24,6 +24,11 @@
 //                                                                                      -- barrier --
 //   reduce  (warp per token)     the source adds its partials in ascending expert-rank order, in float32,
 //                                and clears the flags.
+//
+// Destinations are base pointers, one per rank (count_ptrs, x_ptrs, meta_ptrs, part_ptrs, flag_ptrs), to
+// which a kernel adds the row the plan gives. The cuda backend passes its peers' mapped buffers; the NCCL
+// backend passes pointers into its own send buffers, shifted so that the rows land in the layout that
+// all_to_all_single sends (backends/nccl_kernels.py). The torch twin of every step is backends/routing.py.
 //
 // Rounding is the contract's: every product and sum is rounded on its own (__fmul_rn, __fadd_rn), sums
 // start at +0.0, casts round to nearest even. Compiles unchanged under nvcc and NVRTC: no system headers.

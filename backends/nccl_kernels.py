@@ -22,6 +22,7 @@ The count matrix is read on the host once per dispatch (the split sizes of the p
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Optional
 
 import torch
@@ -37,9 +38,11 @@ _available: dict = {}
 
 
 def serves(x: torch.Tensor, top_k: int, world: int) -> bool:
-    """Whether the kernels serve this call: CUDA tensors within the kernels' limits, cuda-python present
-    (else the torch twin of routing.py runs)."""
+    """Whether the kernels serve this call: CUDA tensors within the kernels' limits, cuda-python present,
+    and FUSER_MOE_NCCL_KERNELS not set to 0 (else the torch twin of routing.py runs)."""
     if not (x.is_cuda and top_k <= MAX_KERNEL_TOP_K and world <= MAX_KERNEL_WORLD):
+        return False
+    if os.environ.get("FUSER_MOE_NCCL_KERNELS", "1") == "0":
         return False
     if "cuda-python" not in _available:
         try:

@@ -1,83 +1,35 @@
-"""The CUDA backend: dispatch and combine through symmetric buffers, with no NCCL call (docs/contract.md section 8).
+"""The CUDA backend: dispatch and combine through symmetric buffers, with no NCCL call.
 
-Every rank writes straight into its peers' buffers and phases are ordered by the transport's
-device-side barrier. Counts travel the same way, so the only host synchronisation is the one
-exact-size outputs need (reading this rank's receive counts). In capacity mode (`max_recv_tokens=C`)
-dispatch and combine make none and can be captured in a CUDA graph.
+docs/contract.md section 8. Every rank writes straight into its peers' buffers and phases are ordered by
+the transport's device-side barrier. Counts travel the same way, so the only host synchronisation is
+the one exact-size outputs need (reading this rank's receive counts). In capacity mode
+(`max_recv_tokens=C`) the kernels make none and dispatch + combine can be captured in a CUDA graph.
 
-On CUDA tensors the work is done by the kernels of kernels/moe.cu (their header describes each step):
-  dispatch: count, notify, barrier, plan, send, barrier, expand. The count matrix tells every sender
-    where each of its pairs lands in the receiver's output (local expert, source rank, source token), so
-    the receiver copies each de-duplicated wire row to its output rows without sorting anything.
-  combine: group, barrier, send, barrier, reduce. Partial rows go to a dense [W, T_max] layout on the
-    source rank, with a flag per row, so no offsets need exchanging.
-Exact mode sends into the wire buffer of earlier calls before it reads the counts, and sends again in
-the rare call that outgrows it (every rank reads the same largest receive count, so all grow together).
-
-On CPU tensors (POSIX shared memory, which CI runs), and on CUDA beyond the kernels' limits (K > 64 or
-W > 64), the same contract is met with `transport.push_rows` and torch:
-  dispatch: 1. counts: r pushes [n_tokens_to_rank | pairs_to_rank | T] to every rank; barrier.
-    2. data: the wire row of token t for rank d goes to row sum_{s<r} M[s, d] + (position of t among r's
-       tokens for d) of d's buffer, with its metadata row [t, topk_idx[t], weight bits[t]]; barrier.
-    3. expansion: the receiver keeps the slots whose expert is its own and orders them by (local expert,
-       wire row), which is the contract's (local expert, source rank, source token) order.
-  combine: 1. counts: r pushes its n_tokens_to_rank row to every rank; barrier.
-    2. rows grouped by (src_rank, src_idx) with a stable sort; one partial row per group (float32 sum in
-       row order of w * y, cast) goes to row sum_{e<r} n_to_s[e] + (group's position among s's groups)
-       of the source rank s's buffer, with the token index; barrier.
-    3. the source adds each token's partials in ascending expert-rank order, in float32.
-Shapes are static wherever the host does not know them, so no step needs the host.
+The backend is split by job:
+  cuda.py          protocol policy: which path serves a call, checked mode, the per-group transport and
+                   the device's error words, the handle between dispatch and combine.
+  cuda_kernels.py  the kernels of kernels/moe.cu with their launch geometry (CUDA tensors, W <= 64, K <= 64).
+  cuda_torch.py    routing.py's plan over `transport.push_rows` (CPU tensors over POSIX shared memory, which
+                   CI runs, and CUDA tensors beyond the kernels' limits).
 """
 from __future__ import annotations
 
-import ctypes
-import os
 import weakref
 from typing import Optional, Sequence
 
 import torch
 
-from . import routing
-from .common import CommStats, DeviceCount, DispatchOutputs
+from . import cuda_kernels, cuda_torch, routing
+from .common import CommStats
 from .communicator import Communicator
 from .validation import check_combine_everywhere, check_dispatch_everywhere, checked
 
-_INT64_MAX = torch.iinfo(torch.int64).max
-_KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "moe.cu")
-_IDX_SUFFIX = {torch.int64: "i64", torch.int32: "i32"}
-_DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
-# Limits of the kernels (moe.cu): destination sets are 64-bit masks, slots and a token's rows on one
-# expert rank are gathered in 64-entry lists. Beyond them the torch path runs.
-MAX_KERNEL_WORLD = 64
-MAX_KERNEL_TOP_K = 64
-GROUP_CAP = 64
-_THREADS = 256  # the kernels that keep per-warp shared arrays assume 8 warps a block
-_NOTIFY_THREADS = 1024
-_MAX_CHUNK = 32  # tokens a dispatch block handles
-# Words of the summary that the plan kernel writes (moe.cu FM_SUM_*).
-_SUM_WIRE_IN, _SUM_PAIRS_IN, _SUM_MAX_WIRE_IN, _SUM_MAX_TOKENS, _SUM_SENT_REMOTE, _SUM_RECV_REMOTE = range(6)
-_sm_counts: dict = {}
-
-
-_kernel_cache: dict = {}
-
-
-def _kernel(name: str, device: torch.device):
-    """A kernel of moe.cu, compiled and loaded at first use (cached here too: this is on the hot path)."""
-    key = (name, device.index)
-    kernel = _kernel_cache.get(key)
-    if kernel is None:
-        from .transport.nvrtc import get_kernel
-
-        kernel = _kernel_cache[key] = get_kernel(_KERNEL_SOURCE, name, device)
-    return kernel
-
-
-def _multiprocessors(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
+# Limits of the kernels (moe.cu): beyond them the torch path (cuda_torch.py) runs.
+MAX_KERNEL_WORLD = cuda_kernels.MAX_KERNEL_WORLD
+MAX_KERNEL_TOP_K = cuda_kernels.MAX_KERNEL_TOP_K
+GROUP_CAP = cuda_kernels.GROUP_CAP
+# Words of the error block the kernels raise (moe.cu FM_ERR_*).
+ERR_NEEDED, ERR_GIVEN, ERR_BAD_ROW, ERR_BIG_GROUP = range(4)
 
 
 class _GroupState:
@@ -96,9 +48,6 @@ class _GroupState:
         self.ranks = torch.arange(world, device=device)
         self.zeros_w = torch.zeros(world, dtype=torch.int64, device=device)
         self.own_row = torch.full((world,), comm.rank, dtype=torch.int64, device=device)
-        # Largest token count of any rank seen by an exact-mode dispatch: every rank learns the same
-        # value from the count matrix, so combine can size its buffers without asking the peers.
-        self.max_tokens: Optional[int] = None
         # Rows of the exact mode's receive buffers (the same on every rank); rows are sent into them
         # before the host knows this call's counts, and sent again in the rare call that outgrows them.
         self.wire_capacity: Optional[int] = None
@@ -108,7 +57,8 @@ class _GroupState:
 
         A barrier timeout comes first (it explains everything after it), then a capacity overflow.
         """
-        needed, given, bad_row, big_group = self.errors.tolist()
+        words = self.errors.tolist()
+        needed, given, bad_row, big_group = (words[i] for i in (ERR_NEEDED, ERR_GIVEN, ERR_BAD_ROW, ERR_BIG_GROUP))
         if needed or bad_row or big_group:
             self.errors.zero_()
         transport_error = None
@@ -131,10 +81,6 @@ class _GroupState:
                                "them were dropped)")
         if transport_error is not None:
             raise transport_error
-
-
-def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-    return torch.cumsum(t, dim) - t
 
 
 class CudaBackend:
@@ -177,8 +123,13 @@ class CudaBackend:
     def dispatch(self, comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
                  num_experts: int, expert_to_rank: Optional[Sequence[int]] = None,
                  max_recv_tokens: Optional[int] = None, check_inputs: bool = True,
-                 stats: Optional[CommStats] = None) -> DispatchOutputs:
-        """Same contract as `NcclBackend.dispatch` (docs/contract.md section 3), over symmetric buffers."""
+                 stats: Optional[CommStats] = None, return_handle: bool = False):
+        """Same contract as `NcclBackend.dispatch` (docs/contract.md section 3), over symmetric buffers.
+
+        Args: as `NcclBackend.dispatch`; return_handle: also return the `routing.DispatchHandle` that
+            `combine(handle=...)` takes.
+        Returns: `DispatchOutputs`, or (`DispatchOutputs`, `DispatchHandle`) with return_handle.
+        """
         stats = stats if stats is not None else CommStats()
         world = comm.world_size
         if check_inputs:
@@ -187,11 +138,12 @@ class CudaBackend:
         placement = routing.make_placement(num_experts, world, expert_to_rank, x.device)
         state = self._state(comm)
         if self._kernels_apply(x, topk_idx.shape[1], world):
-            out, pairs_in = self._dispatch_kernels(comm, state, x, topk_idx, topk_weights, placement, max_recv_tokens,
-                                                   check_inputs, stats)
+            out, pairs_in, handle = cuda_kernels.dispatch(comm, state, x, topk_idx, topk_weights, placement,
+                                                           max_recv_tokens, check_inputs, stats)
         else:
-            out, pairs_in = self._dispatch_torch(comm, state, x, topk_idx, topk_weights, placement, max_recv_tokens,
-                                                 check_inputs, stats)
+            out, pairs, handle = cuda_torch.dispatch(comm, state, x, topk_idx, topk_weights, placement,
+                                                     max_recv_tokens, check_inputs, stats)
+            pairs_in = lambda: pairs  # noqa: E731
         if max_recv_tokens is None and check_inputs:
             # Checked mode reports this call's own errors at once; every rank raises together.
             checked(comm, lambda: state.raise_pending(comm))
@@ -211,425 +163,47 @@ class CudaBackend:
                                        f"{max_recv_tokens}")
                 state.raise_pending(comm)
             checked(comm, fits)
-        return out
+        return (out, handle) if return_handle else out
 
     @staticmethod
     def _kernels_apply(x: torch.Tensor, top_k: int, world: int) -> bool:
         """Whether the kernels of moe.cu serve this call (CUDA tensors within their limits)."""
         return x.is_cuda and top_k <= MAX_KERNEL_TOP_K and world <= MAX_KERNEL_WORLD
 
-    def _dispatch_kernels(self, comm: Communicator, state: _GroupState, x: torch.Tensor, topk_idx: torch.Tensor,
-                          topk_weights: torch.Tensor, placement, max_recv_tokens: Optional[int], check_inputs: bool,
-                          stats: CommStats):
-        """Dispatch with the kernels of moe.cu: count, notify, barrier, plan, send, barrier, expand."""
-        world, rank, device = comm.world_size, comm.rank, x.device
-        tr = state.transport
-        tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
-        num_experts = placement.num_experts
-        idx = topk_idx.contiguous()
-        weights = topk_weights.contiguous()
-        x = x.contiguous()
-        suffix = _IDX_SUFFIX[idx.dtype]
-        sms = _multiprocessors(device)
-        # Enough blocks to keep every SM busy at small T, at most _MAX_CHUNK tokens a block at large T.
-        chunk = min(_MAX_CHUNK, max(1, -(-tokens // (2 * sms))))
-        n_chunks = -(-tokens // chunk)
-        i32, i64 = torch.int32, torch.int64
-        chunk_e = torch.empty(num_experts, max(n_chunks, 1), dtype=i32, device=device)  # a row runs over chunks
-        chunk_d = torch.empty(world, max(n_chunks, 1), dtype=i32, device=device)
-        n_to = torch.empty(world, dtype=i64, device=device)
-        e2r = placement.expert_to_rank
-        counts = tr.buffer("dispatch_count_matrix", i64, (world + num_experts + 1,), world)
-        if n_chunks:
-            _kernel(f"fuser_moe_dispatch_count_{suffix}", device).launch(n_chunks, _THREADS, [
-                idx, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r, ctypes.c_int64(num_experts),
-                ctypes.c_int32(world), ctypes.c_int64(chunk), chunk_e, chunk_d])
-        _kernel("fuser_moe_dispatch_notify", device).launch(1, _NOTIFY_THREADS, [
-            chunk_e, chunk_d, ctypes.c_int64(n_chunks), ctypes.c_int64(num_experts), ctypes.c_int32(world),
-            ctypes.c_int32(rank), ctypes.c_int64(tokens), counts.peer_ptrs, n_to])
-        tr.barrier()
-        n_from = torch.empty(world, dtype=i64, device=device)
-        per_expert = torch.empty(placement.n_local[rank], dtype=i64, device=device)
-        summary = torch.empty(8, dtype=i64, device=device)
-        plan = torch.empty(3 * num_experts + world, dtype=i64, device=device)  # totals, start_e, scan, base_d
-        _kernel("fuser_moe_dispatch_plan", device).launch(1, _NOTIFY_THREADS, [
-            counts.local, ctypes.c_int64(num_experts), ctypes.c_int32(world), ctypes.c_int32(rank), e2r,
-            placement.expert_order, placement.rank_begin, plan, n_from, per_expert, summary])
-
-        meta_width = 2 + 3 * top_k
-        row_bytes = hidden * x.element_size()
-        shared = 4 * (2 * chunk * top_k + ((chunk * world + 1) & ~1)) + 8 * chunk
-
-        def send(capacity: int):
-            x_buf = tr.buffer("dispatch_wire_x", x.dtype, (hidden,), capacity)
-            meta_buf = tr.buffer("dispatch_wire_meta", i64, (meta_width,), capacity)
-            if n_chunks:
-                _kernel(f"fuser_moe_dispatch_send_{suffix}", device).launch(n_chunks, _THREADS, [
-                    x, ctypes.c_int64(row_bytes), idx, weights, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r,
-                    ctypes.c_int64(num_experts), ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(chunk),
-                    chunk_e, chunk_d, plan, x_buf.peer_ptrs, meta_buf.peer_ptrs,
-                    ctypes.c_int64(min(x_buf.rows, meta_buf.rows))],
-                    shared_mem=shared)
-            tr.barrier()
-            return x_buf, meta_buf
-
-        wire_row_bytes = row_bytes + meta_width * 8
-        if max_recv_tokens is not None:
-            state.max_tokens = None  # unknown on the host: combine asks the peers
-            x_buf, meta_buf = send(max_recv_tokens)
-            out_rows = max_recv_tokens
-            stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
-            stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
-        else:
-            # Send into the buffers of earlier calls first: rows travel while the host waits for the counts.
-            sent = send(state.wire_capacity) if state.wire_capacity is not None else None
-            host = summary.tolist()
-            stats.sync("receive counts to host")
-            if not check_inputs:
-                state.raise_pending(comm)  # (checked mode reports this call's errors at its end, on every rank)
-            needed = host[_SUM_MAX_WIRE_IN]
-            if sent is None or needed > min(sent[0].rows, sent[1].rows):
-                # Every rank read the same largest receive count, so all grow and send again together.
-                sent = send(max(needed, state.wire_capacity or 0))
-            x_buf, meta_buf = sent
-            state.wire_capacity = min(x_buf.rows, meta_buf.rows)
-            state.max_tokens = max(state.max_tokens or 0, host[_SUM_MAX_TOKENS])
-            out_rows = host[_SUM_PAIRS_IN]
-            stats.bytes_sent = host[_SUM_SENT_REMOTE] * wire_row_bytes + (world - 1) * (world + num_experts + 1) * 8
-            stats.bytes_recv = host[_SUM_RECV_REMOTE] * wire_row_bytes
-
-        recv_x = torch.empty(out_rows, hidden, dtype=x.dtype, device=device)
-        recv_idx = torch.empty(out_rows, dtype=i64, device=device)
-        recv_w = torch.empty(out_rows, dtype=torch.float32, device=device)
-        src_idx = torch.empty(out_rows, dtype=i64, device=device)
-        src_rank = torch.empty(out_rows, dtype=i64, device=device)
-        wire_capacity = min(x_buf.rows, meta_buf.rows)
-        warps = wire_capacity + out_rows  # an upper bound of the items: wire rows, then padding rows
-        _kernel("fuser_moe_dispatch_expand", device).launch(max(1, min(-(-warps // 8), 8 * sms)), _THREADS, [
-            x_buf.local, meta_buf.local, ctypes.c_int64(wire_capacity), ctypes.c_int64(row_bytes),
-            ctypes.c_int32(top_k), summary, ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank,
-            state.errors])
-        out = DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from, per_expert)
-        return out, lambda: int(summary[_SUM_PAIRS_IN])
-
-    def _dispatch_torch(self, comm: Communicator, state: _GroupState, x: torch.Tensor, topk_idx: torch.Tensor,
-                        topk_weights: torch.Tensor, placement, max_recv_tokens: Optional[int], check_inputs: bool,
-                        stats: CommStats):
-        """Dispatch with `push_rows` and torch (CPU tensors; CUDA beyond the kernels' limits)."""
-        world, rank = comm.world_size, comm.rank
-        tr = state.transport
-        device = x.device
-        tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
-
-        # 1. counts
-        dest = routing.slot_destinations(topk_idx, placement)  # [T, K]
-        hits = dest.unsqueeze(-1) == state.ranks  # [T, K, W]
-        routed = hits.any(dim=1)  # [T, W]
-        count_row = torch.cat([routed.sum(0), hits.sum((0, 1)),
-                               torch.full((1,), tokens, dtype=torch.int64, device=device)]).view(1, 2 * world + 1)
-        counts = tr.buffer("dispatch_counts", torch.int64, (2 * world + 1,), world)
-        self._push_to_all(state, count_row, counts)
-        tr.barrier()
-        matrix = counts.local[:world].clone()  # [src, 2W+1]: wire rows and pairs to each rank, tokens
-        n_from = matrix[:, rank].contiguous()
-        n_to = count_row[0, :world].clone()
-
-        row_bytes = hidden * x.element_size() + (1 + 2 * top_k) * 8
-        host = None
-        if max_recv_tokens is not None:
-            state.max_tokens = None  # unknown on the host: combine asks the peers
-            capacity = max_recv_tokens
-            sent = n_to.sum() - n_to[rank]
-            stats.bytes_sent = sent * row_bytes  # a device scalar, read when the trace is
-        elif state.wire_capacity is not None:
-            # Exact mode with buffers from earlier calls: send now, learn the sizes while rows travel.
-            capacity = state.wire_capacity
-        else:
-            host = self._read_counts(comm, state, matrix, check_inputs, stats)
-            capacity = max(self._wire_in(host, world))
-
-        # 2. data, then 3. the receiver's order, all enqueued without the host knowing any size
-        meta = torch.cat([torch.arange(tokens, device=device).unsqueeze(1), topk_idx.long(),
-                          routing.pack_weights(topk_weights)], dim=1)
-        arranged = self._send_and_arrange(state, x, meta, routed, matrix, n_from, placement, rank, top_k, capacity)
-
-        if max_recv_tokens is None:
-            if host is None:
-                host = self._read_counts(comm, state, matrix, check_inputs, stats, expect_overflow_over=capacity)
-            needed = max(self._wire_in(host, world))
-            if needed > capacity:
-                # Some rows did not fit; every rank saw the same matrix, so all grow and send again.
-                capacity = needed
-                arranged = self._send_and_arrange(state, x, meta, routed, matrix, n_from, placement, rank, top_k,
-                                                  capacity)
-            state.wire_capacity = max(capacity, state.wire_capacity or 0)
-            state.max_tokens = max([state.max_tokens or 0] + [row[2 * world] for row in host])
-            wire_in = self._wire_in(host, world)
-            sent = sum(host[rank][:world]) - host[rank][rank]
-            stats.bytes_sent += sent * row_bytes + (world - 1) * (2 * world + 1) * 8
-            stats.bytes_recv += (wire_in[rank] - host[rank][rank]) * row_bytes
-            out_rows = sum(host[s][world + rank] for s in range(world))
-        else:
-            out_rows = max_recv_tokens
-        out = self._gather(state, arranged, n_from, top_k, out_rows, padded=max_recv_tokens is not None)
-        out = out._replace(n_tokens_to_rank=n_to, n_tokens_from_rank=n_from,
-                           n_tokens_per_expert=arranged["per_expert"])
-        return out, lambda: int(matrix[:, world + rank].sum())
-
-    @staticmethod
-    def _push_to_all(state: _GroupState, row: torch.Tensor, buf) -> None:
-        """Writes a one-row tensor into this rank's row of every rank's `buf`."""
-        state.transport.push_rows(row.contiguous(), state.zeros_w, state.ranks, state.own_row, buf)
-
-    @staticmethod
-    def _wire_in(host: list, world: int) -> list:
-        """Wire rows each rank receives, from the count matrix on the host."""
-        return [sum(host[s][d] for s in range(world)) for d in range(world)]
-
-    @staticmethod
-    def _read_counts(comm, state: _GroupState, matrix: torch.Tensor, check_inputs: bool, stats: CommStats,
-                     expect_overflow_over: Optional[int] = None) -> list:
-        """The count matrix on the host (the exact mode's one synchronisation), and the device's errors.
-
-        Reading the error words right after costs a small copy, not a wait. When the rows were sent
-        into buffers of `expect_overflow_over` rows and the matrix shows they did not fit, the
-        transport's overflow report is expected (the caller grows and sends again) and is dropped.
-        (Checked mode reports this call's own errors at its end, on every rank.)
-        """
-        host = matrix.tolist()
-        stats.sync("count matrix to host")
-        world = len(host)
-        overflowed = expect_overflow_over is not None and \
-            max(CudaBackend._wire_in(host, world)) > expect_overflow_over
-        if overflowed:
-            try:
-                state.transport.check()
-            except RuntimeError:
-                pass
-        elif not check_inputs:
-            state.raise_pending(comm)
-        return host
-
-    def _send_and_arrange(self, state: _GroupState, x: torch.Tensor, meta: torch.Tensor, routed: torch.Tensor,
-                          matrix: torch.Tensor, n_from: torch.Tensor, placement, rank: int, top_k: int,
-                          capacity: int) -> dict:
-        """Pushes every wire row into its peer's buffer, then sorts the received slots into the contract's order.
-
-        Shapes depend on `capacity` only, so nothing here needs the host to know a count.
-        """
-        tr, device = state.transport, x.device
-        world, tokens = routed.shape[1], routed.shape[0]
-        # One row more than the wire rows: row `capacity` is kept zero and padding rows gather from it.
-        x_buf = tr.buffer("dispatch_x", x.dtype, (x.shape[1],), capacity + 1)
-        meta_buf = tr.buffer("dispatch_meta", torch.int64, (1 + 2 * top_k,), capacity)
-        # Zeroed before this rank's rows go out: no peer writes it in this call unless the call
-        # overflows (then an error is reported), and peers of a resent call write below it.
-        x_buf.local[capacity].zero_()
-        if tokens:
-            base = matrix[:rank, :world].sum(0)  # where this rank's rows start in each peer's buffer
-            # Rank-major [W, T] so that the scan runs along the contiguous dimension.
-            routed_t = routed.t().contiguous()
-            position = _exclusive_cumsum(routed_t.long(), dim=1)
-            dst_row = torch.where(routed_t, base.unsqueeze(1) + position, -1).view(-1)
-            src_row = torch.arange(tokens, device=device).repeat(world)
-            dst_rank = state.ranks.repeat_interleave(tokens)
-            tr.push_rows(x.contiguous(), src_row, dst_rank, dst_row, x_buf)
-            tr.push_rows(meta, src_row, dst_rank, dst_row, meta_buf)
-        tr.barrier()
-
-        n_local = placement.n_local[rank]
-        recv_meta = meta_buf.local[:capacity]
-        wire_idx = torch.arange(capacity, device=device)
-        in_use = (wire_idx < n_from.sum()).unsqueeze(1)
-        # Rows past this call's wire rows hold whatever an earlier call left: never read their experts.
-        experts = torch.where(in_use, recv_meta[:, 1:1 + top_k], -1)
-        clamped = experts.clamp(min=0, max=placement.num_experts - 1)
-        mine = (experts >= 0) & (placement.expert_to_rank[clamped] == rank)
-        local = placement.local_index[clamped]
-        key = torch.where(mine, local * max(capacity, 1) + wire_idx.unsqueeze(1),
-                          torch.full_like(local, _INT64_MAX)).view(-1)
-        sorted_key, perm = torch.sort(key, stable=True)
-        # Keys are grouped by local expert: each expert's count is the distance between its bounds.
-        bounds = torch.searchsorted(sorted_key, torch.arange(n_local + 1, device=device) * max(capacity, 1))
-        return {"x_buf": x_buf, "capacity": capacity, "meta": recv_meta, "experts": experts,
-                "sorted_key": sorted_key, "perm": perm, "per_expert": bounds[1:] - bounds[:-1],
-                "pairs": mine.sum()}
-
-    @staticmethod
-    def _gather(state: _GroupState, arranged: dict, n_from: torch.Tensor, top_k: int, out_rows: int,
-                padded: bool) -> DispatchOutputs:
-        """The first `out_rows` rows in the contract's order; with `padded`, rows past the pairs are padding."""
-        device = n_from.device
-        sorted_key, perm = arranged["sorted_key"][:out_rows], arranged["perm"][:out_rows]
-        if perm.shape[0] < out_rows:  # capacity mode with fewer slots than rows: pad the index
-            fill = torch.zeros(out_rows - perm.shape[0], dtype=perm.dtype, device=device)
-            perm = torch.cat([perm, fill])
-            sorted_key = torch.cat([sorted_key, torch.full_like(fill, _INT64_MAX)])
-        meta, experts = arranged["meta"], arranged["experts"]
-        wire_row, slot = perm // top_k, perm % top_k
-        wire_src = (wire_row.unsqueeze(1) >= torch.cumsum(n_from, 0).unsqueeze(0)).sum(1)
-        topk_idx = experts[wire_row, slot]
-        weights = routing.unpack_weights(meta[wire_row, 1 + top_k + slot])
-        src_idx = meta[wire_row, 0]
-        if not padded:
-            recv_x = arranged["x_buf"].local[wire_row]
-        else:
-            valid = sorted_key != _INT64_MAX
-            # Padding rows copy the buffer's zero row: one gather, no second pass over recv_x.
-            recv_x = arranged["x_buf"].local[torch.where(valid, wire_row, arranged["capacity"])]
-            minus_one = torch.full_like(topk_idx, -1)
-            topk_idx = torch.where(valid, topk_idx, minus_one)
-            weights = torch.where(valid, weights, torch.zeros((), dtype=weights.dtype, device=device))
-            src_idx = torch.where(valid, src_idx, minus_one)
-            wire_src = torch.where(valid, wire_src, minus_one)
-            pairs = arranged["pairs"]
-            errors = state.errors
-            torch.maximum(errors[0], torch.where(pairs > out_rows, pairs, torch.zeros_like(pairs)), out=errors[0])
-            errors[1].fill_(out_rows)
-        return DispatchOutputs(recv_x, topk_idx, weights, src_idx, wire_src, n_from, n_from, n_from)
-
     # ------------------------------------------------------------------ combine
     def combine(self, comm: Communicator, x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor,
                 src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor, n_tokens_from_rank: torch.Tensor,
-                num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None) -> torch.Tensor:
-        """Same contract as `NcclBackend.combine` (docs/contract.md section 4), over symmetric buffers."""
+                num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None,
+                handle: Optional[routing.DispatchHandle] = None) -> torch.Tensor:
+        """Same contract as `NcclBackend.combine` (docs/contract.md section 4), over symmetric buffers.
+
+        Args: as `NcclBackend.combine`; handle: the matching dispatch's `DispatchHandle` (optional; every
+            rank passes one or none). It tells the kernels every rank's token count without asking the
+            peers, and the torch path where each partial row goes without exchanging counts.
+        """
         stats = stats if stats is not None else CommStats()
         world = comm.world_size
+        if handle is not None and not handle.serves(self.name, src_idx, src_rank, num_tokens):
+            handle = None
         if check_inputs:
             tokens_of_rank = check_combine_everywhere(comm, x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
                                                       n_tokens_from_rank, num_tokens)
             stats.sync("input checks")
-        elif self._state(comm).max_tokens is not None:
-            # An exact-mode dispatch told every rank the same token counts (the count matrix).
-            tokens_of_rank = [self._state(comm).max_tokens]
+        elif handle is not None and handle.max_tokens is not None:
+            # The matching exact-mode dispatch told every rank the same token counts (the count matrix).
+            tokens_of_rank = [handle.max_tokens]
         else:
             # Buffer sizes must agree on every rank: a host-side exchange, no device synchronisation.
             tokens_of_rank = comm.exchange(num_tokens)
         state = self._state(comm)
         if x.is_cuda and world <= MAX_KERNEL_WORLD:
-            out = self._combine_kernels(comm, state, x, topk_weights, src_idx, src_rank, num_tokens,
+            out = cuda_kernels.combine(comm, state, x, topk_weights, src_idx, src_rank, num_tokens,
                                         max(tokens_of_rank), stats)
         else:
-            out = self._combine_torch(comm, state, x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
-                                      n_tokens_from_rank, num_tokens, max(tokens_of_rank), stats)
+            torch_handle = handle if handle is not None and handle.partial_base is not None else None
+            out = cuda_torch.combine(comm, state, x, topk_weights, src_idx, src_rank, n_tokens_to_rank, num_tokens,
+                                     stats, torch_handle)
         if check_inputs:
             checked(comm, lambda: state.raise_pending(comm))
             stats.sync("device error words")
         return out
-
-    def _combine_kernels(self, comm: Communicator, state: _GroupState, x: torch.Tensor, weights: torch.Tensor,
-                         src_idx: torch.Tensor, src_rank: torch.Tensor, num_tokens: int, max_tokens: int,
-                         stats: CommStats) -> torch.Tensor:
-        """Combine with the kernels of moe.cu: group, barrier, send, barrier, reduce.
-
-        Partial rows land in row e * max_tokens + t of the source's buffer, so the layout is the same on
-        every rank (max_tokens is) and nothing but the rows themselves travels.
-        """
-        world, rank, device = comm.world_size, comm.rank, x.device
-        tr = state.transport
-        rows, hidden = x.shape[0], x.shape[1]
-        sms = _multiprocessors(device)
-        stride = max(max_tokens, 1)
-        if num_tokens > stride:
-            raise ValueError(f"moe_combine: num_tokens={num_tokens} on rank {rank} but the ranks agreed on at most "
-                             f"{max_tokens} tokens a rank")
-        x = x.contiguous()
-        weights = weights.contiguous().to(torch.float32)
-        src_idx = src_idx.contiguous().to(torch.int64)
-        src_rank = src_rank.contiguous().to(torch.int64)
-        part_buf = tr.buffer("combine_partial_rows", x.dtype, (hidden,), world * stride)
-        flag_buf = tr.buffer("combine_partial_flags", torch.int32, (), world * stride)
-        # Rows per (source rank, token), then two counters: partial rows sent to and received from peers.
-        group_count = torch.zeros(world * stride + 2, dtype=torch.int32, device=device)
-        counters = group_count[world * stride:]
-        group_rows = torch.empty(world * stride * GROUP_CAP, dtype=torch.int32, device=device)
-        if rows:
-            _kernel("fuser_moe_combine_group", device).launch(max(1, min(-(-rows // _THREADS), 8 * sms)), _THREADS, [
-                src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
-                group_rows, state.errors])
-        tr.barrier()  # every source is done with its previous reduce: its partial rows and flags are free
-        suffix = _DTYPE_SUFFIX[x.dtype]
-        groups = world * stride
-        warps = 16 * sms * (_THREADS // 32)
-        split = max(1, min(8, warps // groups))  # few groups (decode): several warps share a row
-        _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(
-            max(1, min(-(-groups * split // 8), 16 * sms)), _THREADS, [
-                x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank),
-                ctypes.c_int64(stride), group_count, group_rows, part_buf.peer_ptrs, flag_buf.peer_ptrs, counters,
-                ctypes.c_int32(split)])
-        tr.barrier()
-        out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
-        _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(max(1, min(-(-stride // 8), 16 * sms)), _THREADS, [
-            part_buf.local, flag_buf.local, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
-            ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters])
-        row_bytes = hidden * x.element_size() + 4
-        stats.bytes_sent = DeviceCount(counters[0], row_bytes)
-        stats.bytes_recv = DeviceCount(counters[1], row_bytes)
-        return out
-
-    def _combine_torch(self, comm: Communicator, state: _GroupState, x: torch.Tensor, topk_weights: torch.Tensor,
-                       src_idx: torch.Tensor, src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor,
-                       n_tokens_from_rank: torch.Tensor, num_tokens: int, max_tokens: int,
-                       stats: CommStats) -> torch.Tensor:
-        """Combine with `push_rows` and torch (CPU tensors; CUDA beyond the kernels' limits)."""
-        world, rank = comm.world_size, comm.rank
-        tr = state.transport
-        hidden, dtype = x.shape[1], x.dtype
-
-        # 1. counts
-        counts = tr.buffer("combine_counts", torch.int64, (world,), world)
-        self._push_to_all(state, n_tokens_to_rank.view(1, world), counts)
-        tr.barrier()
-        to_matrix = counts.local[:world].clone()  # [s, e] = tokens rank s sent to rank e
-
-        # 2. partial rows to their source ranks
-        capacity = max_tokens * world
-        part_buf = tr.buffer("combine_partials", dtype, (hidden,), capacity)
-        idx_buf = tr.buffer("combine_src_idx", torch.int64, (), capacity)
-        offsets = to_matrix[:, :rank].sum(1)  # where this rank's rows start in each source's buffer
-        group_base = _exclusive_cumsum(n_tokens_from_rank)
-        sent = self._send_partials_torch(tr, x, topk_weights, src_idx, src_rank, offsets, group_base, part_buf,
-                                         idx_buf)
-        tr.barrier()
-        row_bytes = hidden * x.element_size() + 8
-        stats.bytes_sent = (sent - n_tokens_from_rank[rank]) * row_bytes
-        stats.bytes_recv = (to_matrix[rank].sum() - to_matrix[rank, rank]) * row_bytes
-
-        # 3. each token's partials, in ascending expert-rank order, summed in float32
-        return self._sum_partials(part_buf, idx_buf, to_matrix[rank], num_tokens, capacity, world, hidden, dtype)
-
-    @staticmethod
-    def _send_partials_torch(tr, x, weights, src_idx, src_rank, offsets, group_base, part_buf, idx_buf):
-        """CPU transport: the shared routing arithmetic, then a push of the partial rows."""
-        groups = routing.group_for_combine(src_rank, src_idx)
-        partials = routing.weighted_partials(x, weights, groups)
-        n_groups = partials.shape[0]
-        g = torch.arange(n_groups, device=x.device)
-        s = groups.group_src_rank
-        dst_row = offsets[s] + g - group_base[s]
-        if n_groups:
-            tr.push_rows(partials, g, s, dst_row, part_buf)
-            tr.push_rows(groups.group_src_idx.contiguous().view(-1), g, s, dst_row, idx_buf)
-        return torch.tensor(n_groups)
-
-    @staticmethod
-    def _sum_partials(part_buf, idx_buf, to_row: torch.Tensor, num_tokens: int, capacity: int, world: int,
-                      hidden: int, dtype) -> torch.Tensor:
-        device = to_row.device
-        rows = torch.arange(capacity, device=device)
-        bounds = torch.cumsum(to_row, 0)
-        received = rows < bounds[-1]
-        from_rank = (rows.unsqueeze(1) >= bounds.unsqueeze(0)).sum(1)
-        token = idx_buf.local[:capacity]
-        slot = torch.full((world * num_tokens + 1,), -1, dtype=torch.int64, device=device)
-        target = torch.where(received, from_rank * num_tokens + token, torch.full_like(token, world * num_tokens))
-        slot.scatter_(0, target, rows)
-        slot = slot[:world * num_tokens].view(world, num_tokens)
-        partials = part_buf.local
-        acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=device)
-        zero = torch.zeros((), dtype=torch.float32, device=device)
-        for e in range(world):
-            present = slot[e] >= 0
-            # A token without a partial from e adds +0.0, which leaves a sum that started at +0.0 unchanged.
-            acc = acc + torch.where(present.unsqueeze(1), partials[slot[e].clamp(min=0)].float(), zero)
-        return acc.to(dtype)

@@ -201,7 +201,8 @@ def check_scaled_dispatch_everywhere(comm: Communicator, x: torch.Tensor, x_scal
 # ------------------------------------------------------------------------------------------ dispatch
 def dispatch(backend, comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
              num_experts: int, x_scales: Optional[torch.Tensor] = None, expert_to_rank: Optional[Sequence[int]] = None,
-             max_recv_tokens: Optional[int] = None, check_inputs: bool = True, stats: Optional[CommStats] = None):
+             max_recv_tokens: Optional[int] = None, check_inputs: bool = True, stats: Optional[CommStats] = None,
+             return_handle: bool = False):
     """`backend.dispatch`, with the fp8 payloads of docs/contract.md section 12.
 
     Args:
@@ -213,10 +214,10 @@ def dispatch(backend, comm: Communicator, x: torch.Tensor, topk_idx: torch.Tenso
         num_experts: E.
         x_scales: [T, ceil(H / 128)] float32, the scale of each 128-column block of x's rows; only with
             an fp8 x.
-        expert_to_rank, max_recv_tokens, check_inputs, stats: as `backend.dispatch`.
+        expert_to_rank, max_recv_tokens, check_inputs, stats, return_handle: as `backend.dispatch`.
     Returns: the backend's `DispatchOutputs` without x_scales; with them, `ScaledDispatchOutputs`
         (recv_x [V, H] float8_e4m3fn and recv_x_scales [V, ceil(H / 128)] float32, views into the
-        received packed rows).
+        received packed rows); with return_handle, (outputs, the backend's `DispatchHandle`).
     Raises: the errors of `validate_scaled_dispatch` on every rank in checked mode, then the backend's.
     """
     if check_inputs:
@@ -226,8 +227,12 @@ def dispatch(backend, comm: Communicator, x: torch.Tensor, topk_idx: torch.Tenso
         validate_scaled_dispatch(x, x_scales)
     common = dict(num_experts=num_experts, expert_to_rank=expert_to_rank, max_recv_tokens=max_recv_tokens,
                   check_inputs=check_inputs, stats=stats)
+    if return_handle:
+        common["return_handle"] = True
     if x_scales is None:
         return backend.dispatch(comm, x, topk_idx, topk_weights, **common)
-    out = backend.dispatch(comm, pack(x, x_scales), topk_idx, topk_weights, **common)
+    result = backend.dispatch(comm, pack(x, x_scales), topk_idx, topk_weights, **common)
+    out, handle = result if return_handle else (result, None)
     recv_x, recv_scales = views(out.recv_x, x.shape[1])
-    return ScaledDispatchOutputs(recv_x, *out[1:], recv_x_scales=recv_scales)
+    scaled = ScaledDispatchOutputs(recv_x, *out[1:], recv_x_scales=recv_scales)
+    return (scaled, handle) if return_handle else scaled

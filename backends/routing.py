@@ -1,17 +1,37 @@
-"""Routing arithmetic shared by every backend: placement, counts, wire order, expansion, pre-sums.
+"""The routing plan, in vectorised torch: the twin of the kernels of kernels/moe.cu.
 
-Written once so that the backends cannot drift apart; they differ only in how rows travel. Every
-function here is plain torch on whatever device its tensors are on. Functions whose output size
-depends on the routing (`plan_dispatch`, `expand_received`, `group_for_combine`) read sizes on the
-host; the CUDA backend's capacity mode uses the fixed-size variants in its own module instead.
+docs/contract.md section 8 ("One routing plan, two transports"): the routing arithmetic is written once
+for the device (kernels/moe.cu) and once here, and every backend uses it; backends differ only in how
+rows travel. The single-process reference (fuser_moe/reference.py) stays independent of it.
 
-Terms (docs/contract.md section 2): W ranks, T tokens, K slots per token, E experts. A *wire row* is one token
-travelling to one destination rank (once, however many of that rank's experts it picked). A *pair* is
-one (token, expert); the receiver expands wire rows into pairs.
+Terms (docs/contract.md section 2): W ranks, T tokens, K slots per token, E experts. A *wire row* is one
+token travelling to one destination rank (once, however many of that rank's experts it picked). A
+*pair* is one (token, expert); the receiver expands wire rows into pairs.
+
+The stages, each a function here and a kernel there:
+  count   `count_row`: this rank's count row [tokens to each rank (W) | pairs per expert (E) | T].
+          The rows of all ranks form the W x (W + E + 1) count matrix M (row s: what rank s sends).
+  place   `place_pairs`: from M, the output row on its expert's rank of every pair (t, k): pairs of a
+          rank are ordered (local expert, source rank, source token), so the row is
+          (pairs of earlier local experts, from every rank) + sum_{s < r} M[s][W + e] + (earlier pairs
+          of expert e on this rank). `send_rows`: the wire rows of this rank, by destination, then token.
+  pack    `wire_meta`: the one wire-metadata layout, int64 [N, 2 + 3K] (`META_*` below).
+  expand  `expand`: the receiver writes each wire row to the output rows its metadata names; no sort.
+  group   `group_rows`: combine's rows of each (source rank, token), groups in (source rank, token)
+          order, which is also the order of the wire rows the matching dispatch received.
+  reduce  `weighted_partials`: per group the float32 sum of w * y in row order, cast (docs/contract.md
+          section 4, step 1); `sum_partials`: per token the float32 sum of its partials in ascending
+          expert-rank order, cast (step 2).
+Sums keep the contract's order on every device: on the CPU `index_add_` along dim 0 adds source rows
+serially in index order; on CUDA (where `index_add_` uses atomics) the rows of a group are laid out
+densely and summed with a scan along the group, which runs sequentially in float32, and step 2 adds
+one source rank at a time. No Python loop here runs more than W times.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import weakref
+from dataclasses import InitVar, dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -33,6 +53,9 @@ class Placement:
     # ([E] and [W + 1] int64 on the device): the CUDA kernels scan per-expert counts in this order.
     expert_order: Optional[torch.Tensor] = None
     rank_begin: Optional[torch.Tensor] = None
+    # The map on the host, and each rank's experts in local order (host ints).
+    ranks_host: tuple = ()
+    local_experts: tuple = ()
 
 
 def placement_list(num_experts: int, world_size: int, expert_to_rank: Optional[Sequence[int]]) -> list[int]:
@@ -75,6 +98,8 @@ def make_placement(num_experts: int, world_size: int, expert_to_rank: Optional[S
         tuple(seen),
         torch.tensor(sorted(range(num_experts), key=lambda e: (placement[e], e)), dtype=torch.int64, device=device),
         torch.tensor([sum(seen[:d]) for d in range(world_size + 1)], dtype=torch.int64, device=device),
+        tuple(placement),
+        tuple(tuple(e for e in range(num_experts) if placement[e] == d) for d in range(world_size)),
     )
     if len(_placement_cache) > 256:
         _placement_cache.clear()
@@ -82,147 +107,399 @@ def make_placement(num_experts: int, world_size: int, expert_to_rank: Optional[S
     return result
 
 
-# ---------------------------------------------------------------------------------------- dispatch
-def slot_destinations(topk_idx: torch.Tensor, placement: Placement) -> torch.Tensor:
-    """[T, K] int64: the rank of each slot's expert, -1 for empty slots."""
-    idx = topk_idx.long()
-    return torch.where(idx >= 0, placement.expert_to_rank[idx.clamp(min=0)], torch.full_like(idx, -1))
+# ------------------------------------------------------------------------------------------ layout
+# The one wire-metadata layout, int64 [N, 2 + 3K] per wire row (kernels/moe.cu's send and expand use it
+# too): the token index on the source, the source rank, then K output rows on the destination (-1 for a
+# slot whose expert lives elsewhere), K expert ids (-1 likewise) and K weight bits (float32 bits).
+META_TOKEN = 0
+META_SOURCE = 1
+META_ROWS = 2
 
 
-def token_rank_mask(dest: torch.Tensor, world_size: int) -> torch.Tensor:
-    """[T, W] bool: does token t go to rank d (at least one of its slots)."""
-    ranks = torch.arange(world_size, device=dest.device, dtype=torch.int64)
-    return (dest.unsqueeze(-1) == ranks).any(dim=1)
-
-
-@dataclass
-class DispatchPlan:
-    """What one rank sends: wire rows ordered by destination rank, then by token index."""
-
-    n_tokens_to_rank: torch.Tensor  # [W] int64
-    send_token: torch.Tensor  # [N] int64, token index of each wire row
-    meta: torch.Tensor  # [N, 1 + 2K] int64: src_idx, K expert ids (-1 if not on that rank), K weight bits
+def meta_width(top_k: int) -> int:
+    """Words of one wire-metadata row: 2 + 3K."""
+    return 2 + 3 * top_k
 
 
 def pack_weights(weights: torch.Tensor) -> torch.Tensor:
-    """float32 -> int64 carrying the exact bits (so weights can travel in the int64 metadata)."""
-    return weights.contiguous().view(torch.int32).to(torch.int64)
+    """float32 -> int64 carrying the exact bits, zero-extended (so weights can travel in the int64
+    metadata; the kernels write the same word: `__float_as_uint(w)`)."""
+    return weights.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
 
 
 def unpack_weights(bits: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_weights`: int64 words holding float32 bits -> float32."""
     return bits.to(torch.int32).contiguous().view(torch.float32)
 
 
-def plan_dispatch(topk_idx: torch.Tensor, topk_weights: torch.Tensor, placement: Placement) -> DispatchPlan:
-    dest = slot_destinations(topk_idx, placement)
-    routed = token_rank_mask(dest, placement.world_size)  # [T, W]
-    n_to = routed.sum(dim=0, dtype=torch.int64)
-    send_rank, send_token = routed.t().nonzero(as_tuple=True)  # (d, t) lexicographic: the wire order
-    experts = torch.where(dest[send_token] == send_rank.unsqueeze(1), topk_idx.long()[send_token],
-                          torch.full_like(dest[send_token], -1))
-    meta = torch.cat([send_token.unsqueeze(1), experts, pack_weights(topk_weights[send_token])], dim=1)
-    return DispatchPlan(n_to, send_token, meta)
+_scratch_buffers: dict = {}
+
+
+def scratch(name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor for an intermediate that does not outlive the call (CPU only; elsewhere a
+    fresh `torch.empty`). On CPUs a fresh multi-megabyte allocation is returned to the system when freed,
+    and its pages fault in again on first touch, which costs more than the work on it; these buffers are
+    kept per (thread, name, dtype) and grown when a call needs more."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    numel = 1
+    for n in shape:
+        numel *= int(n)
+    key = (threading.get_ident(), name, dtype)
+    buffer = _scratch_buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch_buffers[key] = torch.empty(max(numel, 1), dtype=dtype)
+    return buffer[:numel].view(shape)
+
+
+def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    return torch.cumsum(t, dim) - t
+
+
+def _rank_within_value(values: torch.Tensor, n_values: int) -> torch.Tensor:
+    """For each entry of a 1-D int64 tensor with entries in [0, n_values]: how many earlier entries hold
+    the same value (a stable sort, no loop)."""
+    order = torch.argsort(values, stable=True)
+    first = _exclusive_cumsum(torch.bincount(values, minlength=n_values + 1))
+    position = torch.empty_like(values)
+    position[order] = torch.arange(values.numel(), device=values.device) - first[values[order]]
+    return position
+
+
+# ------------------------------------------------------------------------------------------ count
+def slot_destinations(topk_idx: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """[T, K] int64: the rank of each slot's expert; -1 for an empty slot (and for an id outside [0, E),
+    which only an unchecked input has: the kernels skip such slots too)."""
+    idx = topk_idx.long()
+    valid = (idx >= 0) & (idx < placement.num_experts)
+    ranks = placement.expert_to_rank[idx.clamp(0, placement.num_experts - 1)]
+    return torch.where(valid, ranks, torch.full_like(idx, -1))
 
 
 @dataclass
+class CountRow:
+    """This rank's counts (kernels/moe.cu: count and notify).
+
+    row: [W + E + 1] int64: distinct tokens to each rank, pairs per expert, then T.
+    dest: [T, K] int64: rank of each slot's expert, -1 for an empty slot.
+    routed: [T, W] bool: does token t travel to rank d.
+    """
+
+    row: torch.Tensor
+    dest: torch.Tensor
+    routed: torch.Tensor
+
+
+def count_row(topk_idx: torch.Tensor, placement: Placement) -> CountRow:
+    """The count row of this rank's routing.
+
+    Args:
+        topk_idx: [T, K] int64/int32 global expert ids, -1 for an empty slot.
+        placement: where experts live.
+    Returns: `CountRow`.
+    """
+    world, experts = placement.world_size, placement.num_experts
+    tokens = topk_idx.shape[0]
+    dest = slot_destinations(topk_idx, placement)
+    device = dest.device
+    routed = torch.zeros(tokens, world + 1, dtype=torch.bool, device=device)
+    routed.scatter_(1, torch.where(dest >= 0, dest, world), True)
+    routed = routed[:, :world]
+    slot_expert = torch.where(dest >= 0, topk_idx.long(), experts).reshape(-1)
+    per_expert = torch.bincount(slot_expert, minlength=experts + 1)[:experts]
+    row = torch.cat([routed.sum(0), per_expert, torch.full((1,), tokens, dtype=torch.int64, device=device)])
+    return CountRow(row, dest, routed)
+
+
+# ------------------------------------------------------------------------------------------ place
+def expert_starts(matrix: torch.Tensor, placement: Placement, rank: int) -> torch.Tensor:
+    """[E] int64: where this rank's pairs of expert e start in the output of e's rank.
+
+    That output is ordered (local expert, source rank, source token), so the start is the pairs of the
+    earlier local experts of e's rank, from every rank, plus the pairs of e from ranks before this one.
+
+    Args:
+        matrix: [W, W + E + 1] int64 count matrix (row s: rank s's count row).
+        placement: where experts live. rank: this rank.
+    """
+    world, experts = placement.world_size, placement.num_experts
+    pairs = matrix[:, world:world + experts]
+    ordered = pairs.sum(0)[placement.expert_order]  # totals by (rank, local index)
+    before = _exclusive_cumsum(ordered)
+    rank_of_ordered = placement.expert_to_rank[placement.expert_order]
+    in_rank = before - before[placement.rank_begin[rank_of_ordered]]
+    starts = torch.empty(experts, dtype=torch.int64, device=matrix.device)
+    starts[placement.expert_order] = in_rank
+    return starts + pairs[:rank].sum(0)
+
+
+def place_pairs(topk_idx: torch.Tensor, counts: CountRow, matrix: torch.Tensor, placement: Placement,
+                rank: int) -> torch.Tensor:
+    """[T, K] int64: the output row of pair (t, k) on its expert's rank, -1 for an empty slot.
+
+    Pairs of one expert from this rank are ordered by (token, slot), as the contract orders rows.
+    """
+    experts = placement.num_experts
+    slot_expert = torch.where(counts.dest >= 0, topk_idx.long(), experts).reshape(-1)
+    starts = torch.cat([expert_starts(matrix, placement, rank),
+                        torch.full((1,), -1, dtype=torch.int64, device=matrix.device)])
+    rows = starts[slot_expert] + _rank_within_value(slot_expert, experts)
+    return torch.where(slot_expert < experts, rows, -1).view(topk_idx.shape)
+
+
+@dataclass
+class SendRows:
+    """This rank's wire rows, ordered by destination rank, then token (the layout all_to_all sends).
+
+    token: [N] int64 token of each wire row. rank: [N] int64 its destination.
+    position: [N] int64 its place among this rank's rows for that destination.
+    """
+
+    token: torch.Tensor
+    rank: torch.Tensor
+    position: torch.Tensor
+
+
+def send_rows(counts: CountRow) -> SendRows:
+    """The wire rows of this rank (a host synchronisation on CUDA: their number)."""
+    dest_rank, token = counts.routed.t().nonzero(as_tuple=True)
+    world = counts.routed.shape[1]
+    start = _exclusive_cumsum(counts.row[:world])
+    position = torch.arange(token.numel(), device=token.device) - start[dest_rank]
+    return SendRows(token, dest_rank, position)
+
+
+def wire_meta(topk_idx: torch.Tensor, topk_weights: torch.Tensor, counts: CountRow, out_rows: torch.Tensor,
+              rows: SendRows, rank: int) -> torch.Tensor:
+    """[N, 2 + 3K] int64: the metadata of every wire row, in the layout above."""
+    top_k = topk_idx.shape[1]
+    token = rows.token
+    here = counts.dest[token] == rows.rank.unsqueeze(1)
+    meta = torch.empty(token.numel(), meta_width(top_k), dtype=torch.int64, device=token.device)
+    meta[:, META_TOKEN] = token
+    meta[:, META_SOURCE] = rank
+    meta[:, META_ROWS:META_ROWS + top_k] = torch.where(here, out_rows[token], -1)
+    meta[:, META_ROWS + top_k:META_ROWS + 2 * top_k] = torch.where(here, topk_idx.long()[token], -1)
+    meta[:, META_ROWS + 2 * top_k:] = pack_weights(topk_weights)[token]
+    return meta
+
+
+def pack_wire_rows(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """[N, B] uint8: each wire row's x row (padded to 8 bytes) followed by its metadata row, so that one
+    all-to-all carries both.
+
+    Args: x [T, H]; token [N] int64 the token of each wire row; meta [N, 2 + 3K] int64.
+    """
+    row_bytes = x.shape[1] * x.element_size()
+    padded = -(-row_bytes // 8) * 8
+    rows = x.contiguous().view(torch.uint8).index_select(0, token)
+    parts = [rows]
+    if padded != row_bytes:
+        parts.append(torch.zeros(token.numel(), padded - row_bytes, dtype=torch.uint8, device=x.device))
+    parts.append(meta.view(torch.uint8))
+    width = sum(p.shape[1] for p in parts)
+    return torch.cat(parts, dim=1, out=scratch("wire_rows_out", (token.numel(), width), torch.uint8, x.device))
+
+
+def unpack_wire_rows(wire: torch.Tensor, dtype: torch.dtype, hidden: int, width: int) -> tuple:
+    """Views of packed wire rows: (x rows [N, H] of dtype, metadata [N, width] int64); no copy."""
+    row_bytes = hidden * dtype.itemsize
+    padded = -(-row_bytes // 8) * 8
+    return wire[:, :row_bytes].view(dtype), wire[:, padded:padded + 8 * width].view(torch.int64)
+
+
+# ------------------------------------------------------------------------------------------ expand
+@dataclass
 class Expansion:
-    """The receiver's rows: pairs ordered by (local expert, source rank, source token)."""
+    """The receiver's rows in the contract's order (local expert, source rank, source token).
 
-    wire_row: torch.Tensor  # [V] int64, which received wire row each output row copies
-    topk_idx: torch.Tensor  # [V] int64 global expert id
-    topk_weights: torch.Tensor  # [V] float32
-    src_idx: torch.Tensor  # [V] int64
-    src_rank: torch.Tensor  # [V] int64
-    n_tokens_per_expert: torch.Tensor  # [E_local] int64
+    Rows past the pairs (capacity mode) are padding: zero x, -1 ids, weight 0.
+    recv_x [R, H]; topk_idx, src_idx, src_rank [R] int64; topk_weights [R] float32.
+    wire_row: [min(V, R)] int64, the received wire row each real output row copies: its combine group.
+    """
+
+    recv_x: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    src_idx: torch.Tensor
+    src_rank: torch.Tensor
+    wire_row: torch.Tensor
 
 
-def expand_received(meta: torch.Tensor, n_from: Sequence[int], placement: Placement, rank: int,
-                     top_k: int) -> Expansion:
-    """Expands wire rows (ordered by source rank, then source token) into pairs in the contract's order."""
+def expand(meta: torch.Tensor, wire_x: torch.Tensor, top_k: int, pairs: int, out_rows: int) -> Expansion:
+    """Writes each received wire row to the output rows its metadata names; no sort.
+
+    Args:
+        meta: [N, 2 + 3K] int64 received metadata (any order of wire rows).
+        wire_x: [N, H] received rows (may be a strided view).
+        top_k: K. pairs: V, the pairs this rank receives (from the count matrix).
+        out_rows: R, rows of the outputs (V in exact mode, the capacity C in capacity mode). Pairs at or
+            past R are dropped (the caller reports the overflow).
+    Returns: `Expansion`.
+    """
     device = meta.device
     n_wire = meta.shape[0]
-    experts = meta[:, 1:1 + top_k]
-    weights = unpack_weights(meta[:, 1 + top_k:1 + 2 * top_k])
-    wire_src_rank = torch.repeat_interleave(
-        torch.arange(len(n_from), device=device, dtype=torch.int64),
-        torch.tensor(list(n_from), device=device, dtype=torch.int64), output_size=n_wire)
-    wire_row, slot = (experts >= 0).nonzero(as_tuple=True)  # row-major: by wire row, then slot
-    local = placement.local_index[experts[wire_row, slot]]
-    # Wire rows are already in (source rank, source token) order, so (j, wire_row) is the contract's order.
-    order = torch.argsort(local * max(n_wire, 1) + wire_row, stable=True)
-    wire_row, slot, local = wire_row[order], slot[order], local[order]
+    rows = meta[:, META_ROWS:META_ROWS + top_k]
+    target = torch.where((rows >= 0) & (rows < out_rows), rows, out_rows).reshape(-1)
+    slot = torch.empty(out_rows + 1, dtype=torch.int64, device=device)
+    slot.scatter_(0, target, torch.arange(n_wire * top_k, device=device))
+    real = min(pairs, out_rows)
+    slot = slot[:real]
+    wire_row = slot // top_k
+    hidden = wire_x.shape[1]
+    recv_x = torch.empty(out_rows, hidden, dtype=wire_x.dtype, device=device)
+    torch.index_select(wire_x, 0, wire_row, out=recv_x[:real])
+    recv_x[real:].zero_()
+
+    def padded(values: torch.Tensor, fill) -> torch.Tensor:
+        if real == out_rows:
+            return values
+        return torch.cat([values, torch.full((out_rows - real,), fill, dtype=values.dtype, device=device)])
+
+    experts = meta[:, META_ROWS + top_k:META_ROWS + 2 * top_k].reshape(-1)
+    weights = meta[:, META_ROWS + 2 * top_k:].reshape(-1)
     return Expansion(
+        recv_x=recv_x,
+        topk_idx=padded(experts[slot], -1),
+        topk_weights=padded(unpack_weights(weights[slot]), 0.0),
+        src_idx=padded(meta[:, META_TOKEN][wire_row], -1),
+        src_rank=padded(meta[:, META_SOURCE][wire_row], -1),
         wire_row=wire_row,
-        topk_idx=experts[wire_row, slot],
-        topk_weights=weights[wire_row, slot],
-        src_idx=meta[wire_row, 0],
-        src_rank=wire_src_rank[wire_row],
-        n_tokens_per_expert=count_per_expert(local, placement.n_local[rank]),
     )
 
 
-def count_per_expert(local_index_of_rows: torch.Tensor, n_local: int) -> torch.Tensor:
-    return torch.bincount(local_index_of_rows, minlength=n_local)[:n_local].to(torch.int64)
+def pairs_of_rank(matrix_host: list, placement: Placement, rank: int) -> list:
+    """Pairs this rank receives per local expert (n_tokens_per_expert), from the count matrix on the host."""
+    world = placement.world_size
+    return [sum(row[world + e] for row in matrix_host) for e in placement.local_experts[rank]]
 
 
-# ---------------------------------------------------------------------------------------- combine
-def combine_keys(src_rank: torch.Tensor, src_idx: torch.Tensor) -> torch.Tensor:
-    """One int64 key per row, ordered as (src_rank, src_idx); padding rows (src_rank < 0) sort last."""
-    big = torch.iinfo(torch.int64).max
-    return torch.where(src_rank >= 0, src_rank * KEY_STRIDE + src_idx, torch.full_like(src_rank, big))
-
-
+# ------------------------------------------------------------------------------------------ combine
 @dataclass
 class CombineGroups:
-    """Rows of one expert rank grouped by destination token, groups in wire order (src_rank, src_idx)."""
+    """Combine's rows grouped by (source rank, token); groups in that order (the wire order).
 
-    order: torch.Tensor  # [V'] rows sorted by key, stable (row order kept inside a group); padding dropped
-    group: torch.Tensor  # [V'] group id of each sorted row
-    occurrence: torch.Tensor  # [V'] position of the sorted row inside its group
-    group_src_idx: torch.Tensor  # [G]
-    group_src_rank: torch.Tensor  # [G]
-    max_occurrence: int
-
-
-def group_for_combine(src_rank: torch.Tensor, src_idx: torch.Tensor) -> CombineGroups:
-    keys = combine_keys(src_rank, src_idx)
-    n_real = int((src_rank >= 0).sum())
-    sorted_keys, order = torch.sort(keys, stable=True)
-    sorted_keys, order = sorted_keys[:n_real], order[:n_real]
-    unique_keys, group_sizes = torch.unique_consecutive(sorted_keys, return_counts=True)
-    group = torch.repeat_interleave(torch.arange(unique_keys.numel(), device=keys.device), group_sizes,
-                                    output_size=n_real)
-    starts = torch.cumsum(group_sizes, 0) - group_sizes
-    occurrence = torch.arange(n_real, device=keys.device) - starts[group]
-    return CombineGroups(order, group, occurrence, unique_keys % KEY_STRIDE, unique_keys // KEY_STRIDE,
-                         int(group_sizes.max()) if group_sizes.numel() else 0)
-
-
-def weighted_partials(y: torch.Tensor, weights: torch.Tensor, groups: CombineGroups) -> torch.Tensor:
-    """Step 1 of docs/contract.md section 4: per group, the float32 sum of w*y in row order, cast to y's dtype.
-
-    Sums run one occurrence at a time (each pass scatters into distinct groups), so the additions
-    happen in row order on every device, bit for bit; products and sums are separate operations.
+    row_group: [V] int64 group of each row, -1 for a padding row.
+    group_src_rank, group_src_idx: [G] int64 the group's source rank and token.
     """
-    n_groups = groups.group_src_idx.numel()
-    acc = torch.zeros(n_groups, y.shape[1], dtype=torch.float32, device=y.device)
-    for k in range(groups.max_occurrence):
-        sel = groups.occurrence == k
-        rows = groups.order[sel]
-        product = weights[rows].float().unsqueeze(1) * y[rows].float()
-        target = groups.group[sel]
-        acc[target] = acc[target] + product
-    return acc.to(y.dtype)
+
+    row_group: torch.Tensor
+    group_src_rank: torch.Tensor
+    group_src_idx: torch.Tensor
+
+    @property
+    def n_groups(self) -> int:
+        return self.group_src_rank.numel()
 
 
-def sum_partials(num_tokens: int, hidden: int, dtype, partials: torch.Tensor, partial_src_idx: torch.Tensor,
-                 n_from_rank: Sequence[int]) -> torch.Tensor:
-    """Step 2: combined[t] = float32 sum of t's partials in ascending expert-rank order, cast."""
-    acc = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=partials.device)
-    start = 0
-    for n in n_from_rank:
-        if n:
-            idx = partial_src_idx[start:start + n]
-            acc[idx] = acc[idx] + partials[start:start + n].float()
-        start += n
-    return acc.to(dtype)
+def group_rows(src_rank: torch.Tensor, src_idx: torch.Tensor) -> CombineGroups:
+    """Groups combine's rows by (src_rank, src_idx); padding rows (src_rank < 0) belong to none."""
+    real = src_rank >= 0
+    keys = torch.where(real, src_rank * KEY_STRIDE + src_idx, torch.iinfo(torch.int64).max)
+    unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    n_groups = unique.numel() - (0 if bool(real.all()) else 1)
+    unique = unique[:n_groups]
+    return CombineGroups(torch.where(real, inverse, -1), unique // KEY_STRIDE, unique % KEY_STRIDE)
+
+
+def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Step 1 of docs/contract.md section 4: per group, the float32 sum of w * y over its rows in row
+    order (starting at +0.0), cast to y's dtype.
+
+    Args:
+        y: [V, H] expert outputs. weights: [V] float32.
+        row_group: [V] int64 group of each row in [0, n_groups), -1 for a row that belongs to none.
+        n_groups: G.
+    Returns: [G, H] in y's dtype.
+    """
+    hidden = y.shape[1]
+    # float32(w) * float32(y), rounded once (a float32 copy first: mixed-dtype products are slow on CPUs)
+    product = scratch("partials_product", tuple(y.shape), torch.float32, y.device)
+    if y.dtype == torch.float32:
+        torch.mul(y, weights.unsqueeze(1), out=product)
+    else:
+        product.copy_(y).mul_(weights.unsqueeze(1))
+    if y.device.type == "cpu":
+        # index_add_ along dim 0 adds source rows serially in index order on the CPU.
+        acc = scratch("partials_sum", (n_groups + 1, hidden), torch.float32, y.device).zero_()
+        acc.index_add_(0, torch.where(row_group >= 0, row_group, n_groups), product)
+        return acc[:n_groups].to(y.dtype, copy=True)  # (a copy: acc is a scratch buffer)
+    # CUDA: index_add_ adds with atomics (any order). Lay each group's rows out densely after a column
+    # of +0.0 and scan along the group: the scan of a non-innermost dimension runs sequentially in float32.
+    keep = (row_group >= 0).nonzero().squeeze(1)
+    group = row_group[keep]
+    occurrence = _rank_within_value(group, n_groups)
+    longest = int(occurrence.max()) + 1 if group.numel() else 0
+    dense = torch.zeros(n_groups, longest + 1, hidden, dtype=torch.float32, device=y.device)
+    dense[group, occurrence + 1] = product[keep]
+    return dense.cumsum(1)[:, longest].to(y.dtype)
+
+
+def sum_partials(partials: torch.Tensor, token: torch.Tensor, num_tokens: int, splits: Sequence[int]) -> torch.Tensor:
+    """Step 2: combined[t] = float32 sum of t's partials in ascending expert-rank order (from +0.0), cast.
+
+    Args:
+        partials: [N, H] partial rows, those of expert rank 0 first, then rank 1, ... (`splits` rows each),
+            each rank's rows naming distinct tokens.
+        token: [N] int64 token of each partial row. num_tokens: T.
+        splits: [W] rows from each expert rank (host ints).
+    Returns: [T, H] in partials' dtype.
+    """
+    acc = scratch("combined_sum", (num_tokens, partials.shape[1]), torch.float32, partials.device).zero_()
+    if partials.device.type == "cpu":
+        wide = scratch("combined_rows", tuple(partials.shape), torch.float32, partials.device).copy_(partials)
+        acc.index_add_(0, token, wide)  # serial, in row order: ascending expert rank
+    else:
+        start = 0
+        for n in splits:  # one expert rank at a time: each element gets one add per pass
+            if n:
+                acc.index_add_(0, token[start:start + n], partials[start:start + n].float())
+            start += n
+    return acc.to(partials.dtype, copy=True)  # (a copy: acc is a scratch buffer on CPUs)
+
+
+# ------------------------------------------------------------------------------------------ handle
+@dataclass
+class DispatchHandle:
+    """What a combine needs from the dispatch whose outputs it consumes (DeepEP's handle).
+
+    The caller holds it (the evaluator passes it from a MoeDispatch to the MoeCombine that reads its
+    outputs); a backend keeps no state that couples a combine to the last dispatch.
+
+    backend: name of the backend that made it. num_tokens: T of this rank at dispatch.
+    pairs: V, real rows of the outputs. wire_row: [V] int64, each output row's received wire row
+        (its combine group; wire rows are in (source rank, token) order).
+    send_token: [N] int64 token of each wire row this rank sent, by destination then token: the
+        order in which its partials come back.
+    n_to, n_from: [W] host ints, wire rows sent to / received from each rank.
+    wire_out_max: the most wire rows any rank sent (sizes the cuda backend's partial buffers).
+    max_tokens: the most tokens any rank has, or None where the host does not know it.
+    src_idx, src_rank: the dispatch's recv_src_idx / recv_src_rank outputs (held weakly); a combine
+        given other tensors does not use the handle.
+    partial_base: the cuda backend's torch path: for each source rank s, where this rank's partial
+        rows start in s's buffer (s's send layout); None elsewhere.
+    """
+
+    backend: str
+    num_tokens: int
+    pairs: Optional[int]
+    wire_row: Optional[torch.Tensor]
+    send_token: Optional[torch.Tensor]
+    n_to: Optional[list]
+    n_from: Optional[list]
+    wire_out_max: Optional[int]
+    max_tokens: Optional[int]
+    src_idx: InitVar[torch.Tensor]
+    src_rank: InitVar[torch.Tensor]
+    # cuda backend's torch path: for each source rank s, where this rank's partials start in s's buffer
+    partial_base: Optional[list] = None
+
+    def __post_init__(self, src_idx: torch.Tensor, src_rank: torch.Tensor) -> None:
+        # Weak references: a handle does not keep the dispatch's outputs alive.
+        self._src_idx, self._src_rank = weakref.ref(src_idx), weakref.ref(src_rank)
+
+    def serves(self, backend: str, src_idx: torch.Tensor, src_rank: torch.Tensor, num_tokens: int) -> bool:
+        """Whether a combine of `backend` with these inputs consumes this dispatch's outputs."""
+        return (self.backend == backend and src_idx is self._src_idx() and src_rank is self._src_rank()
+                and num_tokens == self.num_tokens)

@@ -57,6 +57,7 @@ class HostIrEvaluator:
         self._runs = 0
         self._env: dict = {}
         self._extents: dict = {}
+        self._handles: dict = {}  # id(MoeDispatch) -> its DispatchHandle, for the combine of its outputs
         self._last_uses = container.last_uses()
 
     # ------------------------------------------------------------------ binding
@@ -148,7 +149,7 @@ class HostIrEvaluator:
                         self._env.pop(id(v), None)
             results = [self._value(v) for v in c.outputs]
         finally:
-            self._env = {}
+            self._env, self._handles = {}, {}
         self._runs += 1
         if self.tracing:
             self.trace.finish_run()
@@ -173,6 +174,13 @@ class HostIrEvaluator:
         raise error
 
     def _run_expr(self, expr: Expr) -> None:
+        try:
+            self._run_expr_unnamed(expr)
+        except Exception as exc:  # noqa: BLE001 - re-raised, same type, with the node named
+            _name_node(exc, expr)
+            raise
+
+    def _run_expr_unnamed(self, expr: Expr) -> None:
         if not self.tracing:
             self._stats = CommStats()
             self._choice = (None, None)
@@ -221,45 +229,56 @@ class HostIrEvaluator:
 
     @handle.register
     def _(self, expr: MoeDispatch) -> None:
-        x, idx, w = (self._value(v) for v in expr.inputs[:3])
+        x, idx, w = (self._value(v) for v in (expr.in_x(), expr.in_topk_idx(), expr.in_topk_weights()))
         scales = self._value(expr.in_x_scales()) if expr.has_scales() else None
         backend = self._backend_for(expr, x.device)
-        out = payload.dispatch(backend, self.communicator, x, idx, w, x_scales=scales, num_experts=expr.num_experts(),
-                               expert_to_rank=expr.expert_to_rank(), max_recv_tokens=expr.max_recv_tokens(),
-                               check_inputs=self.check_inputs, stats=self._stats)
+        out, handle = payload.dispatch(backend, self.communicator, x, idx, w, x_scales=scales,
+                                       num_experts=expr.num_experts(), expert_to_rank=expr.expert_to_rank(),
+                                       max_recv_tokens=expr.max_recv_tokens(), check_inputs=self.check_inputs,
+                                       stats=self._stats, return_handle=True)
+        self._handles[id(expr)] = handle
         for name, value in zip(out._fields, out):
             self._bind(expr.out(name), value, f"{expr.op_name} output")
 
     @handle.register
     def _(self, expr: MoeCombine) -> None:
-        x, w, src_idx, src_rank, n_to, n_from, num_tokens = (self._value(v) for v in expr.inputs)
+        x = self._value(expr.in_x())
         backend = self._backend_for(expr, x.device)
-        out = backend.combine(self.communicator, x, w, src_idx, src_rank, n_to, n_from, int(num_tokens),
-                              check_inputs=self.check_inputs, stats=self._stats)
+        out = backend.combine(self.communicator, x, self._value(expr.in_topk_weights()),
+                              self._value(expr.in_src_idx()), self._value(expr.in_src_rank()),
+                              self._value(expr.in_n_tokens_to_rank()), self._value(expr.in_n_tokens_from_rank()),
+                              int(self._value(expr.in_num_tokens())), check_inputs=self.check_inputs,
+                              stats=self._stats, handle=self._handle_for(expr))
         self._bind(expr.out_combined_x(), out, f"{expr.op_name} output")
+
+    def _handle_for(self, expr: MoeCombine):
+        """The handle of the dispatch whose recv_src_idx and recv_src_rank this combine reads, if any (the
+        backend checks that the tensors are that dispatch's, and ignores a handle that does not serve)."""
+        source = expr.in_src_idx().definition
+        if isinstance(source, MoeDispatch) and expr.in_src_rank().definition is source:
+            return self._handles.get(id(source))
+        return None
 
     @handle.register
     def _(self, expr: GroupedMm) -> None:
-        a, b, sizes = (self._value(v) for v in expr.inputs)
-        self._bind(expr.outputs[0], grouped_mm(a, b, sizes), f"{expr.op_name} output")
+        out = grouped_mm(self._value(expr.in_a()), self._value(expr.in_b()), self._value(expr.in_group_sizes()))
+        self._bind(expr.out(), out, f"{expr.op_name} output")
 
     @handle.register
     def _(self, expr: Silu) -> None:
-        self._bind(expr.outputs[0], torch.nn.functional.silu(self._value(expr.inputs[0])), "Silu output")
+        self._bind(expr.out(), torch.nn.functional.silu(self._value(expr.in_a())), "Silu output")
 
     @handle.register
     def _(self, expr: Mul) -> None:
-        a, b = (self._value(v) for v in expr.inputs)
-        self._bind(expr.outputs[0], a * b, "Mul output")
+        self._bind(expr.out(), self._value(expr.in_a()) * self._value(expr.in_b()), "Mul output")
 
     @handle.register
     def _(self, expr: Add) -> None:
-        a, b = (self._value(v) for v in expr.inputs)
-        self._bind(expr.outputs[0], a + b, "Add output")
+        self._bind(expr.out(), self._value(expr.in_a()) + self._value(expr.in_b()), "Add output")
 
     @handle.register
     def _(self, expr: Cast) -> None:
-        self._bind(expr.outputs[0], self._value(expr.inputs[0]).to(expr.attr("dtype").to_torch()), "Cast output")
+        self._bind(expr.out(), self._value(expr.in_a()).to(expr.dtype().to_torch()), "Cast output")
 
     @handle.register
     def _(self, expr: QuantizeFp8) -> None:
@@ -274,7 +293,22 @@ class HostIrEvaluator:
 
     @handle.register
     def _(self, expr: Size) -> None:
-        self._bind(expr.outputs[0], int(self._value(expr.in_a()).shape[expr.dim()]), "Size output")
+        self._bind(expr.out(), int(self._value(expr.in_a()).shape[expr.dim()]), "Size output")
+
+
+def _name_node(exc: BaseException, expr: Expr) -> None:
+    """Appends the node an error came from to its message (as torch.fx does), keeping its type:
+    `... while executing %recv_x:bf16[i3,7168], ... = MoeDispatch[...](%x, %topk_idx, %topk_weights)`."""
+    where = f"while executing {expr.to_string()}"
+    if getattr(exc, "_fuser_moe_node", None) is not None:
+        return
+    exc._fuser_moe_node = where
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]}\n\n{where}",) + tuple(exc.args[1:])
+    elif not exc.args:
+        exc.args = (where,)
+    else:
+        exc.add_note(where)
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.utils.weak import WeakIdKeyDictionary
 
 STANDARD_TOKENS = 4096
 DECODE_TOKENS = 128
@@ -518,14 +519,19 @@ class MainBench(RankBench):
 
     def _calls(self, work: Workload, backend, capacity: Optional[int]):
         cfg, comm = self.cfg, self.comm
+        # As the evaluator does: the dispatch's handle goes to the combine of its outputs.
+        handles = WeakIdKeyDictionary()
 
         def dispatch():
-            return backend.dispatch(comm, work.x, work.topk_idx, work.topk_weights, num_experts=cfg.experts,
-                                    max_recv_tokens=capacity, check_inputs=False)
+            d, handle = backend.dispatch(comm, work.x, work.topk_idx, work.topk_weights, num_experts=cfg.experts,
+                                         max_recv_tokens=capacity, check_inputs=False, return_handle=True)
+            handles[d.recv_src_idx] = handle
+            return d
 
         def combine(d):
             return backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
-                                   d.n_tokens_to_rank, d.n_tokens_from_rank, work.tokens, check_inputs=False)
+                                   d.n_tokens_to_rank, d.n_tokens_from_rank, work.tokens, check_inputs=False,
+                                   handle=handles.get(d.recv_src_idx))
 
         return dispatch, combine
 
@@ -726,11 +732,11 @@ class MainBench(RankBench):
 
         def prepare():
             placement = routing.make_placement(cfg.experts, comm.world_size, None, self.device)
-            plan = routing.plan_dispatch(work.topk_idx, work.topk_weights, placement)
-            if plan.n_tokens_to_rank.tolist() != n_to:
-                raise RuntimeError(f"split sizes {plan.n_tokens_to_rank.tolist()} differ from the nccl "
+            counts = routing.count_row(work.topk_idx, placement)
+            if counts.row[:comm.world_size].tolist() != n_to:
+                raise RuntimeError(f"split sizes {counts.row[:comm.world_size].tolist()} differ from the nccl "
                                    f"dispatch's {n_to}")
-            send = work.x[plan.send_token].contiguous()
+            send = work.x[routing.send_rows(counts).token].contiguous()
             return send, torch.empty(sum(n_from), cfg.hidden, dtype=send.dtype, device=self.device), \
                 torch.empty(sum(n_to), cfg.hidden, dtype=send.dtype, device=self.device)
 

@@ -84,6 +84,11 @@ def init_rank(rank: int, world_size: int, port: int, device: str, timeout_s: flo
 
     from fuser_moe.backends.communicator import Communicator, init_default_group, pg_timeout_for
 
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        # A spawned rank has imported torch (its parent's main module) before the variable was set, so
+        # torch sized its pool from the cores: ranks sharing cores would spin against each other.
+        torch.set_num_threads(int(threads))
     dev = rank_device(device, rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

@@ -215,6 +215,7 @@ class GroupedMm(Expr):
     def in_a(self) -> TensorView: return self.inputs[0]
     def in_b(self) -> TensorView: return self.inputs[1]
     def in_group_sizes(self) -> TensorView: return self.inputs[2]
+    def out(self) -> TensorView: return self.outputs[0]
 
 
 class Silu(Expr):
@@ -225,6 +226,9 @@ class Silu(Expr):
 
     def validate(self) -> None:
         _floating(self.op_name, "a", _tv(self.op_name, "a", self.inputs[0]))
+
+    def in_a(self) -> TensorView: return self.inputs[0]
+    def out(self) -> TensorView: return self.outputs[0]
 
 
 class _Binary(Expr):
@@ -237,6 +241,10 @@ class _Binary(Expr):
         type_check(a.dtype not in FP8_TYPES, op, "a", "not Float8_e4m3fn (dequantize_fp8 it first)", a.dtype.name)
         type_check(b.dtype == a.dtype, op, "b", f"of a's dtype {a.dtype.name}", b.dtype.name)
         shape_check(a.ndim == b.ndim, op, f"operands must have the same rank, got {a.type_str()} and {b.type_str()}")
+
+    def in_a(self) -> TensorView: return self.inputs[0]
+    def in_b(self) -> TensorView: return self.inputs[1]
+    def out(self) -> TensorView: return self.outputs[0]
 
 
 class Mul(_Binary):
@@ -258,6 +266,10 @@ class Cast(Expr):
         type_check(isinstance(self.attributes["dtype"], DataType), self.op_name, "dtype", "a DataType",
                    self.attributes["dtype"])
 
+    def in_a(self) -> TensorView: return self.inputs[0]
+    def dtype(self) -> DataType: return self.attributes["dtype"]
+    def out(self) -> TensorView: return self.outputs[0]
+
 
 class Size(Expr):
     """The extent of one dimension of a tensor, as a scalar Int."""
@@ -275,6 +287,7 @@ class Size(Expr):
 
     def in_a(self) -> TensorView: return self.inputs[0]
     def dim(self) -> int: return self.attributes["dim"] % self.inputs[0].ndim
+    def out(self) -> Val: return self.outputs[0]
 
 
 

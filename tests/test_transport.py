@@ -29,7 +29,7 @@ import torch
 from fuser_moe.backends.transport import ControlLayout, SymmetricTensor, open_ipc_mappings, transport_for
 
 REPO = Path(__file__).resolve().parent.parent
-KERNELS = REPO / "backends" / "transport" / "kernels"
+KERNELS = REPO / "backends" / "kernels"
 START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 90.0
 COMM_TIMEOUT_S = 20.0

@@ -25,15 +25,16 @@
 //   reduce  (warp per token)     the source adds its partials in ascending expert-rank order, in float32,
 //                                and clears the flags.
 //
+// Destinations are base pointers, one per rank (count_ptrs, x_ptrs, meta_ptrs, part_ptrs, flag_ptrs), to
+// which a kernel adds the row the plan gives. The cuda backend passes its peers' mapped buffers; the NCCL
+// backend passes pointers into its own send buffers, shifted so that the rows land in the layout that
+// all_to_all_single sends (backends/nccl_kernels.py). The torch twin of every step is backends/routing.py.
+//
 // Rounding is the contract's: every product and sum is rounded on its own (__fmul_rn, __fadd_rn), sums
 // start at +0.0, casts round to nearest even. Compiles unchanged under nvcc and NVRTC: no system headers.
 
-typedef long long fm_i64;
-typedef unsigned long long fm_u64;
-typedef unsigned int fm_u32;
-typedef unsigned short fm_u16;
+#include "fm_device.cuh"
 
-constexpr int FM_WARP = 32;
 // The host uses these kernels for W <= 64 (destination sets are 64-bit masks) and K <= FM_MAX_TOP_K.
 constexpr int FM_MAX_TOP_K = 64;
 constexpr int FM_GROUP_CAP = 64;   // rows of one (source rank, token) on one expert rank in combine
@@ -109,46 +110,6 @@ template <> __device__ __forceinline__ void fm_lane_from_float<fm_bf16>(fm_vec16
 template <> __device__ __forceinline__ void fm_lane_from_float<fm_f16>(fm_vec16& v, int k, float f)
 {
     v.u16[k] = fm_from_float<fm_f16>(f).bits;
-}
-
-__device__ __forceinline__ bool fm_aligned16(const void* p) { return (reinterpret_cast<fm_u64>(p) & 15u) == 0u; }
-
-// One warp copies one row of `row_bytes` from src to dst (16-byte vectors when both are aligned).
-__device__ __forceinline__ void fm_warp_copy_row(unsigned char* dst, const unsigned char* src, fm_i64 row_bytes,
-                                                 int lane)
-{
-    const fm_u64 alignment = reinterpret_cast<fm_u64>(dst) | reinterpret_cast<fm_u64>(src)
-                             | static_cast<fm_u64>(row_bytes);
-    if ((alignment & 15u) == 0u) {
-        const int4* src4 = reinterpret_cast<const int4*>(src);
-        int4* dst4 = reinterpret_cast<int4*>(dst);
-        const fm_i64 n4 = row_bytes >> 4;
-        fm_i64 k = lane;
-        // Four loads in flight per lane before the stores: remote stores are slow to retire.
-        for (; k + 3 * FM_WARP < n4; k += 4 * FM_WARP) {
-            const int4 a = src4[k];
-            const int4 b = src4[k + FM_WARP];
-            const int4 c = src4[k + 2 * FM_WARP];
-            const int4 d = src4[k + 3 * FM_WARP];
-            dst4[k] = a;
-            dst4[k + FM_WARP] = b;
-            dst4[k + 2 * FM_WARP] = c;
-            dst4[k + 3 * FM_WARP] = d;
-        }
-        for (; k < n4; k += FM_WARP) {
-            dst4[k] = src4[k];
-        }
-    } else if ((alignment & 3u) == 0u) {
-        const fm_u32* src1 = reinterpret_cast<const fm_u32*>(src);
-        fm_u32* dst1 = reinterpret_cast<fm_u32*>(dst);
-        for (fm_i64 k = lane; k < (row_bytes >> 2); k += FM_WARP) {
-            dst1[k] = src1[k];
-        }
-    } else {
-        for (fm_i64 k = lane; k < row_bytes; k += FM_WARP) {
-            dst[k] = src[k];
-        }
-    }
 }
 
 // The expert of slot (t, k), or -1 for an empty slot or an id outside [0, E) (never indexes out of range).

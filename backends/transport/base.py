@@ -53,7 +53,7 @@ def row_bytes(dtype: torch.dtype, trailing_shape: tuple) -> int:
 class ControlLayout:
     """Word offsets in a rank's control block: int64 words in symmetric memory.
 
-    Per-peer arrays of `world_size` words come first, then the scalars. kernels/barrier.cu repeats
+    Per-peer arrays of `world_size` words come first, then the scalars. backends/kernels/barrier.cu repeats
     these offsets as FM_* constants; the two must agree (tests/test_transport.py compares them).
 
       arrive[s]        generation that rank s last announced to this rank (written by rank s)

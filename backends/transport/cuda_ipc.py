@@ -4,7 +4,7 @@ Each rank allocates its buffer with `cuMemAlloc`, exports it with `cuIpcGetMemHa
 handle's bytes through the group's store; every rank opens its peers' handles with
 `cuIpcOpenMemHandle(..., CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)`, so a kernel on this GPU can store straight
 into a peer's memory (over NVLink). The addresses go to the kernels as an int64 `peer_ptrs` tensor.
-`push_rows` (kernels/alltoallv.cu) and `barrier` (kernels/barrier.cu) are single `cuLaunchKernel`s on
+`push_rows` (backends/kernels/alltoallv.cu) and `barrier` (backends/kernels/barrier.cu) are single `cuLaunchKernel`s on
 torch's current stream: no host synchronisation and no allocation, so they can be captured in a CUDA
 graph once the buffers exist. Their errors land in the control block and `check()` raises them.
 

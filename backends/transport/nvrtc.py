@@ -41,7 +41,7 @@ import torch
 
 from . import _cuda
 
-KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"  # backends/kernels: every .cu and its header
 COMPILE_OPTIONS = ("--fmad=false", "-std=c++17")
 HEADER_SUFFIXES = (".cuh", ".h", ".hpp")
 
@@ -53,7 +53,7 @@ Dim = Union[int, Sequence[int]]
 
 
 def resolve_source(source_file: Union[str, os.PathLike]) -> Path:
-    """An absolute path is used as is; a relative one names a file in backends/transport/kernels/."""
+    """An absolute path is used as is; a relative one names a file in backends/kernels/."""
     path = Path(source_file)
     if not path.is_absolute():
         path = KERNEL_DIR / path
@@ -276,7 +276,7 @@ def get_kernel(source_file: Union[str, os.PathLike], name: str, device) -> Kerne
     """A kernel, compiled and loaded on first use and cached per (source, name, device).
 
     Args:
-        source_file: a `.cu` file; a relative path names a file in backends/transport/kernels/.
+        source_file: a `.cu` file; a relative path names a file in backends/kernels/.
         name: the `extern "C"` name of the kernel in that file.
         device: the CUDA device (`torch.device`, "cuda:1", or an index) to load it on.
     Returns:

@@ -19,8 +19,7 @@
 //
 // Compiles unchanged under nvcc and NVRTC: no system headers, fixed-width types by typedef.
 
-typedef long long fm_i64;
-typedef unsigned long long fm_u64;
+#include "fm_device.cuh"
 
 // Per-peer arrays, in units of `world` words.
 enum FmControlArray {

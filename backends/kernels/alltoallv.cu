@@ -14,54 +14,12 @@
 //
 // Compiles unchanged under nvcc and NVRTC: no system headers, fixed-width types by typedef.
 
-typedef long long fm_i64;
-typedef unsigned long long fm_u64;
-typedef unsigned int fm_u32;
-
-constexpr int FM_WARP = 32;
+#include "fm_device.cuh"
 
 // status[] words, the scalars of the control block (base.py ControlLayout): out_needed, out_capacity, bad_entry.
 constexpr int FM_STATUS_OUT_NEEDED = 0;
 constexpr int FM_STATUS_OUT_CAPACITY = 1;
 constexpr int FM_STATUS_BAD_ENTRY = 2;
-
-__device__ __forceinline__ void fm_copy_row(unsigned char* dst, const unsigned char* src, fm_i64 row_bytes,
-                                            int lane)
-{
-    const fm_u64 alignment = reinterpret_cast<fm_u64>(dst) | reinterpret_cast<fm_u64>(src)
-                             | static_cast<fm_u64>(row_bytes);
-    if ((alignment & 15u) == 0u) {
-        const int4* src4 = reinterpret_cast<const int4*>(src);
-        int4* dst4 = reinterpret_cast<int4*>(dst);
-        const fm_i64 n4 = row_bytes >> 4;
-        fm_i64 k = lane;
-        // Four loads in flight per lane before the stores: remote stores are slow to retire.
-        for (; k + 3 * FM_WARP < n4; k += 4 * FM_WARP) {
-            const int4 a = src4[k];
-            const int4 b = src4[k + FM_WARP];
-            const int4 c = src4[k + 2 * FM_WARP];
-            const int4 d = src4[k + 3 * FM_WARP];
-            dst4[k] = a;
-            dst4[k + FM_WARP] = b;
-            dst4[k + 2 * FM_WARP] = c;
-            dst4[k + 3 * FM_WARP] = d;
-        }
-        for (; k < n4; k += FM_WARP) {
-            dst4[k] = src4[k];
-        }
-    } else if ((alignment & 3u) == 0u) {
-        const fm_u32* src1 = reinterpret_cast<const fm_u32*>(src);
-        fm_u32* dst1 = reinterpret_cast<fm_u32*>(dst);
-        const fm_i64 n1 = row_bytes >> 2;
-        for (fm_i64 k = lane; k < n1; k += FM_WARP) {
-            dst1[k] = src1[k];
-        }
-    } else {
-        for (fm_i64 k = lane; k < row_bytes; k += FM_WARP) {
-            dst[k] = src[k];
-        }
-    }
-}
 
 //   src:          [n_src_rows, row_bytes] bytes, contiguous
 //   src_row, dst_rank, dst_row: [n] int64 on this device
@@ -103,6 +61,6 @@ extern "C" __global__ void fuser_moe_push_rows(const unsigned char* __restrict__
             continue;
         }
         unsigned char* dst = reinterpret_cast<unsigned char*>(dst_ptrs[peer]) + row * row_bytes;
-        fm_copy_row(dst, src + source * row_bytes, row_bytes, lane);
+        fm_warp_copy_row(dst, src + source * row_bytes, row_bytes, lane);
     }
 }

@@ -1,0 +1,210 @@
+"""The CUDA backend's kernel launches: each step of kernels/moe.cu with its launch geometry and limits.
+
+`dispatch` and `combine` run the kernels on CUDA tensors within their limits (W <= 64, K <= 64); the
+protocol policy (which path serves a call, checked mode, error reporting) is cuda.py's, the torch path
+cuda_torch.py's. The steps are described in kernels/moe.cu's header:
+  dispatch: count, notify, barrier, plan, send, barrier, expand. The count matrix tells every sender
+    where each of its pairs lands in the receiver's output (local expert, source rank, source token), so
+    the receiver copies each de-duplicated wire row to its output rows without sorting anything.
+  combine: group, barrier, send, barrier, reduce. Partial rows go to a dense [W, T_max] layout on the
+    source rank, with a flag per row, so no offsets need exchanging.
+Exact mode sends into the wire buffer of earlier calls before it reads the counts, and sends again in
+the rare call that outgrows it (every rank reads the same largest receive count, so all grow together).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Optional
+
+import torch
+
+from . import routing
+from .common import CommStats, DeviceCount, DispatchOutputs
+from .communicator import Communicator
+
+_KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "moe.cu")
+_IDX_SUFFIX = {torch.int64: "i64", torch.int32: "i32"}
+_DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# Limits of the kernels (moe.cu): destination sets are 64-bit masks, slots and a token's rows on one
+# expert rank are gathered in 64-entry lists. Beyond them the torch path runs.
+MAX_KERNEL_WORLD = 64
+MAX_KERNEL_TOP_K = 64
+GROUP_CAP = 64
+_THREADS = 256  # the kernels that keep per-warp shared arrays assume 8 warps a block
+_NOTIFY_THREADS = 1024
+_MAX_CHUNK = 32  # tokens a dispatch block handles
+# Words of the summary that the plan kernel writes (moe.cu FM_SUM_*).
+_SUM_WIRE_IN, _SUM_PAIRS_IN, _SUM_MAX_WIRE_IN, _SUM_MAX_TOKENS, _SUM_SENT_REMOTE, _SUM_RECV_REMOTE = range(6)
+SUMMARY_WORDS = 8
+_sm_counts: dict = {}
+
+
+_kernel_cache: dict = {}
+
+
+def _kernel(name: str, device: torch.device):
+    """A kernel of moe.cu, compiled and loaded at first use (cached here too: this is on the hot path)."""
+    key = (name, device.index)
+    kernel = _kernel_cache.get(key)
+    if kernel is None:
+        from .transport.nvrtc import get_kernel
+
+        kernel = _kernel_cache[key] = get_kernel(_KERNEL_SOURCE, name, device)
+    return kernel
+
+
+def _multiprocessors(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
+                      topk_weights: torch.Tensor, placement, max_recv_tokens: Optional[int], check_inputs: bool,
+                      stats: CommStats):
+    """Dispatch with the kernels of moe.cu: count, notify, barrier, plan, send, barrier, expand."""
+    world, rank, device = comm.world_size, comm.rank, x.device
+    tr = state.transport
+    tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
+    num_experts = placement.num_experts
+    idx = topk_idx.contiguous()
+    weights = topk_weights.contiguous()
+    x = x.contiguous()
+    suffix = _IDX_SUFFIX[idx.dtype]
+    sms = _multiprocessors(device)
+    # Enough blocks to keep every SM busy at small T, at most _MAX_CHUNK tokens a block at large T.
+    chunk = min(_MAX_CHUNK, max(1, -(-tokens // (2 * sms))))
+    n_chunks = -(-tokens // chunk)
+    i32, i64 = torch.int32, torch.int64
+    chunk_e = torch.empty(num_experts, max(n_chunks, 1), dtype=i32, device=device)  # a row runs over chunks
+    chunk_d = torch.empty(world, max(n_chunks, 1), dtype=i32, device=device)
+    n_to = torch.empty(world, dtype=i64, device=device)
+    e2r = placement.expert_to_rank
+    counts = tr.buffer("dispatch_count_matrix", i64, (world + num_experts + 1,), world)
+    if n_chunks:
+        _kernel(f"fuser_moe_dispatch_count_{suffix}", device).launch(n_chunks, _THREADS, [
+            idx, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r, ctypes.c_int64(num_experts),
+            ctypes.c_int32(world), ctypes.c_int64(chunk), chunk_e, chunk_d])
+    _kernel("fuser_moe_dispatch_notify", device).launch(1, _NOTIFY_THREADS, [
+        chunk_e, chunk_d, ctypes.c_int64(n_chunks), ctypes.c_int64(num_experts), ctypes.c_int32(world),
+        ctypes.c_int32(rank), ctypes.c_int64(tokens), counts.peer_ptrs, n_to])
+    tr.barrier()
+    n_from = torch.empty(world, dtype=i64, device=device)
+    per_expert = torch.empty(placement.n_local[rank], dtype=i64, device=device)
+    summary = torch.empty(8, dtype=i64, device=device)
+    plan = torch.empty(3 * num_experts + world, dtype=i64, device=device)  # totals, start_e, scan, base_d
+    _kernel("fuser_moe_dispatch_plan", device).launch(1, _NOTIFY_THREADS, [
+        counts.local, ctypes.c_int64(num_experts), ctypes.c_int32(world), ctypes.c_int32(rank), e2r,
+        placement.expert_order, placement.rank_begin, plan, n_from, per_expert, summary])
+
+    meta_width = 2 + 3 * top_k
+    row_bytes = hidden * x.element_size()
+    shared = 4 * (2 * chunk * top_k + ((chunk * world + 1) & ~1)) + 8 * chunk
+
+    def send(capacity: int):
+        x_buf = tr.buffer("dispatch_wire_x", x.dtype, (hidden,), capacity)
+        meta_buf = tr.buffer("dispatch_wire_meta", i64, (meta_width,), capacity)
+        if n_chunks:
+            _kernel(f"fuser_moe_dispatch_send_{suffix}", device).launch(n_chunks, _THREADS, [
+                x, ctypes.c_int64(row_bytes), idx, weights, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r,
+                ctypes.c_int64(num_experts), ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(chunk),
+                chunk_e, chunk_d, plan, x_buf.peer_ptrs, meta_buf.peer_ptrs,
+                ctypes.c_int64(min(x_buf.rows, meta_buf.rows))],
+                shared_mem=shared)
+        tr.barrier()
+        return x_buf, meta_buf
+
+    wire_row_bytes = row_bytes + meta_width * 8
+    if max_recv_tokens is not None:
+        max_tokens = None  # unknown on the host: a combine asks the peers
+        x_buf, meta_buf = send(max_recv_tokens)
+        out_rows = max_recv_tokens
+        stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
+        stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
+    else:
+        # Send into the buffers of earlier calls first: rows travel while the host waits for the counts.
+        sent = send(state.wire_capacity) if state.wire_capacity is not None else None
+        host = summary.tolist()
+        stats.sync("receive counts to host")
+        if not check_inputs:
+            state.raise_pending(comm)  # (checked mode reports this call's errors at its end, on every rank)
+        needed = host[_SUM_MAX_WIRE_IN]
+        if sent is None or needed > min(sent[0].rows, sent[1].rows):
+            # Every rank read the same largest receive count, so all grow and send again together.
+            sent = send(max(needed, state.wire_capacity or 0))
+        x_buf, meta_buf = sent
+        state.wire_capacity = min(x_buf.rows, meta_buf.rows)
+        max_tokens = host[_SUM_MAX_TOKENS]  # every rank learns the same value from the count matrix
+        out_rows = host[_SUM_PAIRS_IN]
+        stats.bytes_sent = host[_SUM_SENT_REMOTE] * wire_row_bytes + (world - 1) * (world + num_experts + 1) * 8
+        stats.bytes_recv = host[_SUM_RECV_REMOTE] * wire_row_bytes
+
+    recv_x = torch.empty(out_rows, hidden, dtype=x.dtype, device=device)
+    recv_idx = torch.empty(out_rows, dtype=i64, device=device)
+    recv_w = torch.empty(out_rows, dtype=torch.float32, device=device)
+    src_idx = torch.empty(out_rows, dtype=i64, device=device)
+    src_rank = torch.empty(out_rows, dtype=i64, device=device)
+    wire_capacity = min(x_buf.rows, meta_buf.rows)
+    warps = wire_capacity + out_rows  # an upper bound of the items: wire rows, then padding rows
+    _kernel("fuser_moe_dispatch_expand", device).launch(max(1, min(-(-warps // 8), 8 * sms)), _THREADS, [
+        x_buf.local, meta_buf.local, ctypes.c_int64(wire_capacity), ctypes.c_int64(row_bytes),
+        ctypes.c_int32(top_k), summary, ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank,
+        state.errors])
+    out = DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from, per_expert)
+    handle = routing.DispatchHandle(
+        backend="cuda", num_tokens=tokens, pairs=None, wire_row=None, send_token=None, n_to=None, n_from=None,
+        wire_out_max=None, max_tokens=max_tokens, src_idx=src_idx, src_rank=src_rank)
+    return out, lambda: int(summary[_SUM_PAIRS_IN]), handle
+
+
+def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
+                     src_idx: torch.Tensor, src_rank: torch.Tensor, num_tokens: int, max_tokens: int,
+                     stats: CommStats) -> torch.Tensor:
+    """Combine with the kernels of moe.cu: group, barrier, send, barrier, reduce.
+
+    Partial rows land in row e * max_tokens + t of the source's buffer, so the layout is the same on
+    every rank (max_tokens is) and nothing but the rows themselves travels.
+    """
+    world, rank, device = comm.world_size, comm.rank, x.device
+    tr = state.transport
+    rows, hidden = x.shape[0], x.shape[1]
+    sms = _multiprocessors(device)
+    stride = max(max_tokens, 1)
+    if num_tokens > stride:
+        raise ValueError(f"moe_combine: num_tokens={num_tokens} on rank {rank} but the ranks agreed on at most "
+                         f"{max_tokens} tokens a rank")
+    x = x.contiguous()
+    weights = weights.contiguous().to(torch.float32)
+    src_idx = src_idx.contiguous().to(torch.int64)
+    src_rank = src_rank.contiguous().to(torch.int64)
+    part_buf = tr.buffer("combine_partial_rows", x.dtype, (hidden,), world * stride)
+    flag_buf = tr.buffer("combine_partial_flags", torch.int32, (), world * stride)
+    # Rows per (source rank, token), then two counters: partial rows sent to and received from peers.
+    group_count = torch.zeros(world * stride + 2, dtype=torch.int32, device=device)
+    counters = group_count[world * stride:]
+    group_rows = torch.empty(world * stride * GROUP_CAP, dtype=torch.int32, device=device)
+    if rows:
+        _kernel("fuser_moe_combine_group", device).launch(max(1, min(-(-rows // _THREADS), 8 * sms)), _THREADS, [
+            src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
+            group_rows, state.errors])
+    tr.barrier()  # every source is done with its previous reduce: its partial rows and flags are free
+    suffix = _DTYPE_SUFFIX[x.dtype]
+    groups = world * stride
+    warps = 16 * sms * (_THREADS // 32)
+    split = max(1, min(8, warps // groups))  # few groups (decode): several warps share a row
+    _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(
+        max(1, min(-(-groups * split // 8), 16 * sms)), _THREADS, [
+            x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank),
+            ctypes.c_int64(stride), group_count, group_rows, part_buf.peer_ptrs, flag_buf.peer_ptrs, counters,
+            ctypes.c_int32(split)])
+    tr.barrier()
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
+    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(max(1, min(-(-stride // 8), 16 * sms)), _THREADS, [
+        part_buf.local, flag_buf.local, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
+        ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters])
+    row_bytes = hidden * x.element_size() + 4
+    stats.bytes_sent = DeviceCount(counters[0], row_bytes)
+    stats.bytes_recv = DeviceCount(counters[1], row_bytes)
+    return out

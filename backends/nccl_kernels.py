@@ -1,0 +1,195 @@
+"""The NCCL backend's device path: the kernels of kernels/moe.cu writing into local buffers, around
+NCCL's all_to_all_single (docs/contract.md section 8: one routing plan, two transports).
+
+The kernels address their destinations through an array of base pointers, one per destination rank
+(`count_ptrs`, `x_ptrs`, `part_ptrs`, ...), to which they add the row the plan gives. The cuda backend
+passes its peers' mapped buffers; here every pointer points into this rank's own send buffer, shifted
+so that the plan's row lands at the place that destination's block of the send buffer gives it:
+  counts:   notify writes this rank's count row to row r of "every rank's" count buffer; with
+            count_ptrs[d] = send + (d * width - r * row_len) words the row lands in row d of a local
+            [W, width] buffer, which one all-to-all turns into the count matrix on every rank.
+  dispatch: send writes the wire row of token t for rank d at row base_d[d] + (position) of d's buffer,
+            base_d[d] = sum_{s<r} M[s][d] (plan's scratch); with x_ptrs[d] = send + (off_d[d] - base_d[d])
+            rows, off_d the exclusive prefix of n_tokens_to_rank, the rows land in the send layout that
+            all_to_all_single sends (by destination, then token). The receiver's rows arrive in (source
+            rank, token) order, the order the cuda backend's wire buffer has, so expand runs unchanged.
+  combine:  send writes the partial of (source s, token t) at row r * T_max + t of s's buffer; with
+            part_ptrs[s] = send + (s - r) * T_max rows it lands in block s of a local [W * T_max] layout
+            (with a flag per row), which one all-to-all of equal splits delivers as the [W, T_max] layout
+            reduce reads (block e from expert rank e). No split sizes, so no host synchronisation.
+The count matrix is read on the host once per dispatch (the split sizes of the payload all-to-alls).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Optional
+
+import torch
+
+from . import routing
+from .common import CommStats, DispatchOutputs
+from .communicator import Communicator
+from .cuda_kernels import (GROUP_CAP, MAX_KERNEL_TOP_K, MAX_KERNEL_WORLD, _DTYPE_SUFFIX, _IDX_SUFFIX, _MAX_CHUNK,
+                           _NOTIFY_THREADS, _THREADS, _kernel, _multiprocessors)
+
+_NO_LIMIT = torch.iinfo(torch.int64).max
+_available: dict = {}
+
+
+def serves(x: torch.Tensor, top_k: int, world: int) -> bool:
+    """Whether the kernels serve this call: CUDA tensors within the kernels' limits, cuda-python present,
+    and FUSER_MOE_NCCL_KERNELS not set to 0 (else the torch twin of routing.py runs)."""
+    if not (x.is_cuda and top_k <= MAX_KERNEL_TOP_K and world <= MAX_KERNEL_WORLD):
+        return False
+    if os.environ.get("FUSER_MOE_NCCL_KERNELS", "1") == "0":
+        return False
+    if "cuda-python" not in _available:
+        try:
+            import cuda.bindings.driver  # noqa: F401
+            _available["cuda-python"] = True
+        except ImportError:
+            _available["cuda-python"] = False
+    return _available["cuda-python"]
+
+
+def _shifted(base: torch.Tensor, rows: torch.Tensor, row_bytes: int) -> torch.Tensor:
+    """int64 [n] addresses base.data_ptr() + rows * row_bytes (a device computation)."""
+    return rows * row_bytes + base.data_ptr()
+
+
+def dispatch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+             placement: routing.Placement, checks: torch.Tensor, agree, max_recv_tokens: Optional[int],
+             stats: CommStats):
+    """Dispatch with the kernels: count, notify (local), all-to-all of the count rows, plan, host read of
+    the matrix, send (local), all-to-all of the rows and of their metadata, expand.
+
+    Args: as `NcclBackend.dispatch`; checks: [5] int64 words that travel after the count row;
+        agree(host_rows): called with the rows received (host ints) before any payload travels; returns
+        (per_expert, pairs) or raises.
+    Returns: (outputs, host rows, wire rows sent per rank, received per rank, per_expert, pairs).
+    """
+    world, rank, device = comm.world_size, comm.rank, x.device
+    tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
+    experts = placement.num_experts
+    idx, weights, x = topk_idx.contiguous(), topk_weights.contiguous(), x.contiguous()
+    suffix = _IDX_SUFFIX[idx.dtype]
+    sms = _multiprocessors(device)
+    chunk = min(_MAX_CHUNK, max(1, -(-tokens // (2 * sms))))
+    n_chunks = -(-tokens // chunk)
+    i32, i64 = torch.int32, torch.int64
+    ranks = torch.arange(world, device=device)
+    chunk_e = torch.empty(experts, max(n_chunks, 1), dtype=i32, device=device)
+    chunk_d = torch.empty(world, max(n_chunks, 1), dtype=i32, device=device)
+    n_to = torch.empty(world, dtype=i64, device=device)
+    e2r = placement.expert_to_rank
+    row_len = world + experts + 1
+    width = row_len + checks.numel()
+    rows_to = torch.empty(world, width, dtype=i64, device=device)
+    if n_chunks:
+        _kernel(f"fuser_moe_dispatch_count_{suffix}", device).launch(n_chunks, _THREADS, [
+            idx, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r, ctypes.c_int64(experts),
+            ctypes.c_int32(world), ctypes.c_int64(chunk), chunk_e, chunk_d])
+    count_ptrs = _shifted(rows_to, ranks * width - rank * row_len, 8)
+    _kernel("fuser_moe_dispatch_notify", device).launch(1, _NOTIFY_THREADS, [
+        chunk_e, chunk_d, ctypes.c_int64(n_chunks), ctypes.c_int64(experts), ctypes.c_int32(world),
+        ctypes.c_int32(rank), ctypes.c_int64(tokens), count_ptrs, n_to])
+    rows_to[:, row_len:] = checks
+    rows_from = torch.empty_like(rows_to)
+    comm.all_to_all_single(rows_from, rows_to)
+    matrix = rows_from[:, :row_len].contiguous()
+    n_from_dev = torch.empty(world, dtype=i64, device=device)
+    per_expert_dev = torch.empty(placement.n_local[rank], dtype=i64, device=device)
+    summary = torch.empty(8, dtype=i64, device=device)
+    plan = torch.empty(3 * experts + world, dtype=i64, device=device)
+    _kernel("fuser_moe_dispatch_plan", device).launch(1, _NOTIFY_THREADS, [
+        matrix, ctypes.c_int64(experts), ctypes.c_int32(world), ctypes.c_int32(rank), e2r,
+        placement.expert_order, placement.rank_begin, plan, n_from_dev, per_expert_dev, summary])
+    host = rows_from.tolist()
+    stats.sync("count matrix to host")
+    per_expert, pairs = agree(host)
+    n_to_host = host[rank][:world]
+    n_from_host = [host[s][rank] for s in range(world)]
+
+    meta_width = routing.meta_width(top_k)
+    row_bytes = hidden * x.element_size()
+    n_out, n_in = sum(n_to_host), sum(n_from_host)
+    send_x = torch.empty(max(n_out, 1), hidden, dtype=x.dtype, device=device)
+    send_meta = torch.empty(max(n_out, 1), meta_width, dtype=i64, device=device)
+    if n_chunks:
+        shift = routing._exclusive_cumsum(matrix[rank, :world]) - plan[3 * experts:3 * experts + world]
+        shared = 4 * (2 * chunk * top_k + ((chunk * world + 1) & ~1)) + 8 * chunk
+        _kernel(f"fuser_moe_dispatch_send_{suffix}", device).launch(n_chunks, _THREADS, [
+            x, ctypes.c_int64(row_bytes), idx, weights, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r,
+            ctypes.c_int64(experts), ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(chunk),
+            chunk_e, chunk_d, plan, _shifted(send_x, shift, row_bytes), _shifted(send_meta, shift, meta_width * 8),
+            ctypes.c_int64(_NO_LIMIT)], shared_mem=shared)
+    wire_x = torch.empty(max(n_in, 1), hidden, dtype=x.dtype, device=device)
+    wire_meta = torch.empty(max(n_in, 1), meta_width, dtype=i64, device=device)
+    comm.all_to_all_single(wire_x[:n_in], send_x[:n_out], n_from_host, n_to_host)
+    comm.all_to_all_single(wire_meta[:n_in], send_meta[:n_out], n_from_host, n_to_host)
+
+    out_rows = pairs if max_recv_tokens is None else max_recv_tokens
+    recv_x = torch.empty(out_rows, hidden, dtype=x.dtype, device=device)
+    recv_idx = torch.empty(out_rows, dtype=i64, device=device)
+    recv_w = torch.empty(out_rows, dtype=torch.float32, device=device)
+    src_idx = torch.empty(out_rows, dtype=i64, device=device)
+    src_rank = torch.empty(out_rows, dtype=i64, device=device)
+    errors = torch.zeros(4, dtype=i64, device=device)  # an overflow was raised on the host already
+    warps = n_in + out_rows
+    _kernel("fuser_moe_dispatch_expand", device).launch(max(1, min(-(-warps // 8), 8 * sms)), _THREADS, [
+        wire_x, wire_meta, ctypes.c_int64(n_in), ctypes.c_int64(row_bytes), ctypes.c_int32(top_k), summary,
+        ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank, errors])
+    out = DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from_dev, per_expert_dev)
+    return out, host, n_to_host, n_from_host, per_expert, pairs, meta_width
+
+
+def combine(comm: Communicator, x: torch.Tensor, weights: torch.Tensor, src_idx: torch.Tensor,
+            src_rank: torch.Tensor, num_tokens: int, max_tokens: int, stats: CommStats) -> tuple:
+    """Combine with the kernels: group, send (local, dense [W, T_max] layout), all-to-all of equal splits
+    of the partial rows and of their flags, reduce. Returns (combined_x, the error words)."""
+    world, rank, device = comm.world_size, comm.rank, x.device
+    rows, hidden = x.shape[0], x.shape[1]
+    sms = _multiprocessors(device)
+    stride = max(max_tokens, 1)
+    if num_tokens > stride:
+        raise ValueError(f"moe_combine: num_tokens={num_tokens} on rank {rank} but the ranks agreed on at most "
+                         f"{max_tokens} tokens a rank")
+    x = x.contiguous()
+    weights = weights.contiguous().to(torch.float32)
+    src_idx = src_idx.contiguous().to(torch.int64)
+    src_rank = src_rank.contiguous().to(torch.int64)
+    ranks = torch.arange(world, device=device)
+    groups = world * stride
+    send_rows = torch.empty(groups, hidden, dtype=x.dtype, device=device)
+    send_flags = torch.zeros(groups, dtype=torch.int32, device=device)
+    group_count = torch.zeros(groups + 2, dtype=torch.int32, device=device)
+    counters = group_count[groups:]
+    group_rows = torch.empty(groups * GROUP_CAP, dtype=torch.int32, device=device)
+    errors = torch.zeros(4, dtype=torch.int64, device=device)
+    if rows:
+        _kernel("fuser_moe_combine_group", device).launch(max(1, min(-(-rows // _THREADS), 8 * sms)), _THREADS, [
+            src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
+            group_rows, errors])
+    suffix = _DTYPE_SUFFIX[x.dtype]
+    warps = 16 * sms * (_THREADS // 32)
+    split = max(1, min(8, warps // groups))
+    shift = (ranks - rank) * stride
+    _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(
+        max(1, min(-(-groups * split // 8), 16 * sms)), _THREADS, [
+            x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
+            group_count, group_rows, _shifted(send_rows, shift, hidden * x.element_size()),
+            _shifted(send_flags, shift, 4), counters, ctypes.c_int32(split)])
+    recv_rows = torch.empty_like(send_rows)
+    recv_flags = torch.empty_like(send_flags)
+    comm.all_to_all_single(recv_rows, send_rows)
+    comm.all_to_all_single(recv_flags, send_flags)
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
+    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(max(1, min(-(-stride // 8), 16 * sms)), _THREADS, [
+        recv_rows, recv_flags, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
+        ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters])
+    # The dense layout travels whole: every slot of every other rank's block, present or not.
+    wire = (world - 1) * stride * (hidden * x.element_size() + 4)
+    stats.bytes_sent += wire
+    stats.bytes_recv += wire
+    return out, errors

@@ -49,7 +49,8 @@ def test_the_wheel_maps_every_layer_under_fuser_moe_with_its_kernels(source, tmp
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in ("fuser_moe/__init__.py", "fuser_moe/cli.py", "fuser_moe/ir/nodes.py", "fuser_moe/executors/evaluator.py",
                  "fuser_moe/backends/communicator.py", "fuser_moe/backends/kernels/moe.cu",
-                 "fuser_moe/backends/transport/kernels/alltoallv.cu", "fuser_moe/backends/transport/kernels/barrier.cu",
+                 "fuser_moe/backends/kernels/alltoallv.cu", "fuser_moe/backends/kernels/barrier.cu",
+                 "fuser_moe/backends/kernels/fm_device.cuh", "fuser_moe/backends/kernels/fp8.cu",
                  "fuser_moe/python_frontend/fusion_definition.py"):
         assert path in names, path
     assert not [n for n in names if n.split("/")[0] in ("ir", "backends", "executors", "python_frontend", "tests")]

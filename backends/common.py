@@ -41,10 +41,23 @@ class CommStats:
     bytes_recv: int = 0
     host_syncs: int = 0
     sync_reasons: list = field(default_factory=list)
+    num_sms: Optional[int] = None  # the SM budget the caller gave this call (None: what the protocol wants)
+    sms: int = 0  # the most blocks (so at most the SMs) any kernel of the call launched
+    path: str = ""  # which protocol served the call ("general", "low-latency"; "" where only one exists)
 
     def sync(self, reason: str) -> None:
         self.host_syncs += 1
         self.sync_reasons.append(reason)
+
+
+def with_sm_budget(stats: Optional[CommStats], num_sms: Optional[int]) -> CommStats:
+    """`stats` (a fresh CommStats when None) carrying the call's SM budget, checked."""
+    stats = stats if stats is not None else CommStats()
+    if num_sms is not None:
+        if isinstance(num_sms, bool) or not isinstance(num_sms, int) or num_sms <= 0:
+            raise ValueError(f"num_sms must be a positive int (the most SMs the call's kernels take), got {num_sms!r}")
+        stats.num_sms = num_sms
+    return stats
 
 
 class DeviceCount:

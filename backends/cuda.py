@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import cuda_kernels, cuda_torch, routing
-from .common import CommStats
+from . import cuda_kernels, cuda_ll, cuda_torch, routing
+from .common import CommStats, with_sm_budget
 from .communicator import Communicator
 from .validation import check_combine_everywhere, check_dispatch_everywhere, checked
 
@@ -57,6 +57,7 @@ class _GroupState:
 
         A barrier timeout comes first (it explains everything after it), then a capacity overflow.
         """
+        cuda_ll.raise_pending(self, comm.rank)  # a low-latency wait that timed out explains what follows
         words = self.errors.tolist()
         needed, given, bad_row, big_group = (words[i] for i in (ERR_NEEDED, ERR_GIVEN, ERR_BAD_ROW, ERR_BIG_GROUP))
         if needed or bad_row or big_group:
@@ -123,21 +124,28 @@ class CudaBackend:
     def dispatch(self, comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
                  num_experts: int, expert_to_rank: Optional[Sequence[int]] = None,
                  max_recv_tokens: Optional[int] = None, check_inputs: bool = True,
-                 stats: Optional[CommStats] = None, return_handle: bool = False):
+                 stats: Optional[CommStats] = None, return_handle: bool = False, num_sms: Optional[int] = None):
         """Same contract as `NcclBackend.dispatch` (docs/contract.md section 3), over symmetric buffers.
 
         Args: as `NcclBackend.dispatch`; return_handle: also return the `routing.DispatchHandle` that
             `combine(handle=...)` takes.
         Returns: `DispatchOutputs`, or (`DispatchOutputs`, `DispatchHandle`) with return_handle.
         """
-        stats = stats if stats is not None else CommStats()
+        stats = with_sm_budget(stats, num_sms)
         world = comm.world_size
         if check_inputs:
             check_dispatch_everywhere(comm, x, topk_idx, topk_weights, num_experts, expert_to_rank)
             stats.sync("input checks")
         placement = routing.make_placement(num_experts, world, expert_to_rank, x.device)
         state = self._state(comm)
-        if self._kernels_apply(x, topk_idx.shape[1], world):
+        ll_refusal = cuda_ll.unavailable_reason(x, topk_idx.shape[1], world, num_experts, max(placement.n_local),
+                                                max_recv_tokens)
+        stats.path = "low-latency" if ll_refusal is None else "general"
+        if ll_refusal is None:
+            out, pairs_in = cuda_ll.dispatch(comm, state, x, topk_idx, topk_weights, placement, max_recv_tokens,
+                                             stats)
+            handle = None  # the low-latency handle rides on out.recv_src_idx (cuda_ll.handle_for)
+        elif self._kernels_apply(x, topk_idx.shape[1], world):
             out, pairs_in, handle = cuda_kernels.dispatch(comm, state, x, topk_idx, topk_weights, placement,
                                                            max_recv_tokens, check_inputs, stats)
         else:
@@ -174,21 +182,24 @@ class CudaBackend:
     def combine(self, comm: Communicator, x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor,
                 src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor, n_tokens_from_rank: torch.Tensor,
                 num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None,
-                handle: Optional[routing.DispatchHandle] = None) -> torch.Tensor:
+                handle: Optional[routing.DispatchHandle] = None, num_sms: Optional[int] = None) -> torch.Tensor:
         """Same contract as `NcclBackend.combine` (docs/contract.md section 4), over symmetric buffers.
 
         Args: as `NcclBackend.combine`; handle: the matching dispatch's `DispatchHandle` (optional; every
             rank passes one or none). It tells the kernels every rank's token count without asking the
             peers, and the torch path where each partial row goes without exchanging counts.
         """
-        stats = stats if stats is not None else CommStats()
+        stats = with_sm_budget(stats, num_sms)
         world = comm.world_size
         if handle is not None and not handle.serves(self.name, src_idx, src_rank, num_tokens):
             handle = None
+        ll_handle = cuda_ll.handle_for(src_idx, src_rank) if x.is_cuda else None
         if check_inputs:
             tokens_of_rank = check_combine_everywhere(comm, x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
                                                       n_tokens_from_rank, num_tokens)
             stats.sync("input checks")
+        elif ll_handle is not None:
+            tokens_of_rank = [num_tokens]  # the low-latency path needs no sizes from the peers
         elif handle is not None and handle.max_tokens is not None:
             # The matching exact-mode dispatch told every rank the same token counts (the count matrix).
             tokens_of_rank = [handle.max_tokens]
@@ -196,7 +207,11 @@ class CudaBackend:
             # Buffer sizes must agree on every rank: a host-side exchange, no device synchronisation.
             tokens_of_rank = comm.exchange(num_tokens)
         state = self._state(comm)
-        if x.is_cuda and world <= MAX_KERNEL_WORLD:
+        if ll_handle is not None:
+            stats.path = "low-latency"
+            out = cuda_ll.combine(comm, state, ll_handle, x, topk_weights, num_tokens, stats)
+        elif x.is_cuda and world <= MAX_KERNEL_WORLD:
+            stats.path = "general"
             out = cuda_kernels.combine(comm, state, x, topk_weights, src_idx, src_rank, num_tokens,
                                         max(tokens_of_rank), stats)
         else:

@@ -61,6 +61,27 @@ def _multiprocessors(device: torch.device) -> int:
     return _sm_counts[index]
 
 
+def sm_budget(device: torch.device, stats: CommStats) -> tuple:
+    """(SMs to size the work for, the most blocks a kernel may launch) under the call's SM budget.
+
+    Without a budget every kernel may spread over the whole device; with `stats.num_sms = n` no kernel
+    launches more than n blocks, so no kernel takes more than n SMs and the rest stay free for other
+    work (a grouped GEMM beside the communication).
+    """
+    sms = _multiprocessors(device)
+    if stats.num_sms is None:
+        return sms, 1 << 30
+    budget = max(1, min(int(stats.num_sms), sms))
+    return budget, budget
+
+
+def grid(blocks: int, cap: int, stats: CommStats) -> int:
+    """`blocks` capped by the SM budget; records the most blocks of the call in `stats.sms`."""
+    blocks = max(1, min(int(blocks), cap))
+    stats.sms = max(stats.sms, blocks)
+    return blocks
+
+
 def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
                       topk_weights: torch.Tensor, placement, max_recv_tokens: Optional[int], check_inputs: bool,
                       stats: CommStats):
@@ -73,9 +94,10 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     weights = topk_weights.contiguous()
     x = x.contiguous()
     suffix = _IDX_SUFFIX[idx.dtype]
-    sms = _multiprocessors(device)
+    sms, cap = sm_budget(device, stats)
     # Enough blocks to keep every SM busy at small T, at most _MAX_CHUNK tokens a block at large T.
     chunk = min(_MAX_CHUNK, max(1, -(-tokens // (2 * sms))))
+    chunk = max(chunk, -(-tokens // cap))  # an SM budget takes fewer, larger chunks
     n_chunks = -(-tokens // chunk)
     i32, i64 = torch.int32, torch.int64
     chunk_e = torch.empty(num_experts, max(n_chunks, 1), dtype=i32, device=device)  # a row runs over chunks
@@ -84,7 +106,7 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     e2r = placement.expert_to_rank
     counts = tr.buffer("dispatch_count_matrix", i64, (world + num_experts + 1,), world)
     if n_chunks:
-        _kernel(f"fuser_moe_dispatch_count_{suffix}", device).launch(n_chunks, _THREADS, [
+        _kernel(f"fuser_moe_dispatch_count_{suffix}", device).launch(grid(n_chunks, cap, stats), _THREADS, [
             idx, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r, ctypes.c_int64(num_experts),
             ctypes.c_int32(world), ctypes.c_int64(chunk), chunk_e, chunk_d])
     _kernel("fuser_moe_dispatch_notify", device).launch(1, _NOTIFY_THREADS, [
@@ -107,7 +129,7 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
         x_buf = tr.buffer("dispatch_wire_x", x.dtype, (hidden,), capacity)
         meta_buf = tr.buffer("dispatch_wire_meta", i64, (meta_width,), capacity)
         if n_chunks:
-            _kernel(f"fuser_moe_dispatch_send_{suffix}", device).launch(n_chunks, _THREADS, [
+            _kernel(f"fuser_moe_dispatch_send_{suffix}", device).launch(grid(n_chunks, cap, stats), _THREADS, [
                 x, ctypes.c_int64(row_bytes), idx, weights, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r,
                 ctypes.c_int64(num_experts), ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(chunk),
                 chunk_e, chunk_d, plan, x_buf.peer_ptrs, meta_buf.peer_ptrs,
@@ -148,7 +170,7 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     src_rank = torch.empty(out_rows, dtype=i64, device=device)
     wire_capacity = min(x_buf.rows, meta_buf.rows)
     warps = wire_capacity + out_rows  # an upper bound of the items: wire rows, then padding rows
-    _kernel("fuser_moe_dispatch_expand", device).launch(max(1, min(-(-warps // 8), 8 * sms)), _THREADS, [
+    _kernel("fuser_moe_dispatch_expand", device).launch(grid(max(1, min(-(-warps // 8), 8 * sms)), cap, stats), _THREADS, [
         x_buf.local, meta_buf.local, ctypes.c_int64(wire_capacity), ctypes.c_int64(row_bytes),
         ctypes.c_int32(top_k), summary, ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank,
         state.errors])
@@ -170,7 +192,7 @@ def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
     world, rank, device = comm.world_size, comm.rank, x.device
     tr = state.transport
     rows, hidden = x.shape[0], x.shape[1]
-    sms = _multiprocessors(device)
+    sms, cap = sm_budget(device, stats)
     stride = max(max_tokens, 1)
     if num_tokens > stride:
         raise ValueError(f"moe_combine: num_tokens={num_tokens} on rank {rank} but the ranks agreed on at most "
@@ -186,7 +208,7 @@ def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
     counters = group_count[world * stride:]
     group_rows = torch.empty(world * stride * GROUP_CAP, dtype=torch.int32, device=device)
     if rows:
-        _kernel("fuser_moe_combine_group", device).launch(max(1, min(-(-rows // _THREADS), 8 * sms)), _THREADS, [
+        _kernel("fuser_moe_combine_group", device).launch(grid(max(1, min(-(-rows // _THREADS), 8 * sms)), cap, stats), _THREADS, [
             src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
             group_rows, state.errors])
     tr.barrier()  # every source is done with its previous reduce: its partial rows and flags are free
@@ -195,13 +217,13 @@ def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
     warps = 16 * sms * (_THREADS // 32)
     split = max(1, min(8, warps // groups))  # few groups (decode): several warps share a row
     _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(
-        max(1, min(-(-groups * split // 8), 16 * sms)), _THREADS, [
+        grid(max(1, min(-(-groups * split // 8), 16 * sms)), cap, stats), _THREADS, [
             x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank),
             ctypes.c_int64(stride), group_count, group_rows, part_buf.peer_ptrs, flag_buf.peer_ptrs, counters,
             ctypes.c_int32(split)])
     tr.barrier()
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
-    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(max(1, min(-(-stride // 8), 16 * sms)), _THREADS, [
+    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(grid(max(1, min(-(-stride // 8), 16 * sms)), cap, stats), _THREADS, [
         part_buf.local, flag_buf.local, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
         ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters])
     row_bytes = hidden * x.element_size() + 4

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import nccl_kernels, routing
-from .common import DTYPE_CODES, CommStats, DispatchOutputs
+from .common import DTYPE_CODES, CommStats, DispatchOutputs, with_sm_budget
 from .communicator import Communicator
 from .validation import check_combine_everywhere, checked, placement_checksum, shape_disagreement, validate_dispatch
 
@@ -45,7 +45,7 @@ class NcclBackend:
     def dispatch(self, comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
                  num_experts: int, expert_to_rank: Optional[Sequence[int]] = None,
                  max_recv_tokens: Optional[int] = None, check_inputs: bool = True,
-                 stats: Optional[CommStats] = None, return_handle: bool = False):
+                 stats: Optional[CommStats] = None, return_handle: bool = False, num_sms: Optional[int] = None):
         """Sends each token once to every rank that holds one of its experts; see docs/contract.md section 3.
 
         Args:
@@ -61,7 +61,7 @@ class NcclBackend:
             return_handle: also return the `routing.DispatchHandle` that `combine(handle=...)` takes.
         Returns: `DispatchOutputs`, or (`DispatchOutputs`, `DispatchHandle`) with return_handle.
         """
-        stats = stats if stats is not None else CommStats()
+        stats = with_sm_budget(stats, num_sms)
         world, rank = comm.world_size, comm.rank
         if check_inputs:
             checked(comm, lambda: validate_dispatch(x, topk_idx, topk_weights, num_experts, expert_to_rank, world))
@@ -167,7 +167,7 @@ class NcclBackend:
     def combine(self, comm: Communicator, x: torch.Tensor, topk_weights: torch.Tensor, src_idx: torch.Tensor,
                 src_rank: torch.Tensor, n_tokens_to_rank: torch.Tensor, n_tokens_from_rank: torch.Tensor,
                 num_tokens: int, *, check_inputs: bool = True, stats: Optional[CommStats] = None,
-                handle: Optional[routing.DispatchHandle] = None) -> torch.Tensor:
+                handle: Optional[routing.DispatchHandle] = None, num_sms: Optional[int] = None) -> torch.Tensor:
         """Returns expert outputs to their tokens, weighted and summed; see docs/contract.md section 4.
 
         Args:
@@ -183,7 +183,7 @@ class NcclBackend:
                 of another dispatch (other src_idx / src_rank tensors) is not used.
         Returns: combined_x [num_tokens, H] in x's dtype.
         """
-        stats = stats if stats is not None else CommStats()
+        stats = with_sm_budget(stats, num_sms)
         world, rank = comm.world_size, comm.rank
         hidden = x.shape[1] if x.dim() == 2 else 0
         if check_inputs:

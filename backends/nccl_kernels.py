@@ -30,7 +30,7 @@ import torch
 from . import routing
 from .common import CommStats, DispatchOutputs
 from .communicator import Communicator
-from .cuda_kernels import (GROUP_CAP, MAX_KERNEL_TOP_K, MAX_KERNEL_WORLD, _DTYPE_SUFFIX, _IDX_SUFFIX, _MAX_CHUNK,
+from .cuda_kernels import (GROUP_CAP, grid, sm_budget, MAX_KERNEL_TOP_K, MAX_KERNEL_WORLD, _DTYPE_SUFFIX, _IDX_SUFFIX, _MAX_CHUNK,
                            _NOTIFY_THREADS, _THREADS, _kernel, _multiprocessors)
 
 _NO_LIMIT = torch.iinfo(torch.int64).max
@@ -74,8 +74,9 @@ def dispatch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_w
     experts = placement.num_experts
     idx, weights, x = topk_idx.contiguous(), topk_weights.contiguous(), x.contiguous()
     suffix = _IDX_SUFFIX[idx.dtype]
-    sms = _multiprocessors(device)
+    sms, cap = sm_budget(device, stats)
     chunk = min(_MAX_CHUNK, max(1, -(-tokens // (2 * sms))))
+    chunk = max(chunk, -(-tokens // cap))  # an SM budget takes fewer, larger chunks
     n_chunks = -(-tokens // chunk)
     i32, i64 = torch.int32, torch.int64
     ranks = torch.arange(world, device=device)
@@ -87,7 +88,7 @@ def dispatch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_w
     width = row_len + checks.numel()
     rows_to = torch.empty(world, width, dtype=i64, device=device)
     if n_chunks:
-        _kernel(f"fuser_moe_dispatch_count_{suffix}", device).launch(n_chunks, _THREADS, [
+        _kernel(f"fuser_moe_dispatch_count_{suffix}", device).launch(grid(n_chunks, cap, stats), _THREADS, [
             idx, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r, ctypes.c_int64(experts),
             ctypes.c_int32(world), ctypes.c_int64(chunk), chunk_e, chunk_d])
     count_ptrs = _shifted(rows_to, ranks * width - rank * row_len, 8)
@@ -119,7 +120,7 @@ def dispatch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_w
     if n_chunks:
         shift = routing._exclusive_cumsum(matrix[rank, :world]) - plan[3 * experts:3 * experts + world]
         shared = 4 * (2 * chunk * top_k + ((chunk * world + 1) & ~1)) + 8 * chunk
-        _kernel(f"fuser_moe_dispatch_send_{suffix}", device).launch(n_chunks, _THREADS, [
+        _kernel(f"fuser_moe_dispatch_send_{suffix}", device).launch(grid(n_chunks, cap, stats), _THREADS, [
             x, ctypes.c_int64(row_bytes), idx, weights, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r,
             ctypes.c_int64(experts), ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(chunk),
             chunk_e, chunk_d, plan, _shifted(send_x, shift, row_bytes), _shifted(send_meta, shift, meta_width * 8),
@@ -137,7 +138,7 @@ def dispatch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_w
     src_rank = torch.empty(out_rows, dtype=i64, device=device)
     errors = torch.zeros(4, dtype=i64, device=device)  # an overflow was raised on the host already
     warps = n_in + out_rows
-    _kernel("fuser_moe_dispatch_expand", device).launch(max(1, min(-(-warps // 8), 8 * sms)), _THREADS, [
+    _kernel("fuser_moe_dispatch_expand", device).launch(grid(max(1, min(-(-warps // 8), 8 * sms)), cap, stats), _THREADS, [
         wire_x, wire_meta, ctypes.c_int64(n_in), ctypes.c_int64(row_bytes), ctypes.c_int32(top_k), summary,
         ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank, errors])
     out = DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from_dev, per_expert_dev)
@@ -150,7 +151,7 @@ def combine(comm: Communicator, x: torch.Tensor, weights: torch.Tensor, src_idx:
     of the partial rows and of their flags, reduce. Returns (combined_x, the error words)."""
     world, rank, device = comm.world_size, comm.rank, x.device
     rows, hidden = x.shape[0], x.shape[1]
-    sms = _multiprocessors(device)
+    sms, cap = sm_budget(device, stats)
     stride = max(max_tokens, 1)
     if num_tokens > stride:
         raise ValueError(f"moe_combine: num_tokens={num_tokens} on rank {rank} but the ranks agreed on at most "
@@ -168,7 +169,7 @@ def combine(comm: Communicator, x: torch.Tensor, weights: torch.Tensor, src_idx:
     group_rows = torch.empty(groups * GROUP_CAP, dtype=torch.int32, device=device)
     errors = torch.zeros(4, dtype=torch.int64, device=device)
     if rows:
-        _kernel("fuser_moe_combine_group", device).launch(max(1, min(-(-rows // _THREADS), 8 * sms)), _THREADS, [
+        _kernel("fuser_moe_combine_group", device).launch(grid(max(1, min(-(-rows // _THREADS), 8 * sms)), cap, stats), _THREADS, [
             src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
             group_rows, errors])
     suffix = _DTYPE_SUFFIX[x.dtype]
@@ -176,7 +177,7 @@ def combine(comm: Communicator, x: torch.Tensor, weights: torch.Tensor, src_idx:
     split = max(1, min(8, warps // groups))
     shift = (ranks - rank) * stride
     _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(
-        max(1, min(-(-groups * split // 8), 16 * sms)), _THREADS, [
+        grid(max(1, min(-(-groups * split // 8), 16 * sms)), cap, stats), _THREADS, [
             x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
             group_count, group_rows, _shifted(send_rows, shift, hidden * x.element_size()),
             _shifted(send_flags, shift, 4), counters, ctypes.c_int32(split)])
@@ -185,7 +186,7 @@ def combine(comm: Communicator, x: torch.Tensor, weights: torch.Tensor, src_idx:
     comm.all_to_all_single(recv_rows, send_rows)
     comm.all_to_all_single(recv_flags, send_flags)
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
-    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(max(1, min(-(-stride // 8), 16 * sms)), _THREADS, [
+    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(grid(max(1, min(-(-stride // 8), 16 * sms)), cap, stats), _THREADS, [
         recv_rows, recv_flags, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
         ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters])
     # The dense layout travels whole: every slot of every other rank's block, present or not.

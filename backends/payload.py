@@ -202,7 +202,7 @@ def check_scaled_dispatch_everywhere(comm: Communicator, x: torch.Tensor, x_scal
 def dispatch(backend, comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
              num_experts: int, x_scales: Optional[torch.Tensor] = None, expert_to_rank: Optional[Sequence[int]] = None,
              max_recv_tokens: Optional[int] = None, check_inputs: bool = True, stats: Optional[CommStats] = None,
-             return_handle: bool = False):
+             return_handle: bool = False, num_sms: Optional[int] = None):
     """`backend.dispatch`, with the fp8 payloads of docs/contract.md section 12.
 
     Args:
@@ -214,7 +214,7 @@ def dispatch(backend, comm: Communicator, x: torch.Tensor, topk_idx: torch.Tenso
         num_experts: E.
         x_scales: [T, ceil(H / 128)] float32, the scale of each 128-column block of x's rows; only with
             an fp8 x.
-        expert_to_rank, max_recv_tokens, check_inputs, stats, return_handle: as `backend.dispatch`.
+        expert_to_rank, max_recv_tokens, check_inputs, stats, return_handle, num_sms: as `backend.dispatch`.
     Returns: the backend's `DispatchOutputs` without x_scales; with them, `ScaledDispatchOutputs`
         (recv_x [V, H] float8_e4m3fn and recv_x_scales [V, ceil(H / 128)] float32, views into the
         received packed rows); with return_handle, (outputs, the backend's `DispatchHandle`).
@@ -226,7 +226,7 @@ def dispatch(backend, comm: Communicator, x: torch.Tensor, topk_idx: torch.Tenso
     else:
         validate_scaled_dispatch(x, x_scales)
     common = dict(num_experts=num_experts, expert_to_rank=expert_to_rank, max_recv_tokens=max_recv_tokens,
-                  check_inputs=check_inputs, stats=stats)
+                  check_inputs=check_inputs, stats=stats, num_sms=num_sms)
     if return_handle:
         common["return_handle"] = True
     if x_scales is None:

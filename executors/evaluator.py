@@ -206,6 +206,7 @@ class HostIrEvaluator:
         event.outputs = [_describe(v, self._env[id(v)]) for v in expr.outputs]
         event.bytes_sent, event.bytes_recv = self._stats.bytes_sent, self._stats.bytes_recv
         event.host_syncs, event.sync_reasons = self._stats.host_syncs, list(self._stats.sync_reasons)
+        event.path, event.sms = self._stats.path or None, self._stats.sms or None
         self.trace.add(event)
 
     def _backend_for(self, expr, device: torch.device):
@@ -235,7 +236,7 @@ class HostIrEvaluator:
         out, handle = payload.dispatch(backend, self.communicator, x, idx, w, x_scales=scales,
                                        num_experts=expr.num_experts(), expert_to_rank=expr.expert_to_rank(),
                                        max_recv_tokens=expr.max_recv_tokens(), check_inputs=self.check_inputs,
-                                       stats=self._stats, return_handle=True)
+                                       stats=self._stats, return_handle=True, num_sms=expr.num_sms())
         self._handles[id(expr)] = handle
         for name, value in zip(out._fields, out):
             self._bind(expr.out(name), value, f"{expr.op_name} output")
@@ -248,7 +249,7 @@ class HostIrEvaluator:
                               self._value(expr.in_src_idx()), self._value(expr.in_src_rank()),
                               self._value(expr.in_n_tokens_to_rank()), self._value(expr.in_n_tokens_from_rank()),
                               int(self._value(expr.in_num_tokens())), check_inputs=self.check_inputs,
-                              stats=self._stats, handle=self._handle_for(expr))
+                              stats=self._stats, handle=self._handle_for(expr), num_sms=expr.num_sms())
         self._bind(expr.out_combined_x(), out, f"{expr.op_name} output")
 
     def _handle_for(self, expr: MoeCombine):

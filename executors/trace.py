@@ -25,6 +25,8 @@ class TraceEvent:
     bytes_recv: int = 0
     host_syncs: int = 0
     sync_reasons: list = field(default_factory=list)
+    path: Optional[str] = None  # the protocol that served a communication node ("low-latency", "general")
+    sms: Optional[int] = None  # the most blocks (so SMs) a kernel of the node launched
     start_us: float = 0.0  # wall clock, microseconds since the epoch
     wall_ms: float = 0.0
     device_ms: Optional[float] = None
@@ -84,7 +86,8 @@ class Trace:
                   "device ms")
         rows = [header]
         for i, e in enumerate(self.events):
-            rows.append((str(i), str(e.run), e.op, e.backend or "-", e.reason or "-", _shape_str(e.inputs),
+            backend = (e.backend or "-") + (f"/{e.path}" if e.path else "") + (f" {e.sms} SMs" if e.sms else "")
+            rows.append((str(i), str(e.run), e.op, backend, e.reason or "-", _shape_str(e.inputs),
                          _shape_str(e.outputs), _bytes_str(e.bytes_sent), _bytes_str(e.bytes_recv),
                          str(e.host_syncs), f"{e.wall_ms:.3f}",
                          "-" if e.device_ms is None else f"{e.device_ms:.3f}"))

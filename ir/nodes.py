@@ -64,6 +64,11 @@ def _check_scales(op: str, x_name: str, x: TensorView, s_name: str, scales: Tens
                     f"columns for '{x_name}' {x.type_str()}")
 
 
+def _check_num_sms(op: str, num_sms) -> None:
+    shape_check(num_sms is None or (isinstance(num_sms, int) and not isinstance(num_sms, bool) and num_sms > 0), op,
+                f"num_sms must be a positive int (the most SMs its kernels take) or None, got {num_sms!r}")
+
+
 class MoeDispatch(Expr):
     """Sends each token to the ranks that hold its experts; outputs one row per (token, local expert).
 
@@ -71,7 +76,8 @@ class MoeDispatch(Expr):
     (Float8_e4m3fn) also x_scales [T, ceil(H / 128)] Float (docs/contract.md section 12).
     Outputs (docs/contract.md section 3): recv_x, recv_topk_idx, recv_topk_weights, recv_src_idx, recv_src_rank,
     n_tokens_to_rank, n_tokens_from_rank, n_tokens_per_expert; with x_scales also recv_x_scales.
-    Attributes: num_experts, expert_to_rank (None: contiguous blocks), backend, max_recv_tokens.
+    Attributes: num_experts, expert_to_rank (None: contiguous blocks), backend, max_recv_tokens, num_sms
+    (None: the SMs the protocol wants; n: no kernel of the CUDA backend takes more than n SMs).
     """
 
     op_name = "MoeDispatch"
@@ -84,7 +90,7 @@ class MoeDispatch(Expr):
     def __init__(self, outputs: Sequence[Val], x: Val, topk_idx: Val, topk_weights: Val, *,
                  num_experts: int, expert_to_rank: Optional[Sequence[int]] = None,
                  backend=CommunicatorBackend.AUTO, max_recv_tokens: Optional[int] = None,
-                 x_scales: Optional[Val] = None):
+                 x_scales: Optional[Val] = None, num_sms: Optional[int] = None):
         placement = None if expert_to_rank is None else tuple(int(r) for r in expert_to_rank)
         inputs = [x, topk_idx, topk_weights] + ([] if x_scales is None else [x_scales])
         super().__init__(outputs, inputs, {
@@ -92,6 +98,7 @@ class MoeDispatch(Expr):
             "expert_to_rank": placement,
             "backend": CommunicatorBackend.parse(backend),
             "max_recv_tokens": max_recv_tokens,
+            "num_sms": num_sms,
         })
 
     def validate(self) -> None:
@@ -120,6 +127,7 @@ class MoeDispatch(Expr):
         cap = self.attributes["max_recv_tokens"]
         shape_check(cap is None or (isinstance(cap, int) and cap >= 0), op,
                     f"max_recv_tokens must be a non-negative int or None, got {cap!r}")
+        _check_num_sms(op, self.attributes["num_sms"])
         names = self.output_names()
         shape_check(len(self.outputs) == len(names), op, f"expects {len(names)} outputs, got {len(self.outputs)}")
         if self.has_scales():
@@ -139,6 +147,7 @@ class MoeDispatch(Expr):
     def expert_to_rank(self) -> Optional[tuple]: return self.attributes["expert_to_rank"]
     def backend(self) -> CommunicatorBackend: return self.attributes["backend"]
     def max_recv_tokens(self) -> Optional[int]: return self.attributes["max_recv_tokens"]
+    def num_sms(self) -> Optional[int]: return self.attributes["num_sms"]
 
 
 class MoeCombine(Expr):
@@ -147,6 +156,7 @@ class MoeCombine(Expr):
     Inputs: x [V, H] floating (row-aligned with dispatch's recv_x), topk_weights [V] Float, src_idx [V]
     Int, src_rank [V] Int, n_tokens_to_rank [W] Int, n_tokens_from_rank [W] Int, num_tokens (scalar Int).
     Output: combined_x [num_tokens, H] in x's dtype (docs/contract.md section 4).
+    Attributes: backend, num_sms (as MoeDispatch's).
     """
 
     op_name = "MoeCombine"
@@ -155,10 +165,10 @@ class MoeCombine(Expr):
 
     def __init__(self, output: Val, x: Val, topk_weights: Val, src_idx: Val, src_rank: Val,
                  n_tokens_to_rank: Val, n_tokens_from_rank: Val, num_tokens: Val, *,
-                 backend=CommunicatorBackend.AUTO):
+                 backend=CommunicatorBackend.AUTO, num_sms: Optional[int] = None):
         super().__init__([output], [x, topk_weights, src_idx, src_rank, n_tokens_to_rank,
                                     n_tokens_from_rank, num_tokens],
-                         {"backend": CommunicatorBackend.parse(backend)})
+                         {"backend": CommunicatorBackend.parse(backend), "num_sms": num_sms})
 
     def validate(self) -> None:
         op = self.op_name
@@ -176,6 +186,7 @@ class MoeCombine(Expr):
         num_tokens = self.inputs[6]
         type_check(not isinstance(num_tokens, TensorView) and num_tokens.dtype == DataType.Int, op,
                    "num_tokens", "an Int scalar", num_tokens)
+        _check_num_sms(op, self.attributes["num_sms"])
         out = self.outputs[0]
         type_check(isinstance(out, TensorView) and out.dtype == x.dtype, op, "combined_x",
                    f"a TensorView of x's dtype {x.dtype.name}", out)
@@ -189,6 +200,7 @@ class MoeCombine(Expr):
     def in_num_tokens(self) -> Val: return self.inputs[6]
     def out_combined_x(self) -> TensorView: return self.outputs[0]
     def backend(self) -> CommunicatorBackend: return self.attributes["backend"]
+    def num_sms(self) -> Optional[int]: return self.attributes["num_sms"]
 
 
 class GroupedMm(Expr):

@@ -60,7 +60,8 @@ class Ops:
     def moe_dispatch(self, x: TensorView, topk_idx: TensorView, topk_weights: TensorView, *, num_experts: int,
                      expert_to_rank: Optional[Sequence[int]] = None,
                      backend: Union[CommunicatorBackend, str] = CommunicatorBackend.AUTO,
-                     max_recv_tokens: Optional[int] = None, x_scales: Optional[TensorView] = None):
+                     max_recv_tokens: Optional[int] = None, x_scales: Optional[TensorView] = None,
+                     num_sms: Optional[int] = None):
         """Dispatch tokens to the ranks that hold their experts (docs/contract.md section 3).
 
         Args:
@@ -71,6 +72,8 @@ class Ops:
             expert_to_rank: optional placement [E]; contiguous blocks by default.
             backend: CommunicatorBackend.NCCL, CUDA or AUTO.
             max_recv_tokens: capacity C; outputs get leading extent C (docs/contract.md section 5).
+            num_sms: the most SMs the CUDA backend's kernels of this node take (None: what its protocol
+                wants); the rest stay free for compute beside the communication.
             x_scales: [T, ceil(H / 128)] Float, one scale per 128 columns of an fp8 x (docs/contract.md
                 section 12); they travel with their row.
         Returns: DispatchResult of TensorViews: recv_x [V, H] (x's dtype), recv_topk_idx [V] Int,
@@ -96,13 +99,15 @@ class Ops:
             blocks = x_scales.axis(1) if x_scales.ndim == 2 else _scale_extent(hidden)
             outs.append(TensorView(Float, [rows, blocks]))
         expr = MoeDispatch(outs, x, topk_idx, topk_weights, num_experts=num_experts, expert_to_rank=expert_to_rank,
-                           backend=backend, max_recv_tokens=max_recv_tokens, x_scales=x_scales)
+                           backend=backend, max_recv_tokens=max_recv_tokens, x_scales=x_scales,
+                           num_sms=num_sms)
         self._emit(expr, expr.output_names())
         return DispatchResult(*outs) if x_scales is None else ScaledDispatchResult(*outs)
 
     def moe_combine(self, x: TensorView, topk_weights: TensorView, src_idx: TensorView, src_rank: TensorView,
                     n_tokens_to_rank: TensorView, n_tokens_from_rank: TensorView, *, num_tokens: Union[int, Val],
-                    backend: Union[CommunicatorBackend, str, None] = None) -> TensorView:
+                    backend: Union[CommunicatorBackend, str, None] = None,
+                    num_sms: Optional[int] = None) -> TensorView:
         """Return weighted expert outputs to their tokens and sum them (docs/contract.md section 4).
 
         Args:
@@ -135,7 +140,7 @@ class Ops:
             backend = dispatch.backend() if dispatch is not None else CommunicatorBackend.AUTO
         hidden = operands[0].axis(1) if operands[0].ndim == 2 else Extent()
         out = TensorView(operands[0].dtype, [rows, hidden])
-        self._emit(MoeCombine(out, *operands, count, backend=backend), ["combined_x"])
+        self._emit(MoeCombine(out, *operands, count, backend=backend, num_sms=num_sms), ["combined_x"])
         return out
 
     # ------------------------------------------------------------------ fp8

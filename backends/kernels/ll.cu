@@ -1,0 +1,854 @@
+// Low-latency path of the CUDA backend: dispatch in two kernels and combine in two kernels, with no
+// group barrier and no host work, for small batches (decode) in capacity mode.
+//
+// Every rank owns, in symmetric memory, receive buffers laid out by (parity, source rank, slot), where a
+// slot is a token's position among the tokens that its source sends to this rank (so at most the
+// capacity C of slots per source are ever needed), and one flag word per source rank. A call's
+// generation g (a device-resident counter, so a replayed CUDA graph gets a fresh one) picks the parity
+// g & 1 of the buffers, and a source announces that its rows for generation g are in place by storing g
+// into its flag word on the receiver (release); the receiver waits for flag >= g (acquire). Double
+// buffering is enough: a source can only start writing generation g + 2 after its own receive kernel of
+// g + 1, which waited for this rank's send of g + 1, which this rank issued after its receive of g.
+//
+// Dispatch, on source rank r:
+//   send  (a block per chunk of tokens)  each token's row of x goes once to each destination rank d that
+//         one of its experts lives on, into slot (parity, r, position of the token among r's tokens for
+//         d) of d's wire buffer, with a metadata row [token, K x (expert or -1, position of the token
+//         among r's tokens for that expert, weight bits)]. The last block to finish (a ticket) writes,
+//         for every d, the header [tokens for d, T, pairs for each of d's local experts] and then d's flag.
+//   recv  (warps over (wire row, slot))  waits for every source's flag; from the headers, expert j's
+//         rows from source s start at (rows of experts < j) + (rows of j from sources < s), so each
+//         pair's output row is that plus the position the sender wrote: the contract's order (local
+//         expert, source rank, source token) without a sort. Padding rows [V, C) are filled.
+// Combine, on expert rank r, with the handle the low-latency dispatch left (each wire row's output
+// rows; each of the source's tokens' slot on each expert rank):
+//   send  (warps over wire rows)  float32 sum of w * y over the wire row's output rows in ascending row
+//         order, cast, written to slot (parity, r, slot) of the source's partial buffer; the last block
+//         sets the flags.
+//   recv  (warps over tokens)  waits for every expert rank's flag and adds a token's partials in
+//         ascending expert-rank order, in float32 from +0.0.
+//
+// Rounding is the contract's (docs/contract.md section 4): products and sums are rounded one by one
+// (__fmul_rn, __fadd_rn), casts round to nearest even. Compiles under nvcc and NVRTC: no system headers
+// (fm_device.cuh holds the types every kernel file shares).
+
+#include "fm_device.cuh"
+
+constexpr int FM_LL_WARP = FM_WARP;
+constexpr int FM_LL_MAX_WORLD = 64;
+constexpr int FM_LL_MAX_TOP_K = 32;  // a warp's lanes hold one slot each in combine send
+constexpr int FM_LL_THREADS = 512;   // every kernel here: 16 warps a block (per-warp tables below)
+constexpr int FM_LL_WARPS = FM_LL_THREADS / FM_LL_WARP;
+constexpr int FM_LL_BATCH = 8;       // rows whose vectors are loaded before they are summed
+
+// Words of the path's own state block (int64, local to each rank).
+constexpr int FM_LL_GEN_DISPATCH = 0;    // dispatch calls completed by this rank's receive kernel
+constexpr int FM_LL_TICKET_DSEND = 1;    // blocks of the dispatch send kernel that finished
+constexpr int FM_LL_TICKET_DRECV = 2;
+constexpr int FM_LL_GEN_COMBINE = 3;
+constexpr int FM_LL_TICKET_CSEND = 4;
+constexpr int FM_LL_TICKET_CRECV = 5;
+constexpr int FM_LL_TIMEOUT_PHASE = 6;   // 1 dispatch, 2 combine: a wait that gave up (sticky until checked)
+constexpr int FM_LL_TIMEOUT_MISSING = 7; // bit s set: source s never announced its rows
+constexpr int FM_LL_STATE_WORDS = 8;
+
+// Words of the backend's error block that these kernels set (the same as moe.cu's FM_ERR_*).
+constexpr int FM_LL_ERR_NEEDED = 0;
+constexpr int FM_LL_ERR_GIVEN = 1;
+
+// ------------------------------------------------------------------------------------------ helpers
+extern __shared__ fm_u64 fm_ll_shared[];  // dynamic shared memory of every kernel here
+static_assert(FM_LL_TIMEOUT_MISSING < FM_LL_STATE_WORDS, "the state block holds every word");
+
+__device__ __forceinline__ fm_i64 fm_ll_load_acquire(const fm_i64* address)
+{
+    fm_i64 value;
+    asm volatile("ld.acquire.sys.global.b64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
+    return value;
+}
+
+__device__ __forceinline__ void fm_ll_store_release(fm_i64* address, fm_i64 value)
+{
+    asm volatile("st.release.sys.global.b64 [%0], %1;" : : "l"(address), "l"(value) : "memory");
+}
+
+__device__ __forceinline__ fm_u64 fm_ll_now_ns()
+{
+    fm_u64 now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    return now;
+}
+
+struct fm_ll_bf16 { fm_u16 bits; };
+struct fm_ll_f16 { fm_u16 bits; };
+
+__device__ __forceinline__ float fm_ll_to_float(float v) { return v; }
+__device__ __forceinline__ float fm_ll_to_float(fm_ll_bf16 v)
+{
+    return __uint_as_float(static_cast<fm_u32>(v.bits) << 16);
+}
+__device__ __forceinline__ float fm_ll_to_float(fm_ll_f16 v)
+{
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+template <typename T> __device__ __forceinline__ T fm_ll_from_float(float f);
+template <> __device__ __forceinline__ float fm_ll_from_float<float>(float f) { return f; }
+template <> __device__ __forceinline__ fm_ll_bf16 fm_ll_from_float<fm_ll_bf16>(float f)
+{
+    fm_ll_bf16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+    return r;
+}
+template <> __device__ __forceinline__ fm_ll_f16 fm_ll_from_float<fm_ll_f16>(float f)
+{
+    fm_ll_f16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+    return r;
+}
+
+union fm_ll_vec16 {
+    int4 raw;
+    float f32[4];
+    fm_u16 u16[8];
+};
+
+template <typename T> __device__ __forceinline__ float fm_ll_lane(const fm_ll_vec16& v, int k);
+template <> __device__ __forceinline__ float fm_ll_lane<float>(const fm_ll_vec16& v, int k) { return v.f32[k]; }
+template <> __device__ __forceinline__ float fm_ll_lane<fm_ll_bf16>(const fm_ll_vec16& v, int k)
+{
+    return fm_ll_to_float(fm_ll_bf16{v.u16[k]});
+}
+template <> __device__ __forceinline__ float fm_ll_lane<fm_ll_f16>(const fm_ll_vec16& v, int k)
+{
+    return fm_ll_to_float(fm_ll_f16{v.u16[k]});
+}
+template <typename T> __device__ __forceinline__ void fm_ll_set_lane(fm_ll_vec16& v, int k, float f);
+template <> __device__ __forceinline__ void fm_ll_set_lane<float>(fm_ll_vec16& v, int k, float f) { v.f32[k] = f; }
+template <> __device__ __forceinline__ void fm_ll_set_lane<fm_ll_bf16>(fm_ll_vec16& v, int k, float f)
+{
+    v.u16[k] = fm_ll_from_float<fm_ll_bf16>(f).bits;
+}
+template <> __device__ __forceinline__ void fm_ll_set_lane<fm_ll_f16>(fm_ll_vec16& v, int k, float f)
+{
+    v.u16[k] = fm_ll_from_float<fm_ll_f16>(f).bits;
+}
+
+// A warp copies bytes [begin, end) of a row (16-byte vectors when everything is 16-byte aligned).
+__device__ __forceinline__ void fm_ll_warp_copy(unsigned char* dst, const unsigned char* src, fm_i64 begin,
+                                                fm_i64 end, int lane)
+{
+    const fm_u64 alignment = reinterpret_cast<fm_u64>(dst) | reinterpret_cast<fm_u64>(src)
+                             | static_cast<fm_u64>(begin) | static_cast<fm_u64>(end);
+    if ((alignment & 15u) == 0u) {
+        const int4* s4 = reinterpret_cast<const int4*>(src + begin);
+        int4* d4 = reinterpret_cast<int4*>(dst + begin);
+        const fm_i64 n4 = (end - begin) >> 4;
+        fm_i64 k = lane;
+        // Eight loads in flight per lane before the stores: a copy is latency-bound at these sizes.
+        for (; k + 7 * FM_LL_WARP < n4; k += 8 * FM_LL_WARP) {
+            int4 v[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                v[u] = s4[k + u * FM_LL_WARP];
+            }
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                d4[k + u * FM_LL_WARP] = v[u];
+            }
+        }
+        for (; k < n4; k += FM_LL_WARP) {
+            d4[k] = s4[k];
+        }
+    } else {
+        for (fm_i64 k = begin + lane; k < end; k += FM_LL_WARP) {
+            dst[k] = src[k];
+        }
+    }
+}
+
+__device__ __forceinline__ void fm_ll_warp_zero(unsigned char* dst, fm_i64 begin, fm_i64 end, int lane)
+{
+    const fm_u64 alignment = reinterpret_cast<fm_u64>(dst) | static_cast<fm_u64>(begin) | static_cast<fm_u64>(end);
+    if ((alignment & 15u) == 0u) {
+        int4* d4 = reinterpret_cast<int4*>(dst + begin);
+        const int4 zero = make_int4(0, 0, 0, 0);
+        for (fm_i64 k = lane; k < (end - begin) >> 4; k += FM_LL_WARP) {
+            d4[k] = zero;
+        }
+    } else {
+        for (fm_i64 k = begin + lane; k < end; k += FM_LL_WARP) {
+            dst[k] = 0;
+        }
+    }
+}
+
+// Bytes [begin, end) of part `part` of `parts` of a row of `row_bytes` (parts cut at 16-byte bounds).
+__device__ __forceinline__ void fm_ll_part(fm_i64 row_bytes, int part, int parts, fm_i64* begin, fm_i64* end)
+{
+    fm_i64 seg = (row_bytes + parts - 1) / parts;
+    seg = (seg + 15) & ~static_cast<fm_i64>(15);
+    *begin = part * seg < row_bytes ? part * seg : row_bytes;
+    *end = *begin + seg < row_bytes ? *begin + seg : row_bytes;
+}
+
+template <typename I>
+__device__ __forceinline__ fm_i64 fm_ll_expert(const I* topk_idx, fm_i64 t, int top_k, int k, fm_i64 num_experts)
+{
+    const fm_i64 e = static_cast<fm_i64>(topk_idx[t * top_k + k]);
+    return (e >= 0 && e < num_experts) ? e : -1;
+}
+
+// Waits (threads s < world of the block, one source each) until every flag[s] >= generation, or gives up
+// after timeout_ns and records which sources never came. After a recorded timeout nobody waits again
+// until the host has seen it. Ends with a block-wide barrier and a fence.
+__device__ void fm_ll_wait_flags(const fm_i64* flags, int world, fm_i64 generation, fm_i64* state, int phase,
+                                 fm_i64 timeout_ns)
+{
+    __shared__ int skip;
+    if (threadIdx.x == 0) {
+        skip = *reinterpret_cast<volatile fm_i64*>(&state[FM_LL_TIMEOUT_PHASE]) != 0;
+    }
+    __syncthreads();
+    if (!skip) {
+        for (int s = threadIdx.x; s < world; s += blockDim.x) {
+            const fm_u64 start = fm_ll_now_ns();
+            unsigned int polls = 0;
+            while (fm_ll_load_acquire(flags + s) < generation) {
+                ++polls;
+                if ((polls & 63u) == 0u && static_cast<fm_i64>(fm_ll_now_ns() - start) > timeout_ns) {
+                    atomicOr(reinterpret_cast<unsigned long long*>(&state[FM_LL_TIMEOUT_MISSING]), 1ull << s);
+                    atomicMax(reinterpret_cast<unsigned long long*>(&state[FM_LL_TIMEOUT_PHASE]),
+                              static_cast<unsigned long long>(phase));
+                    break;
+                }
+                if (polls > 256u) {
+                    __nanosleep(64);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    __threadfence();
+}
+
+// Exclusive prefix sum of data[0, n) in shared memory, in place, by the whole block; returns the total.
+// Each thread sums a contiguous run, a warp scan combines the runs.
+__device__ fm_i64 fm_ll_block_scan(fm_i64* data, int n)
+{
+    __shared__ fm_i64 warp_total[FM_LL_WARPS];
+    __shared__ fm_i64 total;
+    const int lane = threadIdx.x & (FM_LL_WARP - 1);
+    const int warp = threadIdx.x / FM_LL_WARP;
+    const int per = (n + blockDim.x - 1) / blockDim.x;
+    const int begin = threadIdx.x * per < n ? threadIdx.x * per : n;
+    const int end = begin + per < n ? begin + per : n;
+    fm_i64 run = 0;
+    for (int i = begin; i < end; ++i) {
+        run += data[i];
+    }
+    fm_i64 inclusive = run;
+    for (int offset = 1; offset < FM_LL_WARP; offset <<= 1) {
+        const fm_i64 other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) {
+            inclusive += other;
+        }
+    }
+    if (lane == FM_LL_WARP - 1) {
+        warp_total[warp] = inclusive;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        fm_i64 sum = 0;
+        for (int w = 0; w < static_cast<int>(blockDim.x / FM_LL_WARP); ++w) {
+            const fm_i64 v = warp_total[w];
+            warp_total[w] = sum;
+            sum += v;
+        }
+        total = sum;
+    }
+    __syncthreads();
+    fm_i64 prefix = warp_total[warp] + inclusive - run;
+    for (int i = begin; i < end; ++i) {
+        const fm_i64 v = data[i];
+        data[i] = prefix;
+        prefix += v;
+    }
+    __syncthreads();
+    return total;
+}
+
+// The last block of a kernel to reach this returns true (its earlier blocks' writes are visible to it).
+__device__ __forceinline__ bool fm_ll_last_block(fm_i64* ticket)
+{
+    __shared__ int last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        // After the block's barrier, one system-scope fence orders every thread's earlier writes (peers'
+        // memory included) before the ticket, and so before the flags the last block releases.
+        __threadfence_system();
+        const unsigned long long old = atomicAdd(reinterpret_cast<unsigned long long*>(ticket), 1ull);
+        last = old == static_cast<unsigned long long>(gridDim.x) - 1ull;
+    }
+    __syncthreads();
+    if (last) {
+        __threadfence();
+    }
+    return last != 0;
+}
+
+// ------------------------------------------------------------------------------------------ dispatch
+// Buffers of every rank (rows of the wire and metadata buffers: (parity * world + source) * slots + slot):
+//   x_ptrs[d]    wire rows, row_bytes each
+//   meta_ptrs[d] int32 rows of 1 + 4K: token, then K x (expert or -1, its local index on d, position
+//                among the source's tokens of that expert, weight bits)
+//   head_ptrs[d] int64 rows (parity * world + source) of head_width = 2 + L: tokens for d, T, pairs for
+//                each local expert of d (local order)
+//   flag_ptrs[d] int64 [world]: the generation whose rows source s has put in place
+// Local: state [FM_LL_STATE_WORDS]; acc int32 [world + E] running totals (zero between calls);
+//   n_to [W] int64 output; sent_remote [1] int64: tokens sent to other ranks; send_pos int32 [T, W] (the handle: token's slot on each rank, -1 if not sent).
+// Dynamic shared memory: u64 mask[chunk]; int before_e[E], before_d[W], pos[chunk * W], slot_pos, chunk_e and
+// chunk_d [chunk * K] each, tile_d[blockDim.x].
+template <typename I>
+__device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 row_bytes, const I* __restrict__ topk_idx,
+                                    const float* __restrict__ weights, fm_i64 tokens, int top_k,
+                                    const fm_i64* __restrict__ expert_to_rank, const fm_i64* __restrict__ local_index,
+                                    fm_i64 num_experts, int world, int rank,
+                                    fm_i64 chunk, fm_i64 slots, int head_width, const fm_u64* __restrict__ x_ptrs,
+                                    const fm_u64* __restrict__ meta_ptrs, const fm_u64* __restrict__ head_ptrs,
+                                    const fm_u64* __restrict__ flag_ptrs, fm_i64* state, int* acc, fm_i64* n_to,
+                                    fm_i64* sent_remote, int* send_pos, int split)
+{
+    fm_u64* mask = fm_ll_shared;                                      // [chunk] destination ranks of a token
+    int* before_e = reinterpret_cast<int*>(fm_ll_shared + chunk);     // [E]
+    int* before_d = before_e + num_experts;                           // [W]
+    int* pos = before_d + world;                                      // [chunk * W]
+    int* slot_pos = pos + chunk * world;                              // [chunk * K]
+    int* chunk_e = slot_pos + chunk * top_k;                          // [chunk * K] experts of the chunk's slots
+    int* chunk_d = chunk_e + chunk * top_k;                           // [chunk * K] their ranks
+    int* tile_d = chunk_d + chunk * top_k;                            // [blockDim.x]
+
+    const fm_i64 generation = state[FM_LL_GEN_DISPATCH] + 1;
+    const fm_i64 parity = generation & 1;
+    const fm_i64 t0 = blockIdx.x * chunk;
+    const fm_i64 t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
+    const fm_i64 n = t1 > t0 ? t1 - t0 : 0;
+    const int meta_width = 1 + 4 * top_k;
+
+    for (fm_i64 i = threadIdx.x; i < num_experts; i += blockDim.x) {
+        before_e[i] = 0;
+    }
+    for (int i = threadIdx.x; i < world; i += blockDim.x) {
+        before_d[i] = 0;
+    }
+    for (fm_i64 i = threadIdx.x; i < n; i += blockDim.x) {
+        mask[i] = 0;
+    }
+    __syncthreads();
+    // Slots of tokens [0, t1) in tiles of whole tokens, one slot a thread (its two loads in parallel with
+    // every other thread's): pairs of each expert and tokens for each rank before the chunk (counts only,
+    // so the order of the atomics does not matter), and the chunk's own experts, ranks and rank sets.
+    const int tile = (static_cast<int>(blockDim.x) / top_k) * top_k;
+    for (fm_i64 base = 0; base < t1 * top_k; base += tile) {
+        const fm_i64 p = base + threadIdx.x;
+        const bool in = static_cast<int>(threadIdx.x) < tile && p < t1 * top_k;
+        fm_i64 e = -1;
+        int d = -1;
+        if (in) {
+            e = fm_ll_expert(topk_idx, p / top_k, top_k, static_cast<int>(p % top_k), num_experts);
+            d = e >= 0 ? static_cast<int>(expert_to_rank[e]) : -1;
+        }
+        if (static_cast<int>(threadIdx.x) < tile) {
+            tile_d[threadIdx.x] = d;
+        }
+        __syncthreads();
+        if (in) {
+            const int k = static_cast<int>(p % top_k);
+            bool first = d >= 0;  // the token's first slot on rank d
+            for (int k2 = 0; k2 < k && first; ++k2) {
+                first = tile_d[threadIdx.x - k + k2] != d;
+            }
+            const fm_i64 t = p / top_k;
+            if (t < t0) {
+                if (e >= 0) {
+                    atomicAdd(&before_e[e], 1);
+                }
+                if (first) {
+                    atomicAdd(&before_d[d], 1);
+                }
+            } else {
+                chunk_e[p - t0 * top_k] = static_cast<int>(e);
+                chunk_d[p - t0 * top_k] = d;
+                if (d >= 0) {
+                    atomicOr(&mask[t - t0], 1ull << d);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    // Positions inside the chunk: count the chunk's earlier tokens with the same expert / rank.
+    for (fm_i64 q = threadIdx.x; q < n * top_k; q += blockDim.x) {
+        const fm_i64 i = q / top_k;
+        const int e = chunk_e[q];
+        int p = -1;
+        if (e >= 0) {
+            p = before_e[e];
+            for (fm_i64 q2 = 0; q2 < i * top_k; ++q2) {
+                p += chunk_e[q2] == e;
+            }
+        }
+        slot_pos[q] = p;
+    }
+    for (fm_i64 q = threadIdx.x; q < n * world; q += blockDim.x) {
+        const fm_i64 i = q / world;
+        const int d = static_cast<int>(q % world);
+        int p = -1;
+        if ((mask[i] >> d) & 1ull) {
+            p = before_d[d];
+            for (fm_i64 i2 = 0; i2 < i; ++i2) {
+                p += static_cast<int>((mask[i2] >> d) & 1ull);
+            }
+        }
+        pos[q] = p;
+        send_pos[(t0 + i) * world + d] = p;
+    }
+    __syncthreads();
+    // This chunk's counts into the running totals (read by the last block).
+    for (fm_i64 q = threadIdx.x; q < n * top_k; q += blockDim.x) {
+        if (chunk_e[q] >= 0) {
+            atomicAdd(&acc[world + chunk_e[q]], 1);
+        }
+    }
+    for (fm_i64 q = threadIdx.x; q < n * world; q += blockDim.x) {
+        if (pos[q] >= 0) {
+            atomicAdd(&acc[q % world], 1);
+        }
+    }
+
+    // Rows and metadata, a warp per (token, destination, part).
+    const int lane = threadIdx.x & (FM_LL_WARP - 1);
+    const int n_warps = blockDim.x / FM_LL_WARP;
+    for (fm_i64 q = threadIdx.x / FM_LL_WARP; q < n * world * split; q += n_warps) {
+        const int part = static_cast<int>(q % split);
+        const fm_i64 item = q / split;
+        const fm_i64 i = item / world;
+        const int d = static_cast<int>(item % world);
+        const int p = pos[item];
+        if (p < 0 || p >= slots) {
+            continue;  // not for d, or past the capacity (the receiver reports the overflow)
+        }
+        const fm_i64 row = (parity * world + rank) * slots + p;
+        fm_i64 begin, end;
+        fm_ll_part(row_bytes, part, split, &begin, &end);
+        fm_ll_warp_copy(reinterpret_cast<unsigned char*>(x_ptrs[d]) + row * row_bytes,
+                        x + (t0 + i) * row_bytes, begin, end, lane);
+        if (part == 0) {
+            int* meta = reinterpret_cast<int*>(meta_ptrs[d]) + row * meta_width;
+            if (lane == 0) {
+                meta[0] = static_cast<int>(t0 + i);
+            }
+            for (int k = lane; k < top_k; k += FM_LL_WARP) {
+                const int e = chunk_e[i * top_k + k];
+                const bool mine = e >= 0 && chunk_d[i * top_k + k] == d;
+                meta[1 + 4 * k] = mine ? static_cast<int>(e) : -1;
+                meta[2 + 4 * k] = mine ? static_cast<int>(local_index[e]) : 0;
+                meta[3 + 4 * k] = mine ? slot_pos[i * top_k + k] : 0;
+                meta[4 + 4 * k] = __float_as_int(weights[(t0 + i) * top_k + k]);
+            }
+        }
+    }
+
+    if (!fm_ll_last_block(&state[FM_LL_TICKET_DSEND])) {
+        return;
+    }
+    // The last block: headers, this rank's n_tokens_to_rank, then the flags.
+    volatile int* totals = acc;
+    if (threadIdx.x == 0) {
+        fm_i64 remote = 0;
+        for (int d = 0; d < world; ++d) {
+            remote += d == rank ? 0 : totals[d];
+        }
+        *sent_remote = remote;
+    }
+    for (int d = threadIdx.x; d < world; d += blockDim.x) {
+        const fm_i64 sent = totals[d];
+        n_to[d] = sent;
+        fm_i64* head = reinterpret_cast<fm_i64*>(head_ptrs[d]) + (parity * world + rank) * head_width;
+        head[0] = sent;
+        head[1] = tokens;
+    }
+    for (fm_i64 e = threadIdx.x; e < num_experts; e += blockDim.x) {
+        const int d = static_cast<int>(expert_to_rank[e]);
+        const fm_i64 j = local_index[e];
+        fm_i64* head = reinterpret_cast<fm_i64*>(head_ptrs[d]) + (parity * world + rank) * head_width;
+        head[2 + j] = totals[world + e];
+    }
+    __syncthreads();
+    for (fm_i64 q = threadIdx.x; q < world + num_experts; q += blockDim.x) {
+        acc[q] = 0;
+    }
+    if (threadIdx.x == 0) {
+        state[FM_LL_TICKET_DSEND] = 0;
+    }
+    __threadfence_system();
+    __syncthreads();
+    for (int d = threadIdx.x; d < world; d += blockDim.x) {
+        fm_ll_store_release(reinterpret_cast<fm_i64*>(flag_ptrs[d]) + rank, generation);
+    }
+}
+
+#define FM_LL_DISPATCH_SEND(NAME, I)                                                                         \
+    extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) NAME(const unsigned char* x, fm_i64 row_bytes, const I* topk_idx,             \
+                                    const float* weights, fm_i64 tokens, int top_k, const fm_i64* expert_to_rank, \
+                                    const fm_i64* local_index, fm_i64 num_experts,                             \
+                                    int world, int rank, fm_i64 chunk, fm_i64 slots, int head_width,           \
+                                    const fm_u64* x_ptrs, const fm_u64* meta_ptrs, const fm_u64* head_ptrs,     \
+                                    const fm_u64* flag_ptrs, fm_i64* state, int* acc, fm_i64* n_to,             \
+                                    fm_i64* sent_remote, int* send_pos, int split)                             \
+    {                                                                                                        \
+        fm_ll_dispatch_send<I>(x, row_bytes, topk_idx, weights, tokens, top_k, expert_to_rank, local_index,  \
+                               num_experts, world, rank, chunk, slots, head_width, x_ptrs,       \
+                               meta_ptrs, head_ptrs, flag_ptrs, state, acc, n_to, sent_remote, send_pos, split);          \
+    }
+
+FM_LL_DISPATCH_SEND(fuser_moe_ll_dispatch_send_i64, fm_i64)
+FM_LL_DISPATCH_SEND(fuser_moe_ll_dispatch_send_i32, int)
+
+// Receiver. Outputs have `capacity` rows; rows [V, capacity) are padding (-1, weight 0, zero row).
+//   wire_rows int32 [world * slots * K] (the handle): output row of each (source, slot, k), -1 if none.
+//   summary int64 [4]: V, wire rows in, wire rows in from other ranks, (unused).
+// Dynamic shared memory: fm_i64 base[world * n_local], tot[n_local + 1].
+extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatch_recv(
+    const unsigned char* __restrict__ x_buf, const int* __restrict__ meta_buf, const fm_i64* __restrict__ head_buf,
+    const fm_i64* flag_buf, fm_i64 row_bytes, int top_k, int world, int rank, fm_i64 slots, int head_width,
+    int n_local, fm_i64 capacity, unsigned char* recv_x, fm_i64* recv_idx,
+    float* recv_w, fm_i64* src_idx, fm_i64* src_rank, fm_i64* n_from, fm_i64* per_expert, fm_i64* summary,
+    int* wire_rows, fm_i64* state, fm_i64* errors, fm_i64 timeout_ns, int split)
+{
+    fm_i64* base = reinterpret_cast<fm_i64*>(fm_ll_shared);  // [world * n_local]
+    fm_i64* tot = base + world * n_local;                     // [n_local + 1]: exclusive prefix, then V
+    __shared__ fm_i64 wire_base[FM_LL_MAX_WORLD + 1];
+    __shared__ fm_i64 received[FM_LL_MAX_WORLD];
+
+    const fm_i64 generation = state[FM_LL_GEN_DISPATCH] + 1;
+    const fm_i64 parity = generation & 1;
+    fm_ll_wait_flags(flag_buf, world, generation, state, 1, timeout_ns);
+    const bool timed_out = *reinterpret_cast<volatile fm_i64*>(&state[FM_LL_TIMEOUT_PHASE]) != 0;
+
+    const fm_i64* heads = head_buf + parity * world * head_width;
+    for (int s = threadIdx.x; s < world; s += blockDim.x) {
+        received[s] = timed_out ? 0 : heads[s * head_width];
+    }
+    for (int j = threadIdx.x; j < n_local; j += blockDim.x) {
+        fm_i64 sum = 0;
+        for (int s = 0; s < world; ++s) {
+            const fm_i64 c = timed_out ? 0 : heads[s * head_width + 2 + j];
+            base[s * n_local + j] = c;
+            sum += c;
+        }
+        tot[j] = sum;
+    }
+    __syncthreads();
+    const fm_i64 all_pairs = fm_ll_block_scan(tot, n_local);
+    if (threadIdx.x == 0) {
+        tot[n_local] = all_pairs;
+        fm_i64 wire = 0;
+        for (int s = 0; s < world; ++s) {
+            wire_base[s] = wire;
+            wire += received[s] < slots ? received[s] : slots;
+        }
+        wire_base[world] = wire;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < n_local; j += blockDim.x) {
+        fm_i64 run = tot[j];
+        for (int s = 0; s < world; ++s) {
+            const fm_i64 c = base[s * n_local + j];
+            base[s * n_local + j] = run;
+            run += c;
+        }
+    }
+    __syncthreads();
+    const fm_i64 pairs = tot[n_local];
+    const fm_i64 kept = pairs < capacity ? pairs : capacity;
+    if (blockIdx.x == 0) {
+        for (int s = threadIdx.x; s < world; s += blockDim.x) {
+            n_from[s] = received[s];
+        }
+        for (int j = threadIdx.x; j < n_local; j += blockDim.x) {
+            per_expert[j] = (j + 1 < n_local ? tot[j + 1] : pairs) - tot[j];
+        }
+        if (threadIdx.x == 0) {
+            fm_i64 in = 0, remote = 0;
+            for (int s = 0; s < world; ++s) {
+                in += received[s];
+                remote += s == rank ? 0 : received[s];
+            }
+            summary[0] = pairs;
+            summary[1] = in;
+            summary[2] = remote;
+            summary[3] = 0;
+            if (pairs > capacity) {
+                atomicMax(reinterpret_cast<unsigned long long*>(&errors[FM_LL_ERR_NEEDED]),
+                          static_cast<unsigned long long>(pairs));
+                errors[FM_LL_ERR_GIVEN] = capacity;
+            }
+        }
+    }
+
+    const int lane = threadIdx.x & (FM_LL_WARP - 1);
+    const fm_i64 warps = static_cast<fm_i64>(gridDim.x) * (blockDim.x / FM_LL_WARP);
+    const fm_i64 slot_items = wire_base[world] * top_k * split;
+    const fm_i64 pad_items = (capacity - kept) * split;
+    const int meta_width = 1 + 4 * top_k;
+    for (fm_i64 q = blockIdx.x * (blockDim.x / FM_LL_WARP) + threadIdx.x / FM_LL_WARP; q < slot_items + pad_items;
+         q += warps) {
+        const int part = static_cast<int>(q % split);
+        fm_i64 begin, end;
+        fm_ll_part(row_bytes, part, split, &begin, &end);
+        if (q < slot_items) {
+            const fm_i64 item = q / split;
+            const int k = static_cast<int>(item % top_k);
+            const fm_i64 g = item / top_k;
+            int s = 0;
+            while (wire_base[s + 1] <= g) {
+                ++s;
+            }
+            const fm_i64 i = g - wire_base[s];
+            const fm_i64 row = (parity * world + s) * slots + i;
+            const int* meta = meta_buf + row * meta_width;
+            const int e = meta[1 + 4 * k];
+            fm_i64 out = -1;
+            if (e >= 0) {
+                out = base[s * n_local + meta[2 + 4 * k]] + meta[3 + 4 * k];
+                if (out >= capacity) {
+                    out = -1;
+                }
+            }
+            if (part == 0 && lane == 0) {
+                wire_rows[(s * slots + i) * top_k + k] = static_cast<int>(out);
+                if (out >= 0) {
+                    recv_idx[out] = e;
+                    recv_w[out] = __int_as_float(meta[4 + 4 * k]);
+                    src_idx[out] = meta[0];
+                    src_rank[out] = s;
+                }
+            }
+            if (out >= 0) {
+                fm_ll_warp_copy(recv_x + out * row_bytes, x_buf + row * row_bytes, begin, end, lane);
+            }
+        } else {
+            const fm_i64 out = kept + (q - slot_items) / split;
+            fm_ll_warp_zero(recv_x + out * row_bytes, begin, end, lane);
+            if (part == 0 && lane == 0) {
+                recv_idx[out] = -1;
+                recv_w[out] = 0.0f;
+                src_idx[out] = -1;
+                src_rank[out] = -1;
+            }
+        }
+    }
+    if (fm_ll_last_block(&state[FM_LL_TICKET_DRECV]) && threadIdx.x == 0) {
+        state[FM_LL_TICKET_DRECV] = 0;
+        state[FM_LL_GEN_DISPATCH] = generation;
+    }
+}
+
+// ------------------------------------------------------------------------------------------ combine
+// Expert rank: one partial row per wire row (source s, slot i) of the dispatch whose handle this is.
+//   wire_rows int32 [world * slots * K], n_from int64 [world] (the dispatch's n_tokens_from_rank)
+//   part_ptrs[s]: every rank's partial buffer, rows (parity * world + expert rank) * slots + slot
+//   flag_ptrs[s]: every rank's combine flags [world]
+template <typename T>
+__device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const float* __restrict__ weights,
+                                   const int* __restrict__ wire_rows, const fm_i64* __restrict__ n_from, int top_k,
+                                   int world, int rank, fm_i64 slots, const fm_u64* __restrict__ part_ptrs,
+                                   const fm_u64* __restrict__ flag_ptrs, fm_i64* state, int split)
+{
+    constexpr int VEC = 16 / sizeof(T);
+    __shared__ fm_i64 wire_base[FM_LL_MAX_WORLD + 1];
+    __shared__ int rows_of[FM_LL_WARPS][FM_LL_MAX_TOP_K];
+    __shared__ float weight_of[FM_LL_WARPS][FM_LL_MAX_TOP_K];
+
+    const fm_i64 generation = state[FM_LL_GEN_COMBINE] + 1;
+    const fm_i64 parity = generation & 1;
+    if (threadIdx.x == 0) {
+        fm_i64 wire = 0;
+        for (int s = 0; s < world; ++s) {
+            wire_base[s] = wire;
+            const fm_i64 in = n_from[s];
+            wire += in < slots ? in : slots;
+        }
+        wire_base[world] = wire;
+    }
+    __syncthreads();
+    const int lane = threadIdx.x & (FM_LL_WARP - 1);
+    const int warp = threadIdx.x / FM_LL_WARP;
+    const fm_i64 warps = static_cast<fm_i64>(gridDim.x) * (blockDim.x / FM_LL_WARP);
+    const fm_i64 vectors = hidden / VEC;  // the host checks hidden * sizeof(T) % 16 == 0
+    const fm_i64 per_part = (vectors + split - 1) / split;
+    for (fm_i64 q = blockIdx.x * (blockDim.x / FM_LL_WARP) + warp; q < wire_base[world] * split; q += warps) {
+        const int part = static_cast<int>(q % split);
+        const fm_i64 g = q / split;
+        int s = 0;
+        while (wire_base[s + 1] <= g) {
+            ++s;
+        }
+        const fm_i64 i = g - wire_base[s];
+        // The wire row's output rows in ascending order (the contract's row order).
+        int mine = lane < top_k ? wire_rows[(s * slots + i) * top_k + lane] : -1;
+        const float mine_w = mine >= 0 ? weights[mine] : 0.0f;
+        int count = 0;
+        while (true) {
+            int best = mine >= 0 ? mine : 0x7fffffff;
+            for (int offset = FM_LL_WARP / 2; offset > 0; offset >>= 1) {
+                const int other = __shfl_xor_sync(0xffffffffu, best, offset);
+                best = other < best ? other : best;
+            }
+            if (best == 0x7fffffff) {
+                break;
+            }
+            if (mine == best) {
+                rows_of[warp][count] = best;
+                weight_of[warp][count] = mine_w;
+                mine = -1;
+            }
+            ++count;
+        }
+        __syncwarp();
+        T* dst = reinterpret_cast<T*>(part_ptrs[s]) + ((parity * world + rank) * slots + i) * hidden;
+        const fm_i64 v0 = part * per_part;
+        const fm_i64 v1 = v0 + per_part < vectors ? v0 + per_part : vectors;
+        for (fm_i64 v = v0 + lane; v < v1; v += FM_LL_WARP) {
+            float sum[VEC];
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) {
+                sum[c] = 0.0f;
+            }
+            for (int r0 = 0; r0 < count; r0 += FM_LL_BATCH) {
+                fm_ll_vec16 y[FM_LL_BATCH];
+#pragma unroll
+                for (int b = 0; b < FM_LL_BATCH; ++b) {
+                    if (r0 + b < count) {
+                        y[b].raw = reinterpret_cast<const int4*>(
+                            x + static_cast<fm_i64>(rows_of[warp][r0 + b]) * hidden)[v];
+                    }
+                }
+#pragma unroll
+                for (int b = 0; b < FM_LL_BATCH; ++b) {
+                    if (r0 + b < count) {
+                        const float w = weight_of[warp][r0 + b];
+#pragma unroll
+                        for (int c = 0; c < VEC; ++c) {
+                            sum[c] = __fadd_rn(sum[c], __fmul_rn(w, fm_ll_lane<T>(y[b], c)));
+                        }
+                    }
+                }
+            }
+            fm_ll_vec16 out;
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) {
+                fm_ll_set_lane<T>(out, c, sum[c]);
+            }
+            reinterpret_cast<int4*>(dst)[v] = out.raw;
+        }
+        __syncwarp();
+    }
+    if (!fm_ll_last_block(&state[FM_LL_TICKET_CSEND])) {
+        return;
+    }
+    if (threadIdx.x == 0) {
+        state[FM_LL_TICKET_CSEND] = 0;
+    }
+    __threadfence_system();
+    __syncthreads();
+    for (int s = threadIdx.x; s < world; s += blockDim.x) {
+        fm_ll_store_release(reinterpret_cast<fm_i64*>(flag_ptrs[s]) + rank, generation);
+    }
+}
+
+// Source rank: out[t] = float32 sum over expert ranks e ascending of the partial in slot send_pos[t, e].
+template <typename T>
+__device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64* flag_buf,
+                                   const int* __restrict__ send_pos, fm_i64 tokens, fm_i64 hidden, int world,
+                                   fm_i64 slots, T* out, fm_i64* state, fm_i64 timeout_ns, int split)
+{
+    constexpr int VEC = 16 / sizeof(T);
+    const fm_i64 generation = state[FM_LL_GEN_COMBINE] + 1;
+    const fm_i64 parity = generation & 1;
+    fm_ll_wait_flags(flag_buf, world, generation, state, 2, timeout_ns);
+    const bool timed_out = *reinterpret_cast<volatile fm_i64*>(&state[FM_LL_TIMEOUT_PHASE]) != 0;
+    const int lane = threadIdx.x & (FM_LL_WARP - 1);
+    const fm_i64 warps = static_cast<fm_i64>(gridDim.x) * (blockDim.x / FM_LL_WARP);
+    const fm_i64 vectors = hidden / VEC;
+    const fm_i64 per_part = (vectors + split - 1) / split;
+    for (fm_i64 q = blockIdx.x * (blockDim.x / FM_LL_WARP) + threadIdx.x / FM_LL_WARP; q < tokens * split;
+         q += warps) {
+        const int part = static_cast<int>(q % split);
+        const fm_i64 t = q / split;
+        const fm_i64 v0 = part * per_part;
+        const fm_i64 v1 = v0 + per_part < vectors ? v0 + per_part : vectors;
+        for (fm_i64 v = v0 + lane; v < v1; v += FM_LL_WARP) {
+            float sum[VEC];
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) {
+                sum[c] = 0.0f;
+            }
+            for (int e0 = 0; e0 < world; e0 += FM_LL_BATCH) {
+                fm_ll_vec16 y[FM_LL_BATCH];
+                bool have[FM_LL_BATCH];
+#pragma unroll
+                for (int b = 0; b < FM_LL_BATCH; ++b) {
+                    const int e = e0 + b;
+                    const int p = e < world ? send_pos[t * world + e] : -1;
+                    have[b] = p >= 0 && p < slots && !timed_out;
+                    if (have[b]) {
+                        y[b].raw = reinterpret_cast<const int4*>(
+                            part_buf + ((parity * world + e) * slots + p) * hidden)[v];
+                    }
+                }
+#pragma unroll
+                for (int b = 0; b < FM_LL_BATCH; ++b) {
+                    if (have[b]) {
+#pragma unroll
+                        for (int c = 0; c < VEC; ++c) {
+                            sum[c] = __fadd_rn(sum[c], fm_ll_lane<T>(y[b], c));
+                        }
+                    }
+                }
+            }
+            fm_ll_vec16 o;
+#pragma unroll
+            for (int c = 0; c < VEC; ++c) {
+                fm_ll_set_lane<T>(o, c, sum[c]);
+            }
+            reinterpret_cast<int4*>(out + t * hidden)[v] = o.raw;
+        }
+    }
+    if (fm_ll_last_block(&state[FM_LL_TICKET_CRECV]) && threadIdx.x == 0) {
+        state[FM_LL_TICKET_CRECV] = 0;
+        state[FM_LL_GEN_COMBINE] = generation;
+    }
+}
+
+#define FM_LL_COMBINE(SUFFIX, T)                                                                              \
+    extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_combine_send_##SUFFIX(                                            \
+        const T* x, fm_i64 hidden, const float* weights, const int* wire_rows, const fm_i64* n_from, int top_k, \
+        int world, int rank, fm_i64 slots, const fm_u64* part_ptrs, const fm_u64* flag_ptrs, fm_i64* state,    \
+        int split)                                                                                             \
+    {                                                                                                         \
+        fm_ll_combine_send<T>(x, hidden, weights, wire_rows, n_from, top_k, world, rank, slots, part_ptrs,     \
+                              flag_ptrs, state, split);                                                       \
+    }                                                                                                         \
+    extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_combine_recv_##SUFFIX(                                            \
+        const T* part_buf, const fm_i64* flag_buf, const int* send_pos, fm_i64 tokens, fm_i64 hidden, int world, \
+        fm_i64 slots, T* out, fm_i64* state, fm_i64 timeout_ns, int split)                                    \
+    {                                                                                                         \
+        fm_ll_combine_recv<T>(part_buf, flag_buf, send_pos, tokens, hidden, world, slots, out, state,          \
+                              timeout_ns, split);                                                             \
+    }
+
+FM_LL_COMBINE(f32, float)
+FM_LL_COMBINE(bf16, fm_ll_bf16)
+FM_LL_COMBINE(f16, fm_ll_f16)

@@ -1,0 +1,252 @@
+"""The CUDA backend's low-latency path (backends/cuda_ll.py): when it serves a call, and its bits.
+
+The choice is a unit test that runs anywhere. The kernels need CUDA GPUs (FUSER_MOE_TEST_DEVICE=cuda);
+several ranks may share one GPU (CUDA IPC works between processes on one device).
+"""
+import os
+import types
+
+import pytest
+import torch
+
+from harness import TEST_DEVICE, available_world_sizes, run_on_ranks
+from moe_cases import Case, assert_same, make_inputs
+
+from fuser_moe.backends import cuda_ll
+from fuser_moe.executors import get_backend
+from fuser_moe.reference import reference_combine, reference_dispatch
+
+on_gpu = pytest.mark.skipif(
+    not TEST_DEVICE.startswith("cuda"),
+    reason="the low-latency kernels need CUDA GPUs: run with FUSER_MOE_TEST_DEVICE=cuda (tools/gpu_check.sh)")
+
+
+def _fake_cuda_x(tokens=8, hidden=64, dtype=torch.bfloat16):
+    return types.SimpleNamespace(is_cuda=True, shape=(tokens, hidden), dtype=dtype,
+                                 element_size=lambda: torch.empty((), dtype=dtype).element_size())
+
+
+@pytest.mark.parametrize("capacity, expected", [
+    (None, "exact mode"), (64, None), (cuda_ll.max_rows() + 1, "capacity"),
+])
+def test_low_latency_path_serves_small_capacity_mode_calls(capacity, expected, monkeypatch):
+    monkeypatch.delenv("FUSER_MOE_LL", raising=False)
+    reason = cuda_ll.unavailable_reason(_fake_cuda_x(), 2, 4, 8, 2, capacity)
+    if expected is None:
+        assert reason is None
+    else:
+        assert expected in reason
+
+
+def test_low_latency_path_refusals_name_the_reason(monkeypatch):
+    monkeypatch.delenv("FUSER_MOE_LL", raising=False)
+    assert "CPU" in cuda_ll.unavailable_reason(torch.zeros(4, 8), 2, 2, 4, 2, 16)
+    assert "16 bytes" in cuda_ll.unavailable_reason(_fake_cuda_x(hidden=3), 2, 2, 4, 2, 16)
+    assert "K=40" in cuda_ll.unavailable_reason(_fake_cuda_x(), 40, 2, 64, 32, 16)
+    monkeypatch.setenv("FUSER_MOE_LL", "0")
+    assert cuda_ll.unavailable_reason(_fake_cuda_x(), 2, 2, 4, 2, 16) == "FUSER_MOE_LL=0"
+    monkeypatch.setenv("FUSER_MOE_LL", "1")
+    assert cuda_ll.unavailable_reason(_fake_cuda_x(), 2, 2, 4, 2, cuda_ll.max_rows() * 2) is None
+
+
+def _reference(case, capacity):
+    xs, idxs, ws = make_inputs(case)
+    ref = reference_dispatch(xs, idxs, ws, case.num_experts, case.expert_to_rank, capacity)
+    ref_out = reference_combine([r.recv_x for r in ref], [r.recv_topk_weights for r in ref],
+                                [r.recv_src_idx for r in ref], [r.recv_src_rank for r in ref],
+                                [x.shape[0] for x in xs])
+    return xs, idxs, ws, ref, ref_out
+
+
+def ll_round_body(comm, case, capacity, mode, rounds):
+    os.environ["FUSER_MOE_LL"] = mode
+    try:
+        backend = get_backend("cuda")
+        r, dev = comm.rank, comm.device
+        for round_ in range(rounds):  # consecutive calls exercise both buffer parities
+            case.seed = round_
+            xs, idxs, ws, ref, ref_out = _reference(case, capacity)
+            d = backend.dispatch(comm, xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev), num_experts=case.num_experts,
+                                 expert_to_rank=case.expert_to_rank, max_recv_tokens=capacity)
+            out = backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
+                                  d.n_tokens_to_rank, d.n_tokens_from_rank, xs[r].shape[0])
+            for name, got, want in zip(ref[r]._fields, d, ref[r]):
+                assert_same(name, got.cpu(), want, r)
+            assert_same("combined_x", out.cpu(), ref_out[r], r)
+            assert (cuda_ll.handle_for(d.recv_src_idx, d.recv_src_rank) is not None) == (mode == "1")
+        backend.check(comm)
+    finally:
+        os.environ.pop("FUSER_MOE_LL", None)
+    return "ok"
+
+
+GPU_WORLDS = available_world_sizes((1, 2, 3, 4)) if TEST_DEVICE.startswith("cuda") else [1]
+
+
+@on_gpu
+@pytest.mark.parametrize("mode", ["1", "0"], ids=["low_latency", "general"])
+@pytest.mark.parametrize("top_k, routing, dtype", [
+    (1, "random", "bfloat16"), (2, "empty_slots", "float32"), (8, "random", "bfloat16"), (4, "one_rank", "float16"),
+])
+@pytest.mark.parametrize("world_size", GPU_WORLDS)
+def test_low_latency_path_gives_the_reference_bits(world_size, top_k, routing, dtype, mode):
+    experts = max(8, 2 * top_k) * world_size
+    case = Case(world_size, top_k, num_experts=experts, hidden=64, tokens=[13 + 5 * r for r in range(world_size)],
+                dtype=dtype, routing=routing)
+    capacity = sum(case.token_counts()) * min(top_k, experts // world_size) + 3
+    run_on_ranks(world_size, ll_round_body, case, capacity, mode, 3)
+
+
+@on_gpu
+@pytest.mark.parametrize("world_size", GPU_WORLDS)
+def test_low_latency_path_with_any_placement_and_an_idle_rank(world_size):
+    experts = 6 * world_size
+    placement = [(e * 7) % world_size for e in range(experts)]
+    tokens = [0] + [9] * (world_size - 1) if world_size > 1 else [0]
+    case = Case(world_size, 3, num_experts=experts, hidden=32, tokens=tokens, expert_to_rank=placement)
+    run_on_ranks(world_size, ll_round_body, case, 3 * sum(tokens) + 1, "1", 2)
+
+
+def ll_overflow_body(comm):
+    os.environ["FUSER_MOE_LL"] = "1"
+    try:
+        backend = get_backend("cuda")
+        case = Case(comm.world_size, 4, num_experts=8 * comm.world_size, hidden=32, tokens=[16] * comm.world_size)
+        xs, idxs, ws = make_inputs(case)
+        r, dev = comm.rank, comm.device
+        with pytest.raises(RuntimeError, match="capacity"):
+            backend.dispatch(comm, xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev), num_experts=case.num_experts,
+                             max_recv_tokens=5)
+        # The path goes on working after the error was reported.
+        capacity = 4 * 16 * comm.world_size
+        d = backend.dispatch(comm, xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev), num_experts=case.num_experts,
+                             max_recv_tokens=capacity)
+        ref = reference_dispatch(xs, idxs, ws, case.num_experts, None, capacity)
+        assert_same("recv_x", d.recv_x.cpu(), ref[r].recv_x, r)
+    finally:
+        os.environ.pop("FUSER_MOE_LL", None)
+    return "ok"
+
+
+@on_gpu
+@pytest.mark.parametrize("world_size", GPU_WORLDS)
+def test_low_latency_overflow_is_reported(world_size):
+    run_on_ranks(world_size, ll_overflow_body)
+
+
+def ll_graph_body(comm):
+    os.environ["FUSER_MOE_LL"] = "1"
+    try:
+        backend = get_backend("cuda")
+        r, dev, world = comm.rank, comm.device, comm.world_size
+        case = Case(world, 8, num_experts=16 * world, hidden=128, tokens=[24] * world)
+        capacity = 8 * 24 * world
+        xs, idxs, ws = make_inputs(case)
+        x, idx, w = xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev)
+
+        def step():
+            d = backend.dispatch(comm, x, idx, w, num_experts=case.num_experts, max_recv_tokens=capacity,
+                                 check_inputs=False)
+            out = backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
+                                  d.n_tokens_to_rank, d.n_tokens_from_rank, x.shape[0], check_inputs=False)
+            return d, out
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.cuda.graph(graph):
+                d, out = step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for round_ in range(1, 6):
+            case.seed = round_
+            _, _, _, ref, ref_out = _reference(case, capacity)
+            xs, idxs, ws = make_inputs(case)
+            x.copy_(xs[r].to(dev)), idx.copy_(idxs[r].to(dev)), w.copy_(ws[r].to(dev))
+            graph.replay()
+            torch.cuda.synchronize()
+            for name, got, want in zip(ref[r]._fields, d, ref[r]):
+                assert_same(name, got.cpu(), want, r)
+            assert_same("combined_x", out.cpu(), ref_out[r], r)
+        backend.check(comm)
+    finally:
+        os.environ.pop("FUSER_MOE_LL", None)
+    return "ok"
+
+
+@on_gpu
+@pytest.mark.parametrize("world_size", GPU_WORLDS)
+def test_low_latency_path_replays_in_a_cuda_graph(world_size):
+    run_on_ranks(world_size, ll_graph_body)
+
+
+# ---------------------------------------------------------------------------------------- SM budget
+def test_num_sms_is_an_attribute_of_both_nodes_and_prints():
+    from fuser_moe import DataType, FusionDefinition
+
+    with FusionDefinition() as fd:
+        x = fd.define_tensor(shape=[-1, 64], dtype=DataType.BFloat16)
+        idx = fd.define_tensor(shape=[-1, 2], dtype=DataType.Int)
+        w = fd.define_tensor(shape=[-1, 2], dtype=DataType.Float)
+        d = fd.ops.moe_dispatch(x, idx, w, num_experts=4, num_sms=8)
+        out = fd.ops.moe_combine(d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
+                                 d.n_tokens_to_rank, d.n_tokens_from_rank, num_tokens=fd.ops.size(x, 0), num_sms=4)
+        fd.add_output(out)
+    text = str(fd)
+    assert "MoeDispatch[num_experts=4, backend=auto, num_sms=8]" in text
+    assert "MoeCombine[backend=auto, num_sms=4]" in text
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_num_sms_must_be_a_positive_int(bad):
+    from fuser_moe import DataType, FusionDefinition
+
+    with pytest.raises(ValueError, match="num_sms must be a positive int"):
+        with FusionDefinition() as fd:
+            x = fd.define_tensor(shape=[-1, 64], dtype=DataType.BFloat16)
+            idx = fd.define_tensor(shape=[-1, 2], dtype=DataType.Int)
+            w = fd.define_tensor(shape=[-1, 2], dtype=DataType.Float)
+            fd.ops.moe_dispatch(x, idx, w, num_experts=4, num_sms=bad)
+
+
+def sm_budget_body(comm, budget, capacity):
+    from moe_cases import build_fusion  # noqa: F401 - the harness's path
+
+    from fuser_moe import DataType, FusionDefinition
+
+    r, dev, world = comm.rank, comm.device, comm.world_size
+    case = Case(world, 4, num_experts=8 * world, hidden=256, tokens=[40] * world)
+    xs, idxs, ws = make_inputs(case)
+    with FusionDefinition() as fd:
+        x = fd.define_tensor(shape=[-1, 256], dtype=DataType.BFloat16)
+        idx = fd.define_tensor(shape=[-1, 4], dtype=DataType.Int)
+        w = fd.define_tensor(shape=[-1, 4], dtype=DataType.Float)
+        d = fd.ops.moe_dispatch(x, idx, w, num_experts=case.num_experts, backend="cuda", max_recv_tokens=capacity,
+                                num_sms=budget)
+        out = fd.ops.moe_combine(d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
+                                 d.n_tokens_to_rank, d.n_tokens_from_rank, num_tokens=fd.ops.size(x, 0),
+                                 num_sms=budget)
+        fd.add_output(out)
+    (combined,) = fd.execute([xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev)], communicator=comm, trace=True)
+    _, _, _, _, ref_out = _reference(case, capacity)
+    assert_same("combined_x", combined.cpu(), ref_out[r], r)
+    events = [e for e in fd.last_trace.events if e.op in ("MoeDispatch", "MoeCombine")]
+    return [(e.op, e.path, e.sms) for e in events]
+
+
+@on_gpu
+@pytest.mark.parametrize("capacity", [4 * 40 * 4, 40000], ids=["low_latency", "general"])
+@pytest.mark.parametrize("world_size", GPU_WORLDS[-1:])
+def test_an_sm_budget_caps_every_kernel_and_the_trace_says_so(world_size, capacity):
+    capacity = min(capacity, 4 * 40 * world_size) if capacity < 40000 else capacity
+    for rank_events in run_on_ranks(world_size, sm_budget_body, 6, capacity):
+        for op, path, sms in rank_events:
+            assert path == ("low-latency" if capacity < 40000 else "general"), (op, path)
+            assert sms is not None and 1 <= sms <= 6, (op, sms)

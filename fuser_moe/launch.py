@@ -12,6 +12,7 @@ segments a killed rank had not yet unlinked are removed.
 """
 from __future__ import annotations
 
+import ctypes
 import datetime
 import multiprocessing as mp
 import os
@@ -89,6 +90,8 @@ def init_rank(rank: int, world_size: int, port: int, device: str, timeout_s: flo
         # A spawned rank has imported torch (its parent's main module) before the variable was set, so
         # torch sized its pool from the cores: ranks sharing cores would spin against each other.
         torch.set_num_threads(int(threads))
+    if not device.startswith("cuda"):
+        _keep_freed_memory()
     dev = rank_device(device, rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -102,6 +105,21 @@ def init_rank(rank: int, world_size: int, port: int, device: str, timeout_s: flo
         except (RuntimeError, ValueError, AttributeError) as exc:  # the group keeps the rendezvous timeout
             warnings.warn(f"fuser_moe.launch: could not set the group's timeout to {timeout_s:g} s: {exc}")
     return Communicator(device=dev, timeout_s=timeout_s, owns_group=True)
+
+
+def _keep_freed_memory() -> None:
+    """Keeps the memory a CPU rank frees for its next allocations (glibc only).
+
+    By default glibc maps every block over 128 KiB afresh and unmaps it when freed, so each call's
+    multi-megabyte outputs fault their pages in again: on a CPU rank that costs more than the copy that
+    fills them. Blocks up to 32 MiB come from the heap instead, and the heap is trimmed only past 512 MiB.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: keep the allocator's defaults
+        pass
 
 
 def _rank_main(rank, world_size, port, device, timeout_s, fn, args, results):

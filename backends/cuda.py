@@ -50,7 +50,9 @@ class _GroupState:
         self.own_row = torch.full((world,), comm.rank, dtype=torch.int64, device=device)
         # Rows of the exact mode's receive buffers (the same on every rank); rows are sent into them
         # before the host knows this call's counts, and sent again in the rare call that outgrows them.
-        self.wire_capacity: Optional[int] = None
+        # Keyed by the wire buffers' shape (dtype, H, metadata width): one capacity for every shape fed
+        # back into the next call's buffers would ratchet up by doubling when shapes alternate.
+        self.wire_capacity: dict = {}
 
     def raise_pending(self, comm: Communicator) -> None:
         """Reads the device's error words (a host synchronisation), clears them and raises what they report.
@@ -144,7 +146,10 @@ class CudaBackend:
         if ll_refusal is None:
             out, pairs_in = cuda_ll.dispatch(comm, state, x, topk_idx, topk_weights, placement, max_recv_tokens,
                                              stats)
-            handle = None  # the low-latency handle rides on out.recv_src_idx (cuda_ll.handle_for)
+            # The low-latency state rides on out.recv_src_idx (cuda_ll.handle_for); the caller's handle
+            # names the outputs it belongs to, like every path's.
+            handle = routing.DispatchHandle(self.name, topk_idx.shape[0], None, None, None, None, None, None, None,
+                                            out.recv_src_idx, out.recv_src_rank)
         elif self._kernels_apply(x, topk_idx.shape[1], world):
             out, pairs_in, handle = cuda_kernels.dispatch(comm, state, x, topk_idx, topk_weights, placement,
                                                            max_recv_tokens, check_inputs, stats)

@@ -147,7 +147,9 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
         stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
     else:
         # Send into the buffers of earlier calls first: rows travel while the host waits for the counts.
-        sent = send(state.wire_capacity) if state.wire_capacity is not None else None
+        shape_key = (x.dtype, hidden, meta_width)
+        known = state.wire_capacity.get(shape_key)
+        sent = send(known) if known is not None else None
         host = summary.tolist()
         stats.sync("receive counts to host")
         if not check_inputs:
@@ -155,9 +157,9 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
         needed = host[_SUM_MAX_WIRE_IN]
         if sent is None or needed > min(sent[0].rows, sent[1].rows):
             # Every rank read the same largest receive count, so all grow and send again together.
-            sent = send(max(needed, state.wire_capacity or 0))
+            sent = send(max(needed, known or 0))
         x_buf, meta_buf = sent
-        state.wire_capacity = min(x_buf.rows, meta_buf.rows)
+        state.wire_capacity[shape_key] = min(x_buf.rows, meta_buf.rows)
         max_tokens = host[_SUM_MAX_TOKENS]  # every rank learns the same value from the count matrix
         out_rows = host[_SUM_PAIRS_IN]
         stats.bytes_sent = host[_SUM_SENT_REMOTE] * wire_row_bytes + (world - 1) * (world + num_experts + 1) * 8

@@ -33,6 +33,8 @@ constexpr float F8_MAX = 448.0f;
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define F8_DEVICE_CODE 1
+#include "fm_device.cuh"  // the helpers every kernel file shares (only under a CUDA compiler: the host
+                          // test of the conversions compiles this file without it)
 #endif
 
 #ifdef F8_DEVICE_CODE

@@ -15,7 +15,11 @@
 #   compare: before/after on this machine in one run (docs/contract.md section 10): the standard and decode
 #          workloads, every mode, with the checkout at $BEFORE (say a `git worktree add` of the commit
 #          before a change) and then with this one, into compare_before.txt and compare_after.txt.
-# Usage: tools/gpu_check.sh [suite|bench|soak|compare|all]    (default all = suite, bench, soak; PYTEST_ARGS passes
+#   one-gpu: what one GPU can check, in one call of under 10 minutes: the GPU tests of the CUDA backend
+#          (ranks share cuda:0 for W > 1: CUDA IPC works between processes on one GPU; NCCL cases skip),
+#          the low-latency path, the routing plan's stage tests, fp8, autograd; the training demo under
+#          torchrun; the W=1 benchmark of the standard and decode workloads (both backends, fp8 rows).
+# Usage: tools/gpu_check.sh [suite|bench|soak|compare|one-gpu|all]    (default all = suite, bench, soak; PYTEST_ARGS passes
 #        extra pytest options)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +76,21 @@ if [ "$what" = soak ] || [ "$what" = all ]; then
     rc=$?
     tail -30 "$OUT/soak.log"
     [ "$rc" -eq 0 ] || { echo "gpu_check: soak exit $rc"; status=1; }
+fi
+if [ "$what" = one-gpu ]; then
+    bash tools/check_kernels.sh 2>&1 | tail -3
+    FUSER_MOE_TEST_DEVICE=cuda timeout "${SUITE_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rs --maxfail=20 \
+        tests/test_cuda_ll.py tests/test_plan.py tests/test_cuda_backend_gpu.py tests/test_fp8.py tests/test_autograd.py \
+        tests/test_compile.py ${PYTEST_ARGS:-} >"$OUT/suite_one_gpu.log" 2>&1
+    [ $? -eq 0 ] || status=1
+    grep -E "passed|failed" "$OUT/suite_one_gpu.log" | tail -1; grep -E "^(FAILED|ERROR)" "$OUT/suite_one_gpu.log" | head -20
+    timeout 120 torchrun --nproc-per-node 1 -m fuser_moe train --device cuda --plot "$OUT/train_loss.png" \
+        >"$OUT/train.log" 2>&1 || { echo "gpu_check: train failed"; status=1; }
+    tail -4 "$OUT/train.log"
+    timeout -s INT -k 30 "${BENCH_TIMEOUT:-240}" python3 -m fuser_moe bench --device cuda --world-size 1 \
+        --workloads standard,decode --sweep none --backends nccl,cuda --modes exact,graph --baselines all_to_all_single \
+        --warmup 5 --reps 20 --out "$OUT/bench_w1" --no-plot >"$OUT/bench_w1.txt" 2>"$OUT/bench_w1.err" || status=1
+    head -50 "$OUT/bench_w1.txt"
 fi
 if [ "$what" = compare ]; then
     [ -n "${BEFORE:-}" ] && [ -d "$BEFORE" ] || { echo "gpu_check: compare needs BEFORE=<another checkout>"; exit 2; }

@@ -73,7 +73,7 @@ def run_demo_command(args) -> int:
     names = {f.name for f in fields(DemoConfig)}
     cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in names}, trace=not args.no_trace)
     launch = detect_launcher()
-    under_launcher = launch is not None and launch.world_size > 1
+    under_launcher = launch is not None  # torchrun & co., one process a rank (a world of one included)
     problem = demo_option_problem(args, launch.world_size if under_launcher else args.world_size)
     if problem:
         if not under_launcher or launch.rank == 0:

@@ -71,7 +71,14 @@ def _communicator(communicator: Optional[Communicator], device: torch.device) ->
     return comm
 
 
-@torch._dynamo.assume_constant_result
+# torch.compile evaluates the configuration once while it traces (a constant of the graph). Dynamo
+# accepts a Communicator argument there from torch 2.13 on; before, the lookup runs outside the graph
+# (one graph break per call) instead of failing the trace.
+FULLGRAPH_COMPILE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+_constant_for_compile = torch._dynamo.assume_constant_result if FULLGRAPH_COMPILE else torch.compiler.disable
+
+
+@_constant_for_compile
 def _config_for(communicator, device: str, num_experts: int, expert_to_rank, backend, max_recv_tokens,
                 check_inputs) -> str:
     """The key of a call's configuration (registered at first use). torch.compile runs this for real while it

@@ -232,7 +232,7 @@ def run_train_command(args) -> int:
         print(f"fuser-moe train: --topk {cfg.topk} exceeds --experts {cfg.experts}", file=sys.stderr)
         return 2
     launch = detect_launcher()
-    if launch is not None and launch.world_size > 1:
+    if launch is not None:  # one process a rank under torchrun & co. (a world of one included)
         comm = Communicator.from_environment(device=args.device)
         try:
             if cfg.experts % comm.world_size:

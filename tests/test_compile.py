@@ -10,6 +10,7 @@ import torch
 
 import fuser_moe as fm
 from fuser_moe.backends.communicator import Communicator
+from fuser_moe.functional import FULLGRAPH_COMPILE
 from fuser_moe.nn import MoELayer, reference_moe
 
 T, H, E, K = 10, 8, 4, 2
@@ -43,6 +44,9 @@ def _run(f, scale, x0, w0):
 
 @pytest.mark.parametrize("capacity", [40, None], ids=["capacity", "exact"])
 def test_compile_matches_eager(capacity):
+    if capacity is not None and not FULLGRAPH_COMPILE:
+        pytest.skip(f"a graph without breaks needs torch >= 2.13 (dynamo takes a Communicator argument); "
+                    f"torch {torch.__version__} breaks the graph at the configuration lookup")
     torch._dynamo.reset()
     comm = Communicator()
     f, scale = _model(capacity, comm)
@@ -77,10 +81,13 @@ def test_moe_layer_is_a_drop_in_module_and_compiles_in_capacity_mode():
     for name, p in zip(("router.weight", "w_gate", "w_up", "w_down"), params):
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"grad of {name}: {m}")
     explained = torch._dynamo.explain(layer)(x)
-    assert explained.graph_break_count == 0, explained.break_reasons
+    if FULLGRAPH_COMPILE:
+        assert explained.graph_break_count == 0, explained.break_reasons
+    else:  # older torch: the configuration lookups run outside the graph, and nothing else breaks it
+        assert all("torch.compiler.disable" in str(b.reason) for b in explained.break_reasons), explained.break_reasons
     torch._dynamo.reset()
     layer.zero_grad()
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=FULLGRAPH_COMPILE)
     out_c = compiled(x)
     out_c.square().sum().backward()
     torch.testing.assert_close(out_c, out, rtol=1e-5, atol=1e-6)

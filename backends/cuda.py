@@ -9,6 +9,7 @@ The backend is split by job:
   cuda.py          protocol policy: which path serves a call, checked mode, the per-group transport and
                    the device's error words, the handle between dispatch and combine.
   cuda_kernels.py  the kernels of kernels/moe.cu with their launch geometry (CUDA tensors, W <= 64, K <= 64).
+  cuda_ll.py       the low-latency path of kernels/ll.cu for small capacity-mode calls (two kernels per op).
   cuda_torch.py    routing.py's plan over `transport.push_rows` (CPU tensors over POSIX shared memory, which
                    CI runs, and CUDA tensors beyond the kernels' limits).
 """

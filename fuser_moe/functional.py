@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fuser_moe.backends.common import DispatchOutputs
+from fuser_moe.backends.payload import ScaledDispatchOutputs
 from fuser_moe.backends.communicator import Communicator
 from fuser_moe.backends.routing import placement_list
 from fuser_moe.executors.autograd import Routing, build_backward, run_backward
@@ -324,9 +325,6 @@ def moe_dispatch(x: Tensor, topk_idx: Tensor, topk_weights: Tensor, *, num_exper
     config = _config_for(communicator, str(x.device), num_experts, None if expert_to_rank is None else
                          tuple(expert_to_rank), backend, max_recv_tokens, check_inputs)
     if x_scales is not None:
-        if not _fp8_supported():
-            raise NotImplementedError("moe_dispatch: x_scales needs FP8 dispatch (docs/contract.md section 12), "
-                                      "which this build of fuser_moe lacks")
         return _dispatch_fp8(config, x, topk_idx, topk_weights, x_scales)
     if max_recv_tokens is None:
         return _dispatch_exact(x, topk_idx, topk_weights, config)
@@ -344,30 +342,7 @@ def _dispatch_fp8(config, x, topk_idx, topk_weights, x_scales):
     fd = _dispatch_fusion(config, x.dtype, x.shape[1], topk_idx.shape[1], topk_idx.dtype, with_scales=True)
     outs = fd.execute([x, topk_idx, topk_weights, x_scales], communicator=cfg.comm, check_inputs=cfg.check_inputs)
     named = dict(zip(fd._output_names, outs))
-    result_type = DispatchOutputs
-    if not set(named) <= set(DispatchOutputs._fields):  # DispatchOutputs without a recv_x_scales field
-        result_type = _with_scales_type()
-    return result_type(**{f: named[f] for f in result_type._fields if f in named})
-
-
-def _with_scales_type():
-    global _DispatchOutputsWithScales
-    if _DispatchOutputsWithScales is None:
-        from collections import namedtuple
-
-        _DispatchOutputsWithScales = namedtuple("DispatchOutputs", DispatchOutputs._fields + ("recv_x_scales",))
-    return _DispatchOutputsWithScales
-
-
-_DispatchOutputsWithScales = None
-
-
-def _fp8_supported() -> bool:
-    import inspect
-
-    from fuser_moe.python_frontend import Ops
-
-    return "x_scales" in inspect.signature(Ops.moe_dispatch).parameters
+    return ScaledDispatchOutputs(**{f: named[f] for f in ScaledDispatchOutputs._fields})
 
 
 def moe_combine(x: Tensor, dispatch: DispatchOutputs, topk_idx: Tensor, topk_weights: Optional[Tensor] = None, *,

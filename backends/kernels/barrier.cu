@@ -45,25 +45,6 @@ enum FmControlScalar {
 // Spins this many polls before it starts to nap, so a barrier whose peers are close behind stays fast.
 constexpr unsigned int FM_POLLS_BEFORE_NAP = 1024;
 
-__device__ __forceinline__ fm_i64 fm_load_acquire_sys(const fm_i64* address)
-{
-    fm_i64 value;
-    asm volatile("ld.acquire.sys.global.b64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
-    return value;
-}
-
-__device__ __forceinline__ void fm_store_release_sys(fm_i64* address, fm_i64 value)
-{
-    asm volatile("st.release.sys.global.b64 [%0], %1;" : : "l"(address), "l"(value) : "memory");
-}
-
-__device__ __forceinline__ fm_u64 fm_globaltimer_ns()
-{
-    fm_u64 now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    return now;
-}
-
 // One block; thread t announces this rank to peers t, t + blockDim.x, ... and then waits for them.
 //   control_ptrs: [world] base address of every rank's control block, mapped in this process
 //   rank, world:  this rank and the group size

@@ -60,81 +60,6 @@ constexpr int FM_LL_ERR_GIVEN = 1;
 extern __shared__ fm_u64 fm_ll_shared[];  // dynamic shared memory of every kernel here
 static_assert(FM_LL_TIMEOUT_MISSING < FM_LL_STATE_WORDS, "the state block holds every word");
 
-__device__ __forceinline__ fm_i64 fm_ll_load_acquire(const fm_i64* address)
-{
-    fm_i64 value;
-    asm volatile("ld.acquire.sys.global.b64 %0, [%1];" : "=l"(value) : "l"(address) : "memory");
-    return value;
-}
-
-__device__ __forceinline__ void fm_ll_store_release(fm_i64* address, fm_i64 value)
-{
-    asm volatile("st.release.sys.global.b64 [%0], %1;" : : "l"(address), "l"(value) : "memory");
-}
-
-__device__ __forceinline__ fm_u64 fm_ll_now_ns()
-{
-    fm_u64 now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
-    return now;
-}
-
-struct fm_ll_bf16 { fm_u16 bits; };
-struct fm_ll_f16 { fm_u16 bits; };
-
-__device__ __forceinline__ float fm_ll_to_float(float v) { return v; }
-__device__ __forceinline__ float fm_ll_to_float(fm_ll_bf16 v)
-{
-    return __uint_as_float(static_cast<fm_u32>(v.bits) << 16);
-}
-__device__ __forceinline__ float fm_ll_to_float(fm_ll_f16 v)
-{
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
-    return f;
-}
-template <typename T> __device__ __forceinline__ T fm_ll_from_float(float f);
-template <> __device__ __forceinline__ float fm_ll_from_float<float>(float f) { return f; }
-template <> __device__ __forceinline__ fm_ll_bf16 fm_ll_from_float<fm_ll_bf16>(float f)
-{
-    fm_ll_bf16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
-    return r;
-}
-template <> __device__ __forceinline__ fm_ll_f16 fm_ll_from_float<fm_ll_f16>(float f)
-{
-    fm_ll_f16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
-    return r;
-}
-
-union fm_ll_vec16 {
-    int4 raw;
-    float f32[4];
-    fm_u16 u16[8];
-};
-
-template <typename T> __device__ __forceinline__ float fm_ll_lane(const fm_ll_vec16& v, int k);
-template <> __device__ __forceinline__ float fm_ll_lane<float>(const fm_ll_vec16& v, int k) { return v.f32[k]; }
-template <> __device__ __forceinline__ float fm_ll_lane<fm_ll_bf16>(const fm_ll_vec16& v, int k)
-{
-    return fm_ll_to_float(fm_ll_bf16{v.u16[k]});
-}
-template <> __device__ __forceinline__ float fm_ll_lane<fm_ll_f16>(const fm_ll_vec16& v, int k)
-{
-    return fm_ll_to_float(fm_ll_f16{v.u16[k]});
-}
-template <typename T> __device__ __forceinline__ void fm_ll_set_lane(fm_ll_vec16& v, int k, float f);
-template <> __device__ __forceinline__ void fm_ll_set_lane<float>(fm_ll_vec16& v, int k, float f) { v.f32[k] = f; }
-template <> __device__ __forceinline__ void fm_ll_set_lane<fm_ll_bf16>(fm_ll_vec16& v, int k, float f)
-{
-    v.u16[k] = fm_ll_from_float<fm_ll_bf16>(f).bits;
-}
-template <> __device__ __forceinline__ void fm_ll_set_lane<fm_ll_f16>(fm_ll_vec16& v, int k, float f)
-{
-    v.u16[k] = fm_ll_from_float<fm_ll_f16>(f).bits;
-}
-
 // A warp copies bytes [begin, end) of a row (16-byte vectors when everything is 16-byte aligned).
 __device__ __forceinline__ void fm_ll_warp_copy(unsigned char* dst, const unsigned char* src, fm_i64 begin,
                                                 fm_i64 end, int lane)
@@ -213,11 +138,11 @@ __device__ void fm_ll_wait_flags(const fm_i64* flags, int world, fm_i64 generati
     __syncthreads();
     if (!skip) {
         for (int s = threadIdx.x; s < world; s += blockDim.x) {
-            const fm_u64 start = fm_ll_now_ns();
+            const fm_u64 start = fm_globaltimer_ns();
             unsigned int polls = 0;
-            while (fm_ll_load_acquire(flags + s) < generation) {
+            while (fm_load_acquire_sys(flags + s) < generation) {
                 ++polls;
-                if ((polls & 63u) == 0u && static_cast<fm_i64>(fm_ll_now_ns() - start) > timeout_ns) {
+                if ((polls & 63u) == 0u && static_cast<fm_i64>(fm_globaltimer_ns() - start) > timeout_ns) {
                     atomicOr(reinterpret_cast<unsigned long long*>(&state[FM_LL_TIMEOUT_MISSING]), 1ull << s);
                     atomicMax(reinterpret_cast<unsigned long long*>(&state[FM_LL_TIMEOUT_PHASE]),
                               static_cast<unsigned long long>(phase));
@@ -494,7 +419,7 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
     __threadfence_system();
     __syncthreads();
     for (int d = threadIdx.x; d < world; d += blockDim.x) {
-        fm_ll_store_release(reinterpret_cast<fm_i64*>(flag_ptrs[d]) + rank, generation);
+        fm_store_release_sys(reinterpret_cast<fm_i64*>(flag_ptrs[d]) + rank, generation);
     }
 }
 
@@ -727,7 +652,7 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
                 sum[c] = 0.0f;
             }
             for (int r0 = 0; r0 < count; r0 += FM_LL_BATCH) {
-                fm_ll_vec16 y[FM_LL_BATCH];
+                fm_vec16 y[FM_LL_BATCH];
 #pragma unroll
                 for (int b = 0; b < FM_LL_BATCH; ++b) {
                     if (r0 + b < count) {
@@ -741,15 +666,15 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
                         const float w = weight_of[warp][r0 + b];
 #pragma unroll
                         for (int c = 0; c < VEC; ++c) {
-                            sum[c] = __fadd_rn(sum[c], __fmul_rn(w, fm_ll_lane<T>(y[b], c)));
+                            sum[c] = __fadd_rn(sum[c], __fmul_rn(w, fm_lane_to_float<T>(y[b], c)));
                         }
                     }
                 }
             }
-            fm_ll_vec16 out;
+            fm_vec16 out;
 #pragma unroll
             for (int c = 0; c < VEC; ++c) {
-                fm_ll_set_lane<T>(out, c, sum[c]);
+                fm_lane_from_float<T>(out, c, sum[c]);
             }
             reinterpret_cast<int4*>(dst)[v] = out.raw;
         }
@@ -764,7 +689,7 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
     __threadfence_system();
     __syncthreads();
     for (int s = threadIdx.x; s < world; s += blockDim.x) {
-        fm_ll_store_release(reinterpret_cast<fm_i64*>(flag_ptrs[s]) + rank, generation);
+        fm_store_release_sys(reinterpret_cast<fm_i64*>(flag_ptrs[s]) + rank, generation);
     }
 }
 
@@ -796,7 +721,7 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
                 sum[c] = 0.0f;
             }
             for (int e0 = 0; e0 < world; e0 += FM_LL_BATCH) {
-                fm_ll_vec16 y[FM_LL_BATCH];
+                fm_vec16 y[FM_LL_BATCH];
                 bool have[FM_LL_BATCH];
 #pragma unroll
                 for (int b = 0; b < FM_LL_BATCH; ++b) {
@@ -813,15 +738,15 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
                     if (have[b]) {
 #pragma unroll
                         for (int c = 0; c < VEC; ++c) {
-                            sum[c] = __fadd_rn(sum[c], fm_ll_lane<T>(y[b], c));
+                            sum[c] = __fadd_rn(sum[c], fm_lane_to_float<T>(y[b], c));
                         }
                     }
                 }
             }
-            fm_ll_vec16 o;
+            fm_vec16 o;
 #pragma unroll
             for (int c = 0; c < VEC; ++c) {
-                fm_ll_set_lane<T>(o, c, sum[c]);
+                fm_lane_from_float<T>(o, c, sum[c]);
             }
             reinterpret_cast<int4*>(out + t * hidden)[v] = o.raw;
         }
@@ -850,5 +775,5 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
     }
 
 FM_LL_COMBINE(f32, float)
-FM_LL_COMBINE(bf16, fm_ll_bf16)
-FM_LL_COMBINE(f16, fm_ll_f16)
+FM_LL_COMBINE(bf16, fm_bf16)
+FM_LL_COMBINE(f16, fm_f16)

@@ -55,63 +55,6 @@ constexpr int FM_SUM_RECV_REMOTE = 5;  // wire rows this rank receives from othe
 // (8 words in all; the last two are zero)
 
 // ------------------------------------------------------------------------------------------ helpers
-struct fm_bf16 { fm_u16 bits; };
-struct fm_f16 { fm_u16 bits; };
-
-__device__ __forceinline__ float fm_to_float(float v) { return v; }
-__device__ __forceinline__ float fm_to_float(fm_bf16 v) { return __uint_as_float(static_cast<fm_u32>(v.bits) << 16); }
-__device__ __forceinline__ float fm_to_float(fm_f16 v)
-{
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
-    return f;
-}
-
-template <typename T> __device__ __forceinline__ T fm_from_float(float f);
-template <> __device__ __forceinline__ float fm_from_float<float>(float f) { return f; }
-template <> __device__ __forceinline__ fm_bf16 fm_from_float<fm_bf16>(float f)
-{
-    fm_bf16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
-    return r;
-}
-template <> __device__ __forceinline__ fm_f16 fm_from_float<fm_f16>(float f)
-{
-    fm_f16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
-    return r;
-}
-
-union fm_vec16 {
-    int4 raw;
-    float f32[4];
-    fm_u16 u16[8];
-};
-
-template <typename T> struct fm_vec_traits { static constexpr int VEC = 16 / sizeof(T); };
-
-template <typename T> __device__ __forceinline__ float fm_lane_to_float(const fm_vec16& v, int k);
-template <> __device__ __forceinline__ float fm_lane_to_float<float>(const fm_vec16& v, int k) { return v.f32[k]; }
-template <> __device__ __forceinline__ float fm_lane_to_float<fm_bf16>(const fm_vec16& v, int k)
-{
-    return fm_to_float(fm_bf16{v.u16[k]});
-}
-template <> __device__ __forceinline__ float fm_lane_to_float<fm_f16>(const fm_vec16& v, int k)
-{
-    return fm_to_float(fm_f16{v.u16[k]});
-}
-
-template <typename T> __device__ __forceinline__ void fm_lane_from_float(fm_vec16& v, int k, float f);
-template <> __device__ __forceinline__ void fm_lane_from_float<float>(fm_vec16& v, int k, float f) { v.f32[k] = f; }
-template <> __device__ __forceinline__ void fm_lane_from_float<fm_bf16>(fm_vec16& v, int k, float f)
-{
-    v.u16[k] = fm_from_float<fm_bf16>(f).bits;
-}
-template <> __device__ __forceinline__ void fm_lane_from_float<fm_f16>(fm_vec16& v, int k, float f)
-{
-    v.u16[k] = fm_from_float<fm_f16>(f).bits;
-}
-
 // The expert of slot (t, k), or -1 for an empty slot or an id outside [0, E) (never indexes out of range).
 template <typename I>
 __device__ __forceinline__ fm_i64 fm_expert(const I* topk_idx, fm_i64 t, int top_k, int k, fm_i64 num_experts)

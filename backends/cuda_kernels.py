@@ -172,7 +172,8 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     src_rank = torch.empty(out_rows, dtype=i64, device=device)
     wire_capacity = min(x_buf.rows, meta_buf.rows)
     warps = wire_capacity + out_rows  # an upper bound of the items: wire rows, then padding rows
-    _kernel("fuser_moe_dispatch_expand", device).launch(grid(max(1, min(-(-warps // 8), 8 * sms)), cap, stats), _THREADS, [
+    _kernel("fuser_moe_dispatch_expand", device).launch(
+        grid(min(-(-warps // 8), 8 * sms), cap, stats), _THREADS, [
         x_buf.local, meta_buf.local, ctypes.c_int64(wire_capacity), ctypes.c_int64(row_bytes),
         ctypes.c_int32(top_k), summary, ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank,
         state.errors])
@@ -210,7 +211,8 @@ def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
     counters = group_count[world * stride:]
     group_rows = torch.empty(world * stride * GROUP_CAP, dtype=torch.int32, device=device)
     if rows:
-        _kernel("fuser_moe_combine_group", device).launch(grid(max(1, min(-(-rows // _THREADS), 8 * sms)), cap, stats), _THREADS, [
+        _kernel("fuser_moe_combine_group", device).launch(
+            grid(min(-(-rows // _THREADS), 8 * sms), cap, stats), _THREADS, [
             src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
             group_rows, state.errors])
     tr.barrier()  # every source is done with its previous reduce: its partial rows and flags are free
@@ -219,13 +221,14 @@ def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
     warps = 16 * sms * (_THREADS // 32)
     split = max(1, min(8, warps // groups))  # few groups (decode): several warps share a row
     _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(
-        grid(max(1, min(-(-groups * split // 8), 16 * sms)), cap, stats), _THREADS, [
+        grid(min(-(-groups * split // 8), 16 * sms), cap, stats), _THREADS, [
             x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank),
             ctypes.c_int64(stride), group_count, group_rows, part_buf.peer_ptrs, flag_buf.peer_ptrs, counters,
             ctypes.c_int32(split)])
     tr.barrier()
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
-    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(grid(max(1, min(-(-stride // 8), 16 * sms)), cap, stats), _THREADS, [
+    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(
+        grid(min(-(-stride // 8), 16 * sms), cap, stats), _THREADS, [
         part_buf.local, flag_buf.local, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
         ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters])
     row_bytes = hidden * x.element_size() + 4

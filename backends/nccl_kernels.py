@@ -30,8 +30,8 @@ import torch
 from . import routing
 from .common import CommStats, DispatchOutputs
 from .communicator import Communicator
-from .cuda_kernels import (GROUP_CAP, grid, sm_budget, MAX_KERNEL_TOP_K, MAX_KERNEL_WORLD, _DTYPE_SUFFIX, _IDX_SUFFIX, _MAX_CHUNK,
-                           _NOTIFY_THREADS, _THREADS, _kernel, _multiprocessors)
+from .cuda_kernels import (GROUP_CAP, MAX_KERNEL_TOP_K, MAX_KERNEL_WORLD, _DTYPE_SUFFIX, _IDX_SUFFIX, _MAX_CHUNK,
+                           _NOTIFY_THREADS, _THREADS, _kernel, grid, sm_budget)
 
 _NO_LIMIT = torch.iinfo(torch.int64).max
 _available: dict = {}
@@ -138,7 +138,8 @@ def dispatch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_w
     src_rank = torch.empty(out_rows, dtype=i64, device=device)
     errors = torch.zeros(4, dtype=i64, device=device)  # an overflow was raised on the host already
     warps = n_in + out_rows
-    _kernel("fuser_moe_dispatch_expand", device).launch(grid(max(1, min(-(-warps // 8), 8 * sms)), cap, stats), _THREADS, [
+    _kernel("fuser_moe_dispatch_expand", device).launch(
+        grid(min(-(-warps // 8), 8 * sms), cap, stats), _THREADS, [
         wire_x, wire_meta, ctypes.c_int64(n_in), ctypes.c_int64(row_bytes), ctypes.c_int32(top_k), summary,
         ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank, errors])
     out = DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from_dev, per_expert_dev)
@@ -169,7 +170,8 @@ def combine(comm: Communicator, x: torch.Tensor, weights: torch.Tensor, src_idx:
     group_rows = torch.empty(groups * GROUP_CAP, dtype=torch.int32, device=device)
     errors = torch.zeros(4, dtype=torch.int64, device=device)
     if rows:
-        _kernel("fuser_moe_combine_group", device).launch(grid(max(1, min(-(-rows // _THREADS), 8 * sms)), cap, stats), _THREADS, [
+        _kernel("fuser_moe_combine_group", device).launch(
+            grid(min(-(-rows // _THREADS), 8 * sms), cap, stats), _THREADS, [
             src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
             group_rows, errors])
     suffix = _DTYPE_SUFFIX[x.dtype]
@@ -177,7 +179,7 @@ def combine(comm: Communicator, x: torch.Tensor, weights: torch.Tensor, src_idx:
     split = max(1, min(8, warps // groups))
     shift = (ranks - rank) * stride
     _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(
-        grid(max(1, min(-(-groups * split // 8), 16 * sms)), cap, stats), _THREADS, [
+        grid(min(-(-groups * split // 8), 16 * sms), cap, stats), _THREADS, [
             x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
             group_count, group_rows, _shifted(send_rows, shift, hidden * x.element_size()),
             _shifted(send_flags, shift, 4), counters, ctypes.c_int32(split)])
@@ -186,7 +188,8 @@ def combine(comm: Communicator, x: torch.Tensor, weights: torch.Tensor, src_idx:
     comm.all_to_all_single(recv_rows, send_rows)
     comm.all_to_all_single(recv_flags, send_flags)
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
-    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(grid(max(1, min(-(-stride // 8), 16 * sms)), cap, stats), _THREADS, [
+    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(
+        grid(min(-(-stride // 8), 16 * sms), cap, stats), _THREADS, [
         recv_rows, recv_flags, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
         ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters])
     # The dense layout travels whole: every slot of every other rank's block, present or not.

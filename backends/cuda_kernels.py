@@ -43,14 +43,15 @@ _sm_counts: dict = {}
 _kernel_cache: dict = {}
 
 
-def _kernel(name: str, device: torch.device):
-    """A kernel of moe.cu, compiled and loaded at first use (cached here too: this is on the hot path)."""
-    key = (name, device.index)
+def _kernel(name: str, device: torch.device, source: str = _KERNEL_SOURCE):
+    """A kernel of `source` (moe.cu by default), compiled and loaded at first use (cached here too: this is
+    on the hot path)."""
+    key = (source, name, device.index)
     kernel = _kernel_cache.get(key)
     if kernel is None:
         from .transport.nvrtc import get_kernel
 
-        kernel = _kernel_cache[key] = get_kernel(_KERNEL_SOURCE, name, device)
+        kernel = _kernel_cache[key] = get_kernel(source, name, device)
     return kernel
 
 

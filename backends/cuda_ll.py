@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 
 from .common import CommStats, DeviceCount, DispatchOutputs
-from .cuda_kernels import grid, sm_budget
+from .cuda_kernels import _DTYPE_SUFFIX, _IDX_SUFFIX, grid, sm_budget
+from .cuda_kernels import _kernel as _moe_kernel
 
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "ll.cu")
 MAX_WORLD = 64
@@ -38,10 +39,7 @@ WARPS = THREADS // 32
 GEN_DISPATCH, TICKET_DSEND, TICKET_DRECV, GEN_COMBINE, TICKET_CSEND, TICKET_CRECV, TIMEOUT_PHASE, \
     TIMEOUT_MISSING = range(8)
 STATE_WORDS = 8
-_IDX_SUFFIX = {torch.int64: "i64", torch.int32: "i32"}
-_DTYPE_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _MAX_CHUNK = 8  # tokens a send block handles: positions inside a chunk cost O(chunk * K) per slot
-_kernels: dict = {}
 
 
 def max_rows() -> int:
@@ -55,13 +53,7 @@ def max_bytes() -> int:
 
 
 def _kernel(name: str, device: torch.device):
-    key = (name, device.index)
-    kernel = _kernels.get(key)
-    if kernel is None:
-        from .transport.nvrtc import get_kernel
-
-        kernel = _kernels[key] = get_kernel(KERNEL_SOURCE, name, device)
-    return kernel
+    return _moe_kernel(name, device, KERNEL_SOURCE)
 
 
 def unavailable_reason(x: torch.Tensor, top_k: int, world: int, num_experts: int, n_local_max: int,

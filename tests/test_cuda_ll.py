@@ -250,3 +250,14 @@ def test_an_sm_budget_caps_every_kernel_and_the_trace_says_so(world_size, capaci
         for op, path, sms in rank_events:
             assert path == ("low-latency" if capacity < 40000 else "general"), (op, path)
             assert sms is not None and 1 <= sms <= 6, (op, sms)
+
+
+def test_python_mirrors_the_kernels_constants():
+    import re
+
+    text = open(cuda_ll.KERNEL_SOURCE).read()
+    consts = {m.group(1): int(m.group(2)) for m in re.finditer(r"constexpr int (FM_LL_\w+) = (\d+);", text)}
+    names = ("GEN_DISPATCH", "TICKET_DSEND", "TICKET_DRECV", "GEN_COMBINE", "TICKET_CSEND", "TICKET_CRECV",
+             "TIMEOUT_PHASE", "TIMEOUT_MISSING", "STATE_WORDS", "THREADS", "MAX_WORLD", "MAX_TOP_K")
+    for name in names:
+        assert consts[f"FM_LL_{name}"] == getattr(cuda_ll, name), name

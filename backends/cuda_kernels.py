@@ -120,7 +120,7 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     plan = torch.empty(3 * num_experts + world, dtype=i64, device=device)  # totals, start_e, scan, base_d
     _kernel("fuser_moe_dispatch_plan", device).launch(1, _NOTIFY_THREADS, [
         counts.local, ctypes.c_int64(num_experts), ctypes.c_int32(world), ctypes.c_int32(rank), e2r,
-        placement.expert_order, placement.rank_begin, plan, n_from, per_expert, summary])
+        placement.expert_order, placement.rank_begin, plan, n_from, per_expert, summary, ctypes.c_int32(0)])
 
     meta_width = 2 + 3 * top_k
     row_bytes = hidden * x.element_size()

@@ -259,7 +259,7 @@ def _kernel_world(xs, idxs, ws, experts, out_rows_of=None):
         per_expert = torch.empty(plc.n_local[r], dtype=i64, device=dev)
         _k("fuser_moe_dispatch_plan").launch(1, 1024, [
             counts[r], ctypes.c_int64(experts), ctypes.c_int32(world), ctypes.c_int32(r), plc.expert_to_rank,
-            plc.expert_order, plc.rank_begin, plan, n_from, per_expert, summary])
+            plc.expert_order, plc.rank_begin, plan, n_from, per_expert, summary, ctypes.c_int32(0)])
         plans.append(plan), summaries.append(summary), n_froms.append(n_from), per_experts.append(per_expert)
     capacity = max(1, int(max(int(s[cuda_kernels._SUM_MAX_WIRE_IN]) for s in summaries)))
     width = routing.meta_width(top_k)
@@ -288,6 +288,35 @@ def _kernel_world(xs, idxs, ws, experts, out_rows_of=None):
         outs.append(recv)
     torch.cuda.synchronize()
     return counts, meta_bufs, summaries, n_froms, per_experts, outs
+
+
+@gpu
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_plan_local_send_places_rows_in_the_senders_own_layout(world):
+    """The NCCL backend's plan (local_send=1): base_d[d] is where d's rows start in this rank's own send
+    buffer (the rows it sends to ranks before d); every other output is the cuda backend's plan's."""
+    experts = 4 * world
+    gen = torch.Generator().manual_seed(world)
+    matrix = torch.randint(0, 50, (world, world + experts + 1), generator=gen).cuda()
+    plc = routing.make_placement(experts, world, None, torch.device("cuda"))
+    i64 = torch.int64
+    for r in range(world):
+        results = []
+        for local_send in (0, 1):
+            plan = torch.full((3 * experts + world,), -7, dtype=i64, device="cuda")
+            n_from = torch.empty(world, dtype=i64, device="cuda")
+            per_expert = torch.empty(plc.n_local[r], dtype=i64, device="cuda")
+            summary = torch.empty(8, dtype=i64, device="cuda")
+            _k("fuser_moe_dispatch_plan").launch(1, 1024, [
+                matrix, ctypes.c_int64(experts), ctypes.c_int32(world), ctypes.c_int32(r), plc.expert_to_rank,
+                plc.expert_order, plc.rank_begin, plan, n_from, per_expert, summary, ctypes.c_int32(local_send)])
+            results.append((plan.cpu(), n_from.cpu(), per_expert.cpu(), summary.cpu()))
+        (plan0, *rest0), (plan1, *rest1) = results
+        host = matrix.cpu()
+        assert plan1[3 * experts:].tolist() == [int(host[r, :d].sum()) for d in range(world)]
+        assert plan0[3 * experts:].tolist() == [int(host[:r, d].sum()) for d in range(world)]
+        assert torch.equal(plan0[:3 * experts], plan1[:3 * experts])
+        assert all(torch.equal(a, b) for a, b in zip(rest0, rest1))
 
 
 @gpu

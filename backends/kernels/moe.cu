@@ -237,7 +237,9 @@ extern "C" __global__ void fuser_moe_dispatch_notify(int* chunk_e, int* chunk_d,
 }
 
 // One block, after the barrier. From the count matrix M [W, W + E + 1] (row s: what rank s sends):
-//   base_d[d]  = where this rank's rows start in d's wire buffer: sum_{s < rank} M[s][d]
+//   base_d[d]  = where this rank's rows start in d's wire buffer: sum_{s < rank} M[s][d]; with
+//                local_send (the NCCL backend: every destination's rows in this rank's own send buffer,
+//                by destination) where they start there instead: sum_{d' < d} M[rank][d']
 //   start_e[e] = where this rank's pairs of expert e start in the output of e's rank d:
 //                (pairs of d's experts before e, from every rank) + sum_{s < rank} M[s][W + e]
 // (send adds the chunk's exclusive prefix to them) and this rank's receiving outputs: n_from [W],
@@ -248,7 +250,8 @@ extern "C" __global__ void fuser_moe_dispatch_plan(const fm_i64* __restrict__ ma
                                                    int rank, const fm_i64* __restrict__ expert_to_rank,
                                                    const fm_i64* __restrict__ expert_order,
                                                    const fm_i64* __restrict__ rank_begin, fm_i64* scratch,
-                                                   fm_i64* n_from, fm_i64* n_per_expert, fm_i64* summary)
+                                                   fm_i64* n_from, fm_i64* n_per_expert, fm_i64* summary,
+                                                   int local_send)
 {
     __shared__ fm_i64 sums[4];  // wire rows in, sent remote, received remote (sums); most wire rows in
     __shared__ fm_i64 max_tokens_s;
@@ -285,8 +288,14 @@ extern "C" __global__ void fuser_moe_dispatch_plan(const fm_i64* __restrict__ ma
     }
     for (int d = threadIdx.x; d < world; d += blockDim.x) {
         fm_i64 base = 0;
-        for (int s = 0; s < rank; ++s) {
-            base += matrix[s * row_len + d];
+        if (local_send) {
+            for (int d2 = 0; d2 < d; ++d2) {
+                base += matrix[rank * row_len + d2];
+            }
+        } else {
+            for (int s = 0; s < rank; ++s) {
+                base += matrix[s * row_len + d];
+            }
         }
         base_d[d] = base;
     }

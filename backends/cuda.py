@@ -30,7 +30,8 @@ MAX_KERNEL_WORLD = cuda_kernels.MAX_KERNEL_WORLD
 MAX_KERNEL_TOP_K = cuda_kernels.MAX_KERNEL_TOP_K
 GROUP_CAP = cuda_kernels.GROUP_CAP
 # Words of the error block the kernels raise (moe.cu FM_ERR_*).
-ERR_NEEDED, ERR_GIVEN, ERR_BAD_ROW, ERR_BIG_GROUP = range(4)
+ERR_NEEDED, ERR_GIVEN, ERR_BAD_ROW, ERR_BIG_GROUP, ERR_TIMEOUT = range(5)
+ERROR_WORDS = 8
 
 
 class _GroupState:
@@ -43,8 +44,13 @@ class _GroupState:
         world, device = comm.world_size, comm.device
         # Error words the kernels raise, read at the next check: (largest capacity needed, capacity given)
         # of the last overflow; 1 + a combine row naming a rank or token outside the layout; the most rows
-        # one token had on this rank past GROUP_CAP (moe.cu FM_ERR_*).
-        self.errors = torch.zeros(4, dtype=torch.int64, device=device)
+        # one token had on this rank past GROUP_CAP; 1 + a wire row whose stamp a streaming dispatch
+        # waited for in vain (moe.cu FM_ERR_*).
+        self.errors = torch.zeros(ERROR_WORDS, dtype=torch.int64, device=device)
+        # Streaming dispatch: the call counter that notify advances ([0]) and the send-expand kernel's
+        # tickets ([1], [2]); zero between calls.
+        self.stream_words = torch.zeros(4, dtype=torch.int64, device=device)
+        self.stamps = None  # the stamp buffer last zeroed (a new one starts at zero)
         # Index vectors of the count exchange, made once (no allocation or fill on the hot path).
         self.ranks = torch.arange(world, device=device)
         self.zeros_w = torch.zeros(world, dtype=torch.int64, device=device)
@@ -62,8 +68,9 @@ class _GroupState:
         """
         cuda_ll.raise_pending(self, comm.rank)  # a low-latency wait that timed out explains what follows
         words = self.errors.tolist()
-        needed, given, bad_row, big_group = (words[i] for i in (ERR_NEEDED, ERR_GIVEN, ERR_BAD_ROW, ERR_BIG_GROUP))
-        if needed or bad_row or big_group:
+        needed, given, bad_row, big_group, stale = (words[i] for i in (ERR_NEEDED, ERR_GIVEN, ERR_BAD_ROW,
+                                                                         ERR_BIG_GROUP, ERR_TIMEOUT))
+        if needed or bad_row or big_group or stale:
             self.errors.zero_()
         transport_error = None
         try:
@@ -72,6 +79,10 @@ class _GroupState:
             transport_error = exc
         if isinstance(transport_error, TimeoutError):
             raise transport_error
+        if stale:
+            raise TimeoutError(f"cuda backend, rank {comm.rank}: moe_dispatch (streaming) waited "
+                               f"{self.transport.timeout_s:g} s for wire row {stale - 1}, which no peer delivered "
+                               "(a peer stopped, or ranks called dispatch with different arguments)")
         if needed:
             raise RuntimeError(f"cuda backend, rank {comm.rank}: capacity overflow: needed capacity {needed} rows, "
                                f"given capacity {given} rows; rows past the capacity were dropped")

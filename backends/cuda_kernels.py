@@ -6,6 +6,10 @@ cuda_torch.py's. The steps are described in kernels/moe.cu's header:
   dispatch: count, notify, barrier, plan, send, barrier, expand. The count matrix tells every sender
     where each of its pairs lands in the receiver's output (local expert, source rank, source token), so
     the receiver copies each de-duplicated wire row to its output rows without sorting anything.
+    Capacity mode streams: send and expand are one kernel, with no barrier between them; a sender
+    stamps each wire row it wrote with the call's generation and the receiver expands a row as soon as
+    its stamp arrives, so the expansion overlaps the wire. The count matrices alternate by the parity
+    of the call (a fast rank's next call cannot overwrite the counts a slow peer has yet to read).
   combine: group, barrier, send, barrier, reduce. Partial rows go to a dense [W, T_max] layout on the
     source rank, with a flag per row, so no offsets need exchanging.
 Exact mode sends into the wire buffer of earlier calls before it reads the counts, and sends again in
@@ -86,7 +90,9 @@ def grid(blocks: int, cap: int, stats: CommStats) -> int:
 def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
                       topk_weights: torch.Tensor, placement, max_recv_tokens: Optional[int], check_inputs: bool,
                       stats: CommStats):
-    """Dispatch with the kernels of moe.cu: count, notify, barrier, plan, send, barrier, expand."""
+    """Dispatch with the kernels of moe.cu: count, notify, barrier, plan, then send, barrier, expand
+    (exact mode, and FUSER_MOE_STREAM=0) or send-expand (capacity mode: one kernel, rows expanded as
+    they land)."""
     world, rank, device = comm.world_size, comm.rank, x.device
     tr = state.transport
     tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
@@ -98,21 +104,26 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     sms, cap = sm_budget(device, stats)
     # Enough blocks to keep every SM busy at small T, at most _MAX_CHUNK tokens a block at large T.
     chunk = min(_MAX_CHUNK, max(1, -(-tokens // (2 * sms))))
-    chunk = max(chunk, -(-tokens // cap))  # an SM budget takes fewer, larger chunks
+    # Capacity mode streams where the budget leaves room for a block that expands beside the senders.
+    stream = max_recv_tokens is not None and streaming() and cap >= 2
+    # An SM budget takes fewer, larger chunks (with streaming, half the blocks for the senders at most).
+    chunk = max(chunk, -(-tokens // (cap // 2 if stream else cap)))
     n_chunks = -(-tokens // chunk)
     i32, i64 = torch.int32, torch.int64
     chunk_e = torch.empty(num_experts, max(n_chunks, 1), dtype=i32, device=device)  # a row runs over chunks
     chunk_d = torch.empty(world, max(n_chunks, 1), dtype=i32, device=device)
     n_to = torch.empty(world, dtype=i64, device=device)
     e2r = placement.expert_to_rank
-    counts = tr.buffer("dispatch_count_matrix", i64, (world + num_experts + 1,), world)
+    # Two count matrices, by the parity of the call (notify and plan read the call counter)
+    counts = tr.buffer("dispatch_count_matrix", i64, (world + num_experts + 1,), 2 * world)
+    gen_state = state.stream_words[0:1]
     if n_chunks:
         _kernel(f"fuser_moe_dispatch_count_{suffix}", device).launch(grid(n_chunks, cap, stats), _THREADS, [
             idx, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r, ctypes.c_int64(num_experts),
             ctypes.c_int32(world), ctypes.c_int64(chunk), chunk_e, chunk_d])
     _kernel("fuser_moe_dispatch_notify", device).launch(1, _NOTIFY_THREADS, [
         chunk_e, chunk_d, ctypes.c_int64(n_chunks), ctypes.c_int64(num_experts), ctypes.c_int32(world),
-        ctypes.c_int32(rank), ctypes.c_int64(tokens), counts.peer_ptrs, n_to])
+        ctypes.c_int32(rank), ctypes.c_int64(tokens), counts.peer_ptrs, n_to, gen_state])
     tr.barrier()
     n_from = torch.empty(world, dtype=i64, device=device)
     per_expert = torch.empty(placement.n_local[rank], dtype=i64, device=device)
@@ -120,7 +131,8 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     plan = torch.empty(3 * num_experts + world, dtype=i64, device=device)  # totals, start_e, scan, base_d
     _kernel("fuser_moe_dispatch_plan", device).launch(1, _NOTIFY_THREADS, [
         counts.local, ctypes.c_int64(num_experts), ctypes.c_int32(world), ctypes.c_int32(rank), e2r,
-        placement.expert_order, placement.rank_begin, plan, n_from, per_expert, summary, ctypes.c_int32(0)])
+        placement.expert_order, placement.rank_begin, plan, n_from, per_expert, summary, ctypes.c_int32(0),
+        gen_state])
 
     meta_width = 2 + 3 * top_k
     row_bytes = hidden * x.element_size()
@@ -140,6 +152,15 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
         return x_buf, meta_buf
 
     wire_row_bytes = row_bytes + meta_width * 8
+    if stream:
+        out = _send_expand(state, x, idx, weights, placement, chunk, n_chunks, chunk_e, chunk_d, plan, summary,
+                           max_recv_tokens, shared, n_to, n_from, per_expert, gen_state, stats, sms, cap)
+        stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
+        stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
+        handle = routing.DispatchHandle(
+            backend="cuda", num_tokens=tokens, pairs=None, wire_row=None, send_token=None, n_to=None, n_from=None,
+            wire_out_max=None, max_tokens=None, src_idx=out.recv_src_idx, src_rank=out.recv_src_rank)
+        return out, lambda: int(summary[_SUM_PAIRS_IN]), handle
     if max_recv_tokens is not None:
         max_tokens = None  # unknown on the host: a combine asks the peers
         x_buf, meta_buf = send(max_recv_tokens)
@@ -183,6 +204,53 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
         backend="cuda", num_tokens=tokens, pairs=None, wire_row=None, send_token=None, n_to=None, n_from=None,
         wire_out_max=None, max_tokens=max_tokens, src_idx=src_idx, src_rank=src_rank)
     return out, lambda: int(summary[_SUM_PAIRS_IN]), handle
+
+
+def streaming() -> bool:
+    """Whether capacity-mode dispatch streams (send and expand in one kernel, no barrier between them);
+    FUSER_MOE_STREAM=0 keeps the send, barrier, expand sequence (for comparison)."""
+    return os.environ.get("FUSER_MOE_STREAM", "1") != "0"
+
+
+def _send_expand(state, x, idx, weights, placement, chunk, n_chunks, chunk_e, chunk_d, plan, summary,
+                 capacity: int, shared: int, n_to, n_from, per_expert, gen_state, stats: CommStats, sms: int,
+                 cap: int) -> DispatchOutputs:
+    """Capacity mode's send and expand in one kernel (moe.cu fuser_moe_dispatch_send_expand): the
+    first n_chunks blocks to start send a chunk each and stamp its wire rows on their receivers; the
+    others expand this rank's wire rows as their stamps arrive."""
+    tr, device = state.transport, x.device
+    world, rank, top_k, hidden = tr.world_size, tr.rank, idx.shape[1], x.shape[1]
+    i64 = torch.int64
+    meta_width = 2 + 3 * top_k
+    row_bytes = hidden * x.element_size()
+    x_buf = tr.buffer("dispatch_wire_x", x.dtype, (hidden,), capacity)
+    meta_buf = tr.buffer("dispatch_wire_meta", i64, (meta_width,), capacity)
+    stamp_buf = tr.buffer("dispatch_wire_stamps", i64, (), capacity)
+    if state.stamps is not stamp_buf:
+        stamp_buf.local.zero_()  # before this call's barrier, so before any peer stamps a row here
+        state.stamps = stamp_buf
+    wire_capacity = min(x_buf.rows, meta_buf.rows, stamp_buf.rows)
+    recv_x = torch.empty(capacity, hidden, dtype=x.dtype, device=device)
+    recv_idx = torch.empty(capacity, dtype=i64, device=device)
+    recv_w = torch.empty(capacity, dtype=torch.float32, device=device)
+    src_idx = torch.empty(capacity, dtype=i64, device=device)
+    src_rank = torch.empty(capacity, dtype=i64, device=device)
+    # Expanding blocks: enough warps for the rows, at most two blocks an SM (they spin while rows are on
+    # their way, so they must leave room for other ranks' senders on a shared GPU), within the budget.
+    expand_blocks = min(-(-(wire_capacity + capacity) // 8), 2 * sms)
+    if n_chunks + expand_blocks > cap:
+        expand_blocks = max(1, cap - n_chunks)
+    blocks = n_chunks + expand_blocks
+    stats.sms = max(stats.sms, min(blocks, sms))
+    _kernel(f"fuser_moe_dispatch_send_expand_{_IDX_SUFFIX[idx.dtype]}", device).launch(blocks, _THREADS, [
+        x, ctypes.c_int64(row_bytes), idx, weights, ctypes.c_int64(idx.shape[0]), ctypes.c_int32(top_k),
+        placement.expert_to_rank, ctypes.c_int64(placement.num_experts), ctypes.c_int32(world),
+        ctypes.c_int32(rank), ctypes.c_int64(chunk), chunk_e, chunk_d, plan, x_buf.peer_ptrs, meta_buf.peer_ptrs,
+        stamp_buf.peer_ptrs, ctypes.c_int64(wire_capacity), ctypes.c_int64(n_chunks), x_buf.local, meta_buf.local,
+        stamp_buf.local, summary, ctypes.c_int64(capacity), recv_x, recv_idx, recv_w, src_idx, src_rank,
+        state.errors, gen_state, state.stream_words[1:3], ctypes.c_int64(int(tr.timeout_s * 1e9))],
+        shared_mem=shared)
+    return DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from, per_expert)
 
 
 def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,

@@ -139,7 +139,7 @@ def dispatch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_w
     count_ptrs = buffers.pointers(rows_to, 8, scale=width, offset=-rank * row_len)
     _kernel("fuser_moe_dispatch_notify", device).launch(1, _NOTIFY_THREADS, [
         chunk_e, chunk_d, ctypes.c_int64(n_chunks), ctypes.c_int64(experts), ctypes.c_int32(world),
-        ctypes.c_int32(rank), ctypes.c_int64(tokens), count_ptrs, n_to])
+        ctypes.c_int32(rank), ctypes.c_int64(tokens), count_ptrs, n_to, None])
     if checks.numel():
         rows_to[:, row_len:] = checks
     rows_from = buffers.tensor("count_rows_from", world, (width,), i64)
@@ -152,7 +152,8 @@ def dispatch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_w
     # local_send: base_d is where each destination's rows start in this rank's own send buffer.
     _kernel("fuser_moe_dispatch_plan", device).launch(1, _NOTIFY_THREADS, [
         matrix, ctypes.c_int64(experts), ctypes.c_int32(world), ctypes.c_int32(rank), e2r,
-        placement.expert_order, placement.rank_begin, plan, n_from_dev, per_expert_dev, summary, ctypes.c_int32(1)])
+        placement.expert_order, placement.rank_begin, plan, n_from_dev, per_expert_dev, summary, ctypes.c_int32(1),
+        None])
 
     meta_width = routing.meta_width(top_k)
     row_bytes = hidden * x.element_size()

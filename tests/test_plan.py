@@ -187,7 +187,7 @@ def test_python_mirrors_the_kernels_constants():
     assert moe["FM_MAX_TOP_K"] == cuda.MAX_KERNEL_TOP_K == cuda_kernels.MAX_KERNEL_TOP_K
     assert moe["FM_GROUP_CAP"] == cuda.GROUP_CAP
     errors = {"FM_ERR_NEEDED": cuda.ERR_NEEDED, "FM_ERR_GIVEN": cuda.ERR_GIVEN, "FM_ERR_BAD_ROW": cuda.ERR_BAD_ROW,
-              "FM_ERR_BIG_GROUP": cuda.ERR_BIG_GROUP}
+              "FM_ERR_BIG_GROUP": cuda.ERR_BIG_GROUP, "FM_ERR_TIMEOUT": cuda.ERR_TIMEOUT}
     assert {k: moe[k] for k in errors} == errors
     summary = {"FM_SUM_WIRE_IN": cuda_kernels._SUM_WIRE_IN, "FM_SUM_PAIRS_IN": cuda_kernels._SUM_PAIRS_IN,
                "FM_SUM_MAX_WIRE_IN": cuda_kernels._SUM_MAX_WIRE_IN, "FM_SUM_MAX_TOKENS": cuda_kernels._SUM_MAX_TOKENS,
@@ -249,7 +249,7 @@ def _kernel_world(xs, idxs, ws, experts, out_rows_of=None):
                 ctypes.c_int32(world), ctypes.c_int64(chunk), chunk_e, chunk_d])
         _k("fuser_moe_dispatch_notify").launch(1, 1024, [
             chunk_e, chunk_d, ctypes.c_int64(n_chunks), ctypes.c_int64(experts), ctypes.c_int32(world),
-            ctypes.c_int32(r), ctypes.c_int64(tokens), _ptrs(counts), n_to])
+            ctypes.c_int32(r), ctypes.c_int64(tokens), _ptrs(counts), n_to, None])
         geometry.append((tokens, chunk, n_chunks, chunk_e, chunk_d, n_to))
     plans, summaries, n_froms, per_experts = [], [], [], []
     for r in range(world):
@@ -259,7 +259,7 @@ def _kernel_world(xs, idxs, ws, experts, out_rows_of=None):
         per_expert = torch.empty(plc.n_local[r], dtype=i64, device=dev)
         _k("fuser_moe_dispatch_plan").launch(1, 1024, [
             counts[r], ctypes.c_int64(experts), ctypes.c_int32(world), ctypes.c_int32(r), plc.expert_to_rank,
-            plc.expert_order, plc.rank_begin, plan, n_from, per_expert, summary, ctypes.c_int32(0)])
+            plc.expert_order, plc.rank_begin, plan, n_from, per_expert, summary, ctypes.c_int32(0), None])
         plans.append(plan), summaries.append(summary), n_froms.append(n_from), per_experts.append(per_expert)
     capacity = max(1, int(max(int(s[cuda_kernels._SUM_MAX_WIRE_IN]) for s in summaries)))
     width = routing.meta_width(top_k)
@@ -309,7 +309,8 @@ def test_plan_local_send_places_rows_in_the_senders_own_layout(world):
             summary = torch.empty(8, dtype=i64, device="cuda")
             _k("fuser_moe_dispatch_plan").launch(1, 1024, [
                 matrix, ctypes.c_int64(experts), ctypes.c_int32(world), ctypes.c_int32(r), plc.expert_to_rank,
-                plc.expert_order, plc.rank_begin, plan, n_from, per_expert, summary, ctypes.c_int32(local_send)])
+                plc.expert_order, plc.rank_begin, plan, n_from, per_expert, summary, ctypes.c_int32(local_send),
+                None])
             results.append((plan.cpu(), n_from.cpu(), per_expert.cpu(), summary.cpu()))
         (plan0, *rest0), (plan1, *rest1) = results
         host = matrix.cpu()

@@ -44,6 +44,7 @@ constexpr int FM_ERR_NEEDED = 0;       // capacity mode: rows needed (largest)
 constexpr int FM_ERR_GIVEN = 1;        // capacity given
 constexpr int FM_ERR_BAD_ROW = 2;      // combine: 1 + a row whose src_rank / src_idx is out of range
 constexpr int FM_ERR_BIG_GROUP = 3;    // combine: rows of one token on this rank beyond FM_GROUP_CAP
+constexpr int FM_ERR_TIMEOUT = 4;      // streaming dispatch: 1 + a wire row whose stamp never came
 
 // Summary words that plan writes for the host and the later kernels.
 constexpr int FM_SUM_WIRE_IN = 0;      // wire rows this rank receives
@@ -184,14 +185,22 @@ __device__ fm_i64 fm_block_exclusive_scan(fm_i64* data, fm_i64 n)
 // One block. Turns chunk_e / chunk_d into exclusive prefixes over chunks (a warp per row) and sends
 // this rank's count row [tokens to each rank (W), pairs per expert (E), tokens (1)] to row `rank` of
 // every rank's count buffer.
-//   count_ptrs [world]: every rank's count buffer, [world, W + E + 1] int64
+//   count_ptrs [world]: every rank's count buffer, [world, W + E + 1] int64 (two of them, by parity, with
+//                       gen_state)
 //   n_to [W] int64: this rank's n_tokens_to_rank output
+//   gen_state: null, or the call counter (int64, local): this call is gen_state[0] + 1, its rows go to the
+//              count buffer of its parity, and the counter is advanced at the end. With streaming (no
+//              barrier after the send) a fast rank's next call may write its row before a slow peer's
+//              plan has read this one: two buffers by parity keep them apart (the next call's barrier
+//              orders the call after, which writes this parity again).
 extern "C" __global__ void fuser_moe_dispatch_notify(int* chunk_e, int* chunk_d, fm_i64 n_chunks, fm_i64 num_experts,
                                                      int world, int rank, fm_i64 tokens,
-                                                     const fm_u64* __restrict__ count_ptrs, fm_i64* n_to)
+                                                     const fm_u64* __restrict__ count_ptrs, fm_i64* n_to,
+                                                     fm_i64* gen_state)
 {
     const fm_i64 row_len = world + num_experts + 1;
-    fm_i64* own = reinterpret_cast<fm_i64*>(count_ptrs[rank]) + rank * row_len;
+    const fm_i64 parity_rows = gen_state != nullptr ? ((gen_state[0] + 1) & 1) * world * row_len : 0;
+    fm_i64* own = reinterpret_cast<fm_i64*>(count_ptrs[rank]) + parity_rows + rank * row_len;
     const int lane = threadIdx.x & (FM_WARP - 1);
     const int n_warps = blockDim.x / FM_WARP;
     // A warp per column (W destination ranks, then E experts); a column's chunks are contiguous, scanned
@@ -231,7 +240,13 @@ extern "C" __global__ void fuser_moe_dispatch_notify(int* chunk_e, int* chunk_d,
         const int peer = static_cast<int>(i / row_len);
         const fm_i64 k = i % row_len;
         if (peer != rank) {
-            reinterpret_cast<fm_i64*>(count_ptrs[peer])[rank * row_len + k] = own[k];
+            reinterpret_cast<fm_i64*>(count_ptrs[peer])[parity_rows + rank * row_len + k] = own[k];
+        }
+    }
+    if (gen_state != nullptr) {
+        __syncthreads();  // every thread has read the counter
+        if (threadIdx.x == 0) {
+            gen_state[0] += 1;
         }
     }
 }
@@ -245,14 +260,19 @@ extern "C" __global__ void fuser_moe_dispatch_notify(int* chunk_e, int* chunk_d,
 // (send adds the chunk's exclusive prefix to them) and this rank's receiving outputs: n_from [W],
 // n_per_expert [E_local], summary (FM_SUM_*, 8 words).
 //   expert_order [E]: experts by (rank, local index); rank_begin [W + 1]: each rank's run in it
+//   gen_state: null, or notify's call counter: the matrix is then the one of the call's parity
 //   scratch [3 * E + W] int64: totals, start_e, the scan, base_d
 extern "C" __global__ void fuser_moe_dispatch_plan(const fm_i64* __restrict__ matrix, fm_i64 num_experts, int world,
                                                    int rank, const fm_i64* __restrict__ expert_to_rank,
                                                    const fm_i64* __restrict__ expert_order,
                                                    const fm_i64* __restrict__ rank_begin, fm_i64* scratch,
                                                    fm_i64* n_from, fm_i64* n_per_expert, fm_i64* summary,
-                                                   int local_send)
+                                                   int local_send, const fm_i64* gen_state)
 {
+    // With gen_state (notify's call counter, already advanced) the matrix is the one of this call's parity.
+    if (gen_state != nullptr) {
+        matrix += (gen_state[0] & 1) * world * (world + num_experts + 1);
+    }
     __shared__ fm_i64 sums[4];  // wire rows in, sent remote, received remote (sums); most wire rows in
     __shared__ fm_i64 max_tokens_s;
     const fm_i64 row_len = world + num_experts + 1;
@@ -354,7 +374,9 @@ __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict
                                                  const int* __restrict__ chunk_e, const int* __restrict__ chunk_d,
                                                  const fm_i64* __restrict__ plan,
                                                  const fm_u64* __restrict__ x_ptrs,
-                                                 const fm_u64* __restrict__ meta_ptrs, fm_i64 wire_capacity)
+                                                 const fm_u64* __restrict__ meta_ptrs, fm_i64 wire_capacity,
+                                                 fm_i64 c, fm_i64 n_chunks, const fm_u64* __restrict__ stamp_ptrs,
+                                                 fm_i64 generation)
 {
     extern __shared__ int fm_shared[];
     // [chunk * K] experts, [chunk * K] output rows, [chunk * W] wire rows, then [chunk] masks (8-aligned)
@@ -365,8 +387,6 @@ __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict
 
     const fm_i64* start_e = plan + num_experts;      // the plan kernel's scratch: start_e, base_d
     const fm_i64* base_d = plan + 3 * num_experts;
-    const fm_i64 c = blockIdx.x;
-    const fm_i64 n_chunks = gridDim.x;
     const fm_i64 t0 = c * chunk;
     const fm_i64 n = (t0 + chunk < tokens ? t0 + chunk : tokens) - t0;
     for (fm_i64 p = threadIdx.x; p < n * top_k; p += blockDim.x) {
@@ -461,6 +481,20 @@ __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict
             meta[w] = value;
         }
     }
+    if (stamp_ptrs == nullptr) {
+        return;
+    }
+    // Streaming: once the whole chunk is written (every warp, every part of a row), one system-scope fence
+    // and then each wire row's stamp, the call's generation, on its receiver (who expands a row as soon as
+    // its stamp says so).
+    __syncthreads();
+    __threadfence_system();
+    for (fm_i64 item = threadIdx.x; item < items; item += blockDim.x) {
+        const int row = wire_row_s[item];
+        if (row >= 0 && row < wire_capacity) {
+            fm_store_release_sys(reinterpret_cast<fm_i64*>(stamp_ptrs[item % world]) + row, generation);
+        }
+    }
 }
 
 #define FM_DISPATCH_SEND(NAME, I)                                                                         \
@@ -473,7 +507,7 @@ __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict
     {                                                                                                     \
         fm_dispatch_send<I>(x, row_bytes, topk_idx, topk_weights, tokens, top_k, expert_to_rank,          \
                             num_experts, world, rank, chunk, chunk_e, chunk_d, plan, x_ptrs, meta_ptrs,   \
-                            wire_capacity);                                                               \
+                            wire_capacity, blockIdx.x, gridDim.x, nullptr, 0);                            \
     }
 
 FM_DISPATCH_SEND(fuser_moe_dispatch_send_i64, fm_i64)
@@ -484,20 +518,53 @@ FM_DISPATCH_SEND(fuser_moe_dispatch_send_i32, int)
 //   wire_x [wire_capacity, H], wire_meta [wire_capacity, 2 + 3K]: this rank's wire buffers
 //   outputs: recv_x [out_rows, H], recv_idx, recv_src_idx, recv_src_rank [out_rows] int64, recv_w float
 //   errors: FM_ERR_NEEDED / FM_ERR_GIVEN raised when a pair's row is at or past out_rows
-extern "C" __global__ void fuser_moe_dispatch_expand(const unsigned char* __restrict__ wire_x,
-                                                     const fm_i64* __restrict__ wire_meta, fm_i64 wire_capacity,
-                                                     fm_i64 row_bytes, int top_k,
-                                                     const fm_i64* __restrict__ summary, fm_i64 out_rows,
-                                                     unsigned char* __restrict__ recv_x, fm_i64* recv_idx,
-                                                     float* recv_w, fm_i64* recv_src_idx, fm_i64* recv_src_rank,
-                                                     fm_i64* errors)
+//   stamps (streaming; null after a barrier): [wire_capacity] int64, a row is in place once its stamp is
+//   `generation`; a wait that outlasts timeout_ns records FM_ERR_TIMEOUT (1 + the row) and, from then
+//   on, nobody waits (the rows are garbage; the host raises a TimeoutError at its next check).
+constexpr int FM_EXPAND_BATCH = 4;  // 16-byte vectors a lane loads before it stores them
+
+__device__ __forceinline__ bool fm_wait_stamp(const fm_i64* stamp, fm_i64 generation, fm_i64 row, fm_i64* errors,
+                                              fm_i64 timeout_ns, int lane)
+{
+    int ok = 1;
+    if (lane == 0) {
+        volatile fm_i64* timed_out = &errors[FM_ERR_TIMEOUT];
+        const fm_u64 start = fm_globaltimer_ns();
+        unsigned int polls = 0;
+        while (fm_load_acquire_sys(stamp) != generation) {
+            if (*timed_out != 0) {
+                ok = 0;
+                break;
+            }
+            ++polls;
+            if ((polls & 63u) == 0u && static_cast<fm_i64>(fm_globaltimer_ns() - start) > timeout_ns) {
+                atomicCAS(reinterpret_cast<unsigned long long*>(&errors[FM_ERR_TIMEOUT]), 0ull,
+                          static_cast<unsigned long long>(row + 1));
+                ok = 0;
+                break;
+            }
+            if (polls > 256u) {
+                __nanosleep(64);
+            }
+        }
+    }
+    ok = __shfl_sync(0xffffffffu, ok, 0);
+    __syncwarp();
+    return ok != 0;
+}
+
+__device__ __forceinline__ void fm_dispatch_expand(const unsigned char* __restrict__ wire_x,
+                                                   const fm_i64* __restrict__ wire_meta, fm_i64 wire_capacity,
+                                                   fm_i64 row_bytes, int top_k, const fm_i64* __restrict__ summary,
+                                                   fm_i64 out_rows, unsigned char* __restrict__ recv_x,
+                                                   fm_i64* recv_idx, float* recv_w, fm_i64* recv_src_idx,
+                                                   fm_i64* recv_src_rank, fm_i64* errors, fm_i64 warp,
+                                                   fm_i64 n_warps, const fm_i64* stamps, fm_i64 generation,
+                                                   fm_i64 timeout_ns)
 {
     __shared__ int targets_s[8][FM_MAX_TOP_K];
     const int lane = threadIdx.x & (FM_WARP - 1);
-    const int warp_in_block = threadIdx.x / FM_WARP;
-    int* targets = targets_s[warp_in_block];
-    const fm_i64 warp = (static_cast<fm_i64>(blockIdx.x) * blockDim.x + threadIdx.x) / FM_WARP;
-    const fm_i64 n_warps = (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP;
+    int* targets = targets_s[(threadIdx.x / FM_WARP) & 7];
     const fm_i64 wire_in_all = summary[FM_SUM_WIRE_IN];
     const fm_i64 wire_in = wire_in_all < wire_capacity ? wire_in_all : wire_capacity;
     const fm_i64 pairs_in = summary[FM_SUM_PAIRS_IN];
@@ -509,7 +576,9 @@ extern "C" __global__ void fuser_moe_dispatch_expand(const unsigned char* __rest
         atomicMax(&errors[FM_ERR_NEEDED], needed);
         errors[FM_ERR_GIVEN] = out_rows;
     }
-    for (fm_i64 item = warp; item < items; item += n_warps) {
+    // Padding rows first: they wait for nobody.
+    for (fm_i64 j = warp; j < items; j += n_warps) {
+        const fm_i64 item = j < items - wire_in ? wire_in + j : j - (items - wire_in);
         if (item >= wire_in) {  // padding row
             const fm_i64 row = pad_begin + (item - wire_in);
             unsigned char* dst = recv_x + row * row_bytes;
@@ -529,6 +598,9 @@ extern "C" __global__ void fuser_moe_dispatch_expand(const unsigned char* __rest
                 recv_src_idx[row] = -1;
                 recv_src_rank[row] = -1;
             }
+            continue;
+        }
+        if (stamps != nullptr && !fm_wait_stamp(stamps + item, generation, item, errors, timeout_ns, lane)) {
             continue;
         }
         const fm_i64* meta = wire_meta + item * meta_width;
@@ -562,11 +634,27 @@ extern "C" __global__ void fuser_moe_dispatch_expand(const unsigned char* __rest
         fm_u64 alignment = reinterpret_cast<fm_u64>(src) | reinterpret_cast<fm_u64>(recv_x)
                            | static_cast<fm_u64>(row_bytes);
         if ((alignment & 15u) == 0u) {
+            // FM_EXPAND_BATCH loads in flight per lane before their stores (the row is read once).
             const int4* src4 = reinterpret_cast<const int4*>(src);
-            for (fm_i64 k = lane; k < (row_bytes >> 4); k += FM_WARP) {
-                const int4 v = src4[k];
+            const fm_i64 vectors = row_bytes >> 4;
+            for (fm_i64 k0 = lane; k0 < vectors; k0 += FM_WARP * FM_EXPAND_BATCH) {
+                int4 v[FM_EXPAND_BATCH];
+#pragma unroll
+                for (int b = 0; b < FM_EXPAND_BATCH; ++b) {
+                    const fm_i64 k = k0 + b * FM_WARP;
+                    if (k < vectors) {
+                        v[b] = src4[k];
+                    }
+                }
                 for (int j = 0; j < n_targets; ++j) {
-                    reinterpret_cast<int4*>(recv_x + targets[j] * row_bytes)[k] = v;
+                    int4* dst4 = reinterpret_cast<int4*>(recv_x + targets[j] * row_bytes);
+#pragma unroll
+                    for (int b = 0; b < FM_EXPAND_BATCH; ++b) {
+                        const fm_i64 k = k0 + b * FM_WARP;
+                        if (k < vectors) {
+                            dst4[k] = v[b];
+                        }
+                    }
                 }
             }
         } else {
@@ -580,6 +668,86 @@ extern "C" __global__ void fuser_moe_dispatch_expand(const unsigned char* __rest
         __syncwarp();
     }
 }
+
+extern "C" __global__ void fuser_moe_dispatch_expand(const unsigned char* __restrict__ wire_x,
+                                                     const fm_i64* __restrict__ wire_meta, fm_i64 wire_capacity,
+                                                     fm_i64 row_bytes, int top_k,
+                                                     const fm_i64* __restrict__ summary, fm_i64 out_rows,
+                                                     unsigned char* __restrict__ recv_x, fm_i64* recv_idx,
+                                                     float* recv_w, fm_i64* recv_src_idx, fm_i64* recv_src_rank,
+                                                     fm_i64* errors)
+{
+    fm_dispatch_expand(wire_x, wire_meta, wire_capacity, row_bytes, top_k, summary, out_rows, recv_x, recv_idx,
+                       recv_w, recv_src_idx, recv_src_rank, errors,
+                       (static_cast<fm_i64>(blockIdx.x) * blockDim.x + threadIdx.x) / FM_WARP,
+                       (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP, nullptr, 0, 0);
+}
+
+// Streaming dispatch (capacity mode, after plan): send and expand in one kernel, with no barrier between
+// them. A block takes a ticket when it starts; the first n_send tickets send chunk `ticket` (then stamp
+// their rows on the receivers), the others expand this rank's wire rows as their stamps arrive. A block
+// that expands waits only for blocks that started before it or for peers, so the kernel cannot deadlock
+// however many of its blocks are resident at once. The last block to finish resets the tickets.
+//   gen_state: notify's call counter (this call's generation); tickets [2] int64, zero between calls;
+//   stamp_ptrs [world]: every rank's stamp buffer; stamps: this rank's.
+template <typename I>
+__device__ __forceinline__ void fm_dispatch_send_expand(
+    const unsigned char* x, fm_i64 row_bytes, const I* topk_idx, const float* topk_weights, fm_i64 tokens,
+    int top_k, const fm_i64* expert_to_rank, fm_i64 num_experts, int world, int rank, fm_i64 chunk,
+    const int* chunk_e, const int* chunk_d, const fm_i64* plan, const fm_u64* x_ptrs, const fm_u64* meta_ptrs,
+    const fm_u64* stamp_ptrs, fm_i64 wire_capacity, fm_i64 n_send, const unsigned char* wire_x,
+    const fm_i64* wire_meta, const fm_i64* stamps, const fm_i64* summary, fm_i64 out_rows, unsigned char* recv_x,
+    fm_i64* recv_idx, float* recv_w, fm_i64* recv_src_idx, fm_i64* recv_src_rank, fm_i64* errors,
+    const fm_i64* gen_state, fm_i64* tickets, fm_i64 timeout_ns)
+{
+    __shared__ fm_i64 ticket_s;
+    if (threadIdx.x == 0) {
+        ticket_s = static_cast<fm_i64>(atomicAdd(reinterpret_cast<unsigned long long*>(&tickets[0]), 1ull));
+    }
+    __syncthreads();
+    const fm_i64 ticket = ticket_s;
+    const fm_i64 generation = gen_state[0];
+    if (ticket < n_send) {
+        fm_dispatch_send<I>(x, row_bytes, topk_idx, topk_weights, tokens, top_k, expert_to_rank, num_experts, world,
+                            rank, chunk, chunk_e, chunk_d, plan, x_ptrs, meta_ptrs, wire_capacity, ticket, n_send,
+                            stamp_ptrs, generation);
+    } else {
+        const fm_i64 warps_per_block = blockDim.x / FM_WARP;
+        fm_dispatch_expand(wire_x, wire_meta, wire_capacity, row_bytes, top_k, summary, out_rows, recv_x, recv_idx,
+                           recv_w, recv_src_idx, recv_src_rank, errors,
+                           (ticket - n_send) * warps_per_block + threadIdx.x / FM_WARP,
+                           (static_cast<fm_i64>(gridDim.x) - n_send) * warps_per_block, stamps, generation,
+                           timeout_ns);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned long long done = atomicAdd(reinterpret_cast<unsigned long long*>(&tickets[1]), 1ull);
+        if (done == static_cast<unsigned long long>(gridDim.x) - 1ull) {
+            tickets[0] = 0;
+            tickets[1] = 0;
+        }
+    }
+}
+
+#define FM_DISPATCH_SEND_EXPAND(NAME, I)                                                                  \
+    extern "C" __global__ void NAME(                                                                      \
+        const unsigned char* x, fm_i64 row_bytes, const I* topk_idx, const float* topk_weights, fm_i64 tokens, \
+        int top_k, const fm_i64* expert_to_rank, fm_i64 num_experts, int world, int rank, fm_i64 chunk,   \
+        const int* chunk_e, const int* chunk_d, const fm_i64* plan, const fm_u64* x_ptrs,                 \
+        const fm_u64* meta_ptrs, const fm_u64* stamp_ptrs, fm_i64 wire_capacity, fm_i64 n_send,           \
+        const unsigned char* wire_x, const fm_i64* wire_meta, const fm_i64* stamps, const fm_i64* summary, \
+        fm_i64 out_rows, unsigned char* recv_x, fm_i64* recv_idx, float* recv_w, fm_i64* recv_src_idx,    \
+        fm_i64* recv_src_rank, fm_i64* errors, const fm_i64* gen_state, fm_i64* tickets, fm_i64 timeout_ns) \
+    {                                                                                                     \
+        fm_dispatch_send_expand<I>(x, row_bytes, topk_idx, topk_weights, tokens, top_k, expert_to_rank,   \
+                                   num_experts, world, rank, chunk, chunk_e, chunk_d, plan, x_ptrs,       \
+                                   meta_ptrs, stamp_ptrs, wire_capacity, n_send, wire_x, wire_meta,       \
+                                   stamps, summary, out_rows, recv_x, recv_idx, recv_w, recv_src_idx,    \
+                                   recv_src_rank, errors, gen_state, tickets, timeout_ns);                \
+    }
+
+FM_DISPATCH_SEND_EXPAND(fuser_moe_dispatch_send_expand_i64, fm_i64)
+FM_DISPATCH_SEND_EXPAND(fuser_moe_dispatch_send_expand_i32, int)
 
 // ------------------------------------------------------------------------------------------ combine
 // Thread per row: rows of each (source rank s, token t) go to list g = s * t_stride + t, in any order

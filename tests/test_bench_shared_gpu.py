@@ -150,6 +150,29 @@ def test_shared_gpu_path_skips_nccl_and_checks_the_cuda_backend():
     assert "NCCL refuses two ranks on one GPU" in report and "FAILED" not in report
 
 
+def _start_body(comm, late_s):
+    import time
+
+    from fuser_moe.bench import _HOST_START_AHEAD_S
+
+    bench = MainBench(comm, BenchConfig(progress=False), 0, shared_gpu=f"{comm.world_size} ranks share cuda:0")
+    if comm.rank == 1:
+        time.sleep(late_s)
+    arrived = time.monotonic()
+    bench.start_together()
+    return arrived, time.monotonic(), _HOST_START_AHEAD_S
+
+
+@pytest.mark.skipif(2 not in available_world_sizes((2,)),
+                    reason="needs 2 ranks (a GPU with FUSER_MOE_TEST_DEVICE=cuda)")
+def test_ranks_sharing_a_gpu_start_together_after_the_last_one():
+    """The host-clock start that replaces the barrier and the all-reduce: no rank starts before the last
+    one has arrived plus the margin (one host, so one monotonic clock)."""
+    (arrived0, left0, ahead), (arrived1, left1, _) = run_on_ranks(2, _start_body, 0.05)
+    assert arrived1 > arrived0
+    assert left0 >= arrived1 + ahead and left1 >= arrived1 + ahead
+
+
 # ------------------------------------------------------------------------------------------ on a GPU
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: runs the bench with its ranks on cuda:0")
 @pytest.mark.parametrize("world", [1, 2])

@@ -34,6 +34,15 @@ enqueue the call, the all-reduce starts every rank's clock at the same moment (w
 a rank's time does not include another rank's late start. An eager call whose host work outlasts the
 spin still shows it (its GPU waits for the launches).
 
+Ranks sharing one GPU (`--device cuda:N` with W > 1, every rank on GPU N): NCCL refuses two ranks on one
+GPU, so no NCCL collective is issued on a CUDA tensor. The nccl backend and the NCCL baselines
+(all_to_all_single, all_to_all_vdev_2d) are skipped and say why (`shared_gpu_skips`); the reference
+(the nccl backend's exact-mode outputs) is computed on CPU copies of the inputs over Gloo and moved to
+the GPU; instead of the barrier and the all-reduce, the ranks (one host, one clock) agree through the
+store on a moment a little ahead and each enqueues its spin and its call then, so every rank's clock
+starts within the host's scheduling jitter. Under MPS the ranks' kernels run at once, so such a run
+times W > 1 with the GPU's memory playing the wire; without MPS the GPU time-slices between the ranks.
+
 Bytes: wire bytes are rows that leave the rank (self excluded) x H x element size (fp8: x (H + 4 *
 ceil(H / 128)), the row and its scales); for dispatch the
 de-duplicated token rows sent, for combine the partial rows sent back (distinct tokens received from
@@ -86,6 +95,89 @@ def disable_multicast() -> None:
     os.environ.update(NO_MULTICAST_ENV)
 
 
+def parse_device(text: str) -> str:
+    """The `--device` of the benchmark, checked: "cpu", "cuda" (rank i on GPU i) or "cuda:N" (every rank on GPU N).
+
+    Args:
+        text: what the user wrote, e.g. "cuda:0".
+    Returns: the device string as `fuser_moe.launch.rank_device` reads it ("cuda:01" becomes "cuda:1").
+    Raises: ValueError naming the accepted forms.
+    """
+    value = text.strip().lower()
+    if value in ("cpu", "cuda"):
+        return value
+    index = value[len("cuda:"):] if value.startswith("cuda:") else ""
+    if not index.isdigit():
+        raise ValueError(f"expected cpu, cuda (one GPU a rank) or cuda:N (every rank on GPU N), got {text!r}")
+    return f"cuda:{int(index)}"
+
+
+def device_problem(device: str, world_size: int, visible: int) -> Optional[str]:
+    """Why `world_size` ranks cannot start on `device` with `visible` GPUs, as one line, or None.
+
+    Args:
+        device: as `parse_device` returns it. world_size: ranks to start. visible: GPUs this process sees.
+    """
+    if device != "cpu" and visible == 0:
+        needs = "(the default) needs GPUs" if device == "cuda" else "needs a GPU"
+        return (f"--device {device} {needs} and none is visible; "
+                "use --device cpu to time the CPU ranks (Gloo and shared memory) instead")
+    if world_size < 1:
+        return f"--world-size must be >= 1, got {world_size}"
+    if device == "cpu":
+        return None
+    if device == "cuda":
+        if visible < world_size:
+            return (f"--world-size {world_size} needs one GPU a rank; {visible} visible "
+                    f"(use --world-size {visible} or fewer, --device cuda:0 to put every rank on one GPU, "
+                    "or --device cpu)")
+        return None
+    index = int(device.split(":", 1)[1])
+    if index >= visible:
+        return (f"--device {device}: no such GPU, {visible} visible (cuda:0" +
+                (f" to cuda:{visible - 1})" if visible > 1 else ")"))
+    return None
+
+
+def gpu_sharing(ranks: list) -> Optional[str]:
+    """Which ranks share a GPU, as a phrase for the tables ("4 ranks share cuda:0"), or None when none do.
+
+    Args:
+        ranks: one dict per rank with "host" and "device" (a device string such as "cuda:0" or "cpu"),
+            as `machine_facts` gathers them. CPU ranks never share a GPU.
+    """
+    count: dict = {}
+    for r in ranks:
+        if str(r["device"]).startswith("cuda"):
+            key = (r.get("host", ""), str(r["device"]))
+            count[key] = count.get(key, 0) + 1
+    shared = [f"{n} ranks share {device}" + (f" of {host}" if len({h for h, _ in count}) > 1 else "")
+              for (host, device), n in count.items() if n > 1]
+    return ", ".join(shared) if shared else None
+
+
+def launch_sharing(device: str, world_size: int) -> Optional[str]:
+    """`gpu_sharing` of the ranks `run_benchmark` starts: "W ranks share cuda:N" for device "cuda:N" and W > 1."""
+    from fuser_moe.launch import rank_device
+
+    return gpu_sharing([{"host": "", "device": str(rank_device(device, r))} for r in range(world_size)])
+
+
+def shared_gpu_skips(sharing: Optional[str]) -> dict:
+    """What cannot run when ranks share a GPU, and why: backend or baseline name -> reason.
+
+    Args:
+        sharing: `gpu_sharing`'s phrase, or None (then nothing is skipped: an empty dict).
+    Returns: {"nccl": ..., "all_to_all_single": ..., "all_to_all_vdev_2d": ...} with ranks sharing a GPU.
+    """
+    if sharing is None:
+        return {}
+    refusal = f"{sharing} and NCCL refuses two ranks on one GPU"
+    return {"nccl": refusal,
+            "all_to_all_single": f"an NCCL collective: {refusal}",
+            "all_to_all_vdev_2d": f"{sharing}: the bench runs torch's NVSHMEM baseline with one GPU a rank only"}
+
+
 def parse_sweep(spec: str) -> list:
     """T values of the sweep.
 
@@ -117,6 +209,9 @@ def parse_sweep(spec: str) -> list:
 
 
 _SPIN_CYCLES = 200_000  # ~100 us at the H100/H200 clock: the host enqueues the timed call meanwhile
+# Ranks sharing a GPU start each repetition at an agreed moment of the host clock this far after the
+# last rank asked (the store's answer reaches every rank well within it).
+_HOST_START_AHEAD_S = 0.002
 
 
 @dataclass
@@ -336,10 +431,15 @@ class RankBench:
     device type, the outcome of an agreement), so no rank is left waiting in a collective.
     """
 
-    def __init__(self, comm, cfg: BenchConfig, total_cases: int, phase: str = "main"):
+    def __init__(self, comm, cfg: BenchConfig, total_cases: int, phase: str = "main",
+                 shared_gpu: Optional[str] = None):
         self.comm, self.cfg, self.phase = comm, cfg, phase
         self.device = comm.device
         self.cuda = self.device.type == "cuda"
+        # `gpu_sharing` of every rank (the same on each), or None: then no NCCL collective may run on
+        # a CUDA tensor, and `shared_gpu_skips` says what is skipped.
+        self.shared_gpu = shared_gpu
+        self.skips = shared_gpu_skips(shared_gpu)
         self.total_cases, self.done = total_cases, 0
         self.records: list = []  # rank 0 only
 
@@ -366,8 +466,16 @@ class RankBench:
         except Exception as exc:  # noqa: BLE001 - recorded, then agreed on by every rank
             return None, (status, f"{what}: {_describe(exc)}")
 
+    def start_together(self) -> None:
+        """Ranks sharing a GPU (one host): every rank waits until the same moment of the host's monotonic
+        clock, `_HOST_START_AHEAD_S` after the last rank arrived (a store exchange, so also a barrier)."""
+        target = max(self.comm.exchange(time.monotonic())) + _HOST_START_AHEAD_S
+        while time.monotonic() < target:
+            pass
+
     def time(self, fn: Callable) -> dict:
-        """Runs fn warm-up times, then reps timed times, each after a synchronisation and a barrier.
+        """Runs fn warm-up times, then reps timed times, each after a synchronisation and a barrier
+        (ranks sharing a GPU: `start_together` instead, and no all-reduce, which would be NCCL's).
 
         Returns: this rank's {"median_us", "min_us", "host_median_us", "samples_us"}; device time
         from CUDA events on GPUs, the host clock on CPUs. host_median_us is the host time until fn
@@ -379,10 +487,14 @@ class RankBench:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)] if self.cuda else []
         host = []
-        align = torch.zeros(1, device=self.device) if self.cuda and self.comm.is_distributed else None
+        align = torch.zeros(1, device=self.device) if (self.cuda and self.comm.is_distributed
+                                                       and self.shared_gpu is None) else None
         for i in range(reps):
             self.sync()
-            self.comm.barrier()
+            if self.shared_gpu is not None:
+                self.start_together()
+            else:
+                self.comm.barrier()
             t0 = time.perf_counter()
             if self.cuda:
                 torch.cuda._sleep(_SPIN_CYCLES)
@@ -452,15 +564,23 @@ class RankBench:
     # ---------------------------------------------------------------- a workload
     def prepare(self, tokens: int) -> Workload:
         """Inputs for T tokens, the nccl exact-mode reference (checked mode: it also validates them),
-        the split sizes and the capacity."""
+        the split sizes and the capacity. With ranks sharing a GPU the reference is computed on CPU
+        copies of the inputs (Gloo: NCCL refuses two ranks on one GPU; every backend and device gives
+        the same bits, docs/contract.md sections 3 and 4) and its outputs are moved to the GPU."""
         from fuser_moe.executors import get_backend
 
         cfg, comm = self.cfg, self.comm
         x, idx, weights = make_inputs(cfg, tokens, comm.rank, self.device)
         nccl = get_backend("nccl")
-        ref_d = nccl.dispatch(comm, x, idx, weights, num_experts=cfg.experts, check_inputs=True)
+        on_cpu = self.shared_gpu is not None  # (on CPU ranks, which tests use to run this path, a no-op)
+        rx, ridx, rw = (x.cpu(), idx.cpu(), weights.cpu()) if on_cpu else (x, idx, weights)
+        ref_d = nccl.dispatch(comm, rx, ridx, rw, num_experts=cfg.experts, check_inputs=True)
         ref_out = nccl.combine(comm, ref_d.recv_x, ref_d.recv_topk_weights, ref_d.recv_src_idx, ref_d.recv_src_rank,
                                ref_d.n_tokens_to_rank, ref_d.n_tokens_from_rank, tokens, check_inputs=True)
+        if on_cpu:
+            del rx, ridx, rw
+            ref_d = type(ref_d)(*(t.to(self.device) for t in ref_d))
+            ref_out = ref_out.to(self.device)
         self.sync()
         counts = torch.cat([ref_d.n_tokens_to_rank, ref_d.n_tokens_from_rank]).tolist()
         world = comm.world_size
@@ -511,6 +631,8 @@ class MainBench(RankBench):
         from fuser_moe.executors import get_backend
         from fuser_moe.executors.backend_selection import cuda_backend_missing
 
+        if name in self.skips:  # the nccl backend on ranks sharing a GPU
+            return None, self.skips[name]
         if name == "cuda":
             missing = cuda_backend_missing(self.device)
             if missing:
@@ -728,6 +850,8 @@ class MainBench(RankBench):
         from fuser_moe.backends import routing
 
         cfg, comm, name = self.cfg, self.comm, "all_to_all_single"
+        if name in self.skips:  # an NCCL collective: not on ranks sharing a GPU
+            return self.skip(work.tokens, name, "exact", self.skips[name])
         n_to, n_from = work.n_to, work.n_from
 
         def prepare():
@@ -777,11 +901,13 @@ class MainBench(RankBench):
 
 # ------------------------------------------------------------------------------------------ drivers
 def machine_facts(comm) -> dict:
-    """Device, world size, every rank's host and device name, library versions (a group step)."""
+    """Device, world size, every rank's host and device name, which ranks share a GPU (`gpu_sharing`,
+    None when none do), library versions (a group step)."""
     device = comm.device
     mine = {"host": socket.gethostname(), "device": str(device),
             "name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")}
-    facts = {"device": device.type, "world_size": comm.world_size, "ranks": comm.exchange(mine),
+    ranks = comm.exchange(mine)
+    facts = {"device": device.type, "world_size": comm.world_size, "ranks": ranks, "shared_gpu": gpu_sharing(ranks),
              "torch": torch.__version__, "python": platform.python_version()}
     if device.type == "cuda":
         facts["cuda"] = torch.version.cuda
@@ -798,11 +924,13 @@ def main_rank(comm, cfg: BenchConfig) -> Optional[dict]:
 
     disable_multicast()
     facts = machine_facts(comm)
-    bench = MainBench(comm, cfg, 0)
+    bench = MainBench(comm, cfg, 0, shared_gpu=facts["shared_gpu"])
     bench.total_cases = bench.measurements()
     document = bench_report.new_document(cfg, facts) if comm.rank == 0 else None
     if document is not None and cfg.progress:
-        print(f"bench: W={comm.world_size} {facts['ranks'][0]['name']} ({comm.device.type}), T in {cfg.tokens}, "
+        shared = f"; {facts['shared_gpu']}" if facts["shared_gpu"] else ""
+        print(f"bench: W={comm.world_size} {facts['ranks'][0]['name']} ({comm.device.type}{shared}), "
+              f"T in {cfg.tokens}, "
               f"H={cfg.hidden}, K={cfg.topk}, E={cfg.experts}, {cfg.dtype}; {bench.total_cases} measurements",
               file=sys.stderr, flush=True)
     return bench.run(document)
@@ -827,7 +955,9 @@ def run_benchmark(cfg: BenchConfig, device: str, world_size: int, timeout_s: flo
     baseline (its rows then say why it was skipped).
 
     Args:
-        cfg: what to measure. device: "cpu" or "cuda" (rank i on GPU i). world_size: ranks.
+        cfg: what to measure. device: "cpu", "cuda" (rank i on GPU i) or "cuda:N" (every rank on GPU N:
+            with world_size > 1 the nccl backend and the NCCL baselines are skipped, `shared_gpu_skips`).
+        world_size: ranks.
         timeout_s: the main phase's limit; symm_mem_timeout_s: the baseline phase's limit.
     Returns: the results document (fuser_moe/bench_report.py), finalized.
     Raises: `fuser_moe.launch.RankFailure` when the main phase fails.
@@ -838,7 +968,8 @@ def run_benchmark(cfg: BenchConfig, device: str, world_size: int, timeout_s: flo
     disable_multicast()
     document = spawn(main_rank, world_size, (cfg,), device=device, timeout_s=timeout_s)[0]
     if "all_to_all_vdev_2d" in cfg.baselines:
-        reason = bench_symm_mem.unavailable_reason(device)
+        reason = shared_gpu_skips(launch_sharing(device, world_size)).get("all_to_all_vdev_2d") \
+            or bench_symm_mem.unavailable_reason(device)
         if reason is not None:
             _skip_symm_mem(document, cfg, reason)
         else:
@@ -863,7 +994,9 @@ def run_under_launcher(cfg: BenchConfig, device: str) -> Optional[dict]:
     try:
         document = main_rank(comm, cfg)
         if "all_to_all_vdev_2d" in cfg.baselines:
-            reason = bench_symm_mem.unavailable_reason(comm.device.type)
+            where = comm.exchange({"host": socket.gethostname(), "device": str(comm.device)})
+            reason = shared_gpu_skips(gpu_sharing(where)).get("all_to_all_vdev_2d") \
+                or bench_symm_mem.unavailable_reason(comm.device.type)
             if reason is not None:
                 if document is not None:
                     _skip_symm_mem(document, cfg, reason)

@@ -2,7 +2,7 @@
 
 The document (`"format": "fuser_moe.bench/1"`):
   config: the BenchConfig (fuser_moe/bench.py); machine: device type, world size, each rank's host and
-    device name, library versions; workloads: label -> T values; complete: False while a run is still
+    device name, shared_gpu (which ranks share a GPU, e.g. "4 ranks share cuda:0", or None), library versions; workloads: label -> T values; complete: False while a run is still
     writing it;
   results: one record per (T, backend, mode, op):
     tokens, workloads (the labels T belongs to), backend ("nccl", "cuda", "all_to_all_single",
@@ -139,7 +139,12 @@ def _status_text(record: dict, width: int = 70) -> str:
 def _header(document: dict) -> str:
     cfg, machine = document["config"], document["machine"]
     names = sorted({r["name"] for r in machine.get("ranks", [])})
-    where = f"{machine['world_size']} x {', '.join(names) or machine['device']} ({machine['device']})"
+    shared = machine.get("shared_gpu")
+    if shared:  # e.g. "W=4 on NVIDIA H200 (cuda; 4 ranks share cuda:0, ...)"
+        where = (f"{', '.join(names) or machine['device']} ({machine['device']}; {shared}, the nccl reference "
+                 "on CPU copies over Gloo)")
+    else:
+        where = f"{machine['world_size']} x {', '.join(names) or machine['device']} ({machine['device']})"
     return (f"fuser-moe bench: W={machine['world_size']} on {where}; H={cfg['hidden']}, K={cfg['topk']}, "
             f"E={cfg['experts']}, {cfg['dtype']}; median of {cfg['reps']} after {cfg['warmup']} warm-up, "
             f"per rank, median over ranks; torch {machine.get('torch', '?')}"
@@ -310,7 +315,7 @@ def plot(document: dict, path: str) -> str:
         axes[1][col].set_title(f"{op}: median time")
         axes[1][col].set_ylabel("us")
         axes[1][col].set_xlabel("T (tokens per rank)")
-        if document["machine"].get("device") == "cuda":
+        if document["machine"].get("device") == "cuda" and not document["machine"].get("shared_gpu"):
             axes[0][col].axhline(NVLINK_LIMIT_GBPS, color="black", linestyle=":", linewidth=1,
                                  label=f"NVLink 4 x18 limit ({NVLINK_LIMIT_GBPS:.0f} GB/s)")
         tokens = sorted({r["tokens"] for r in results})

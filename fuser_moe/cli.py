@@ -118,9 +118,13 @@ def _bench_parser(sub) -> None:
                     "per-128-column scales) on the standard and decode workloads; checks every result against "
                     "the reference first. Progress goes to stderr, the tables to stdout, the "
                     "results to OUT/bench.json and OUT/bench.png.")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda",
-                   help="cuda: one rank per GPU; cpu: Gloo and shared-memory ranks")
-    p.add_argument("--world-size", type=int, default=None, help="ranks to start (default: every GPU, or 4 CPU ranks)")
+    p.add_argument("--device", type=_bench_device, default="cuda", metavar="{cpu,cuda,cuda:N}",
+                   help="cuda: one rank per GPU; cuda:N: every rank on GPU N (the cuda backend only for W > 1: "
+                        "NCCL refuses two ranks on one GPU, so the nccl backend and the NCCL baselines are "
+                        "skipped; start the MPS daemon to run the ranks' kernels at once); cpu: Gloo and "
+                        "shared-memory ranks")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="ranks to start (default: every GPU with cuda, 1 with cuda:N, 4 CPU ranks)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="which of standard, decode, sweep to run")
     p.add_argument("--tokens", type=int, default=STANDARD_TOKENS, help="T of the standard workload")
     p.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS, help="T of the decode workload")
@@ -155,6 +159,16 @@ def _bench_parser(sub) -> None:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before stuck ranks are stopped")
     p.add_argument("--symm-mem-timeout", type=float, default=240.0,
                    help="seconds for the all_to_all_vdev_2d phase (its own processes)")
+
+
+def _bench_device(text: str) -> str:
+    """argparse type of the bench's --device: `fuser_moe.bench.parse_device`, its error as argparse's (exit 2)."""
+    from fuser_moe.bench import parse_device
+
+    try:
+        return parse_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _names(text: str, allowed: tuple, what: str) -> tuple:
@@ -234,6 +248,12 @@ def run_bench_command(args) -> int:
     disable_multicast()
     launch = detect_launcher()
     if launch is not None and launch.world_size > 1:
+        if args.device.startswith("cuda:"):
+            if launch.rank == 0:
+                print(f"fuser-moe bench: --device {args.device} puts the ranks the bench starts itself on one GPU; "
+                      f"under a launcher ({launch.world_size} ranks) each rank takes the GPU of its local rank: use "
+                      "--device cuda, or run without the launcher", file=sys.stderr)
+            return 2
         if args.experts % launch.world_size:
             print(f"fuser-moe bench: --experts {args.experts} is not a multiple of the {launch.world_size} ranks",
                   file=sys.stderr)
@@ -242,23 +262,20 @@ def run_bench_command(args) -> int:
         if launch.rank != 0:
             return 0
         return _bench_outputs(document, json_path, plot_path, not args.no_plot)
+    from fuser_moe.bench import device_problem
     from fuser_moe.launch import RankFailure
 
-    if args.device == "cuda":
+    if args.device.startswith("cuda"):
         import torch
 
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        world = args.world_size or visible
-        if visible == 0:
-            print("fuser-moe bench: --device cuda (the default) needs GPUs and none is visible; use --device cpu "
-                  "to time the CPU ranks (Gloo and shared memory) instead", file=sys.stderr)
-            return 2
-        if world < 1 or visible < world:
-            print(f"fuser-moe bench: --world-size {world} needs one GPU a rank; {visible} visible "
-                  f"(use --world-size {visible} or fewer, or --device cpu)", file=sys.stderr)
-            return 2
+        world = args.world_size if args.world_size is not None else (visible if args.device == "cuda" else 1)
     else:
-        world = args.world_size or 4
+        visible, world = 0, args.world_size if args.world_size is not None else 4
+    problem = device_problem(args.device, world, visible)
+    if problem:
+        print(f"fuser-moe bench: {problem}", file=sys.stderr)
+        return 2
     if args.experts % world:
         print(f"fuser-moe bench: --experts {args.experts} is not a multiple of the {world} ranks", file=sys.stderr)
         return 2

@@ -19,8 +19,15 @@
 #          (ranks share cuda:0 for W > 1: CUDA IPC works between processes on one GPU; NCCL cases skip),
 #          the low-latency path, the routing plan's stage tests, fp8, autograd; the training demo under
 #          torchrun; the W=1 benchmark of the standard and decode workloads (both backends, fp8 rows).
-# Usage: tools/gpu_check.sh [suite|bench|soak|compare|one-gpu|all]    (default all = suite, bench, soak; PYTEST_ARGS passes
-#        extra pytest options)
+#   mps:   W > 1 timed on one GPU: starts the MPS daemon (nvidia-cuda-mps-control -d, so that the ranks'
+#          kernels run at once; without the binary, or when it cannot start, it says so and runs without),
+#          then the benchmark with 4 and then 2 ranks sharing cuda:0 (`--device cuda:0`: the cuda backend
+#          in exact, capacity and graph mode on the standard and decode workloads; checked against the
+#          nccl reference computed on CPU copies) into bench_mps4.txt and bench_mps2.txt (tables),
+#          bench_mps{4,2}.err (progress), bench_mps{4,2}/bench.json, and the MPS server list into mps.txt;
+#          quits the daemon it started whatever happens (a trap). MPS_TIMEOUT bounds each run (default 240 s).
+# Usage: tools/gpu_check.sh [suite|bench|soak|compare|one-gpu|mps|all]    (default all = suite, bench, soak; PYTEST_ARGS
+#        passes extra pytest options)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_logs}"
@@ -91,6 +98,39 @@ if [ "$what" = one-gpu ]; then
         --workloads standard,decode --sweep none --backends nccl,cuda --modes exact,graph --baselines all_to_all_single \
         --warmup 5 --reps 20 --out "$OUT/bench_w1" --no-plot >"$OUT/bench_w1.txt" 2>"$OUT/bench_w1.err" || status=1
     head -50 "$OUT/bench_w1.txt"
+fi
+if [ "$what" = mps ]; then
+    mps_started=0
+    mps_quit() {
+        if [ "$mps_started" -eq 1 ]; then
+            echo quit | nvidia-cuda-mps-control && echo "gpu_check: MPS daemon stopped"
+            mps_started=0
+        fi
+    }
+    trap mps_quit EXIT
+    trap 'exit 130' INT TERM HUP  # through exit, so that the EXIT trap stops the daemon
+    if ! command -v nvidia-cuda-mps-control >/dev/null 2>&1; then
+        echo "gpu_check: nvidia-cuda-mps-control not found: running without MPS (the ranks' kernels time-slice the GPU)"
+    elif nvidia-cuda-mps-control -d >"$OUT/mps_start.log" 2>&1; then
+        mps_started=1
+        echo "gpu_check: MPS daemon started"
+    else
+        echo "gpu_check: the MPS daemon did not start (already running, or not allowed: see mps_start.log); running with what is there"
+    fi
+    for world in 4 2; do
+        timeout -s INT -k 30 "${MPS_TIMEOUT:-240}" python3 -m fuser_moe bench --device cuda:0 --world-size "$world" \
+            --workloads standard,decode --sweep none --backends cuda --modes exact,capacity,graph --baselines none \
+            --warmup 5 --reps 20 --out "$OUT/bench_mps$world" --no-plot >"$OUT/bench_mps$world.txt" 2>"$OUT/bench_mps$world.err"
+        rc=$?
+        echo "== W=$world ranks on cuda:0, exit $rc"
+        cat "$OUT/bench_mps$world.txt"
+        [ "$rc" -eq 0 ] || { grep -v '^bench \[' "$OUT/bench_mps$world.err" | tail -20; status=1; }
+    done
+    if [ "$mps_started" -eq 1 ]; then
+        echo get_server_list | nvidia-cuda-mps-control >"$OUT/mps.txt" 2>&1
+        echo "gpu_check: MPS servers during the runs: $(tr '\n' ' ' <"$OUT/mps.txt")"
+    fi
+    mps_quit
 fi
 if [ "$what" = compare ]; then
     [ -n "${BEFORE:-}" ] && [ -d "$BEFORE" ] || { echo "gpu_check: compare needs BEFORE=<another checkout>"; exit 2; }

@@ -114,6 +114,7 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     chunk_d = torch.empty(world, max(n_chunks, 1), dtype=i32, device=device)
     n_to = torch.empty(world, dtype=i64, device=device)
     e2r = placement.expert_to_rank
+    stream_buffers = _stream_buffers(state, x, 2 + 3 * top_k, max_recv_tokens) if stream else None
     # Two count matrices, by the parity of the call (notify and plan read the call counter)
     counts = tr.buffer("dispatch_count_matrix", i64, (world + num_experts + 1,), 2 * world)
     gen_state = state.stream_words[0:1]
@@ -153,7 +154,7 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
 
     wire_row_bytes = row_bytes + meta_width * 8
     if stream:
-        out = _send_expand(state, x, idx, weights, placement, chunk, n_chunks, chunk_e, chunk_d, plan, summary,
+        out = _send_expand(state, stream_buffers, x, idx, weights, placement, chunk, n_chunks, chunk_e, chunk_d, plan, summary,
                            max_recv_tokens, shared, n_to, n_from, per_expert, gen_state, stats, sms, cap)
         stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
         stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
@@ -212,9 +213,23 @@ def streaming() -> bool:
     return os.environ.get("FUSER_MOE_STREAM", "1") != "0"
 
 
-def _send_expand(state, x, idx, weights, placement, chunk, n_chunks, chunk_e, chunk_d, plan, summary,
-                 capacity: int, shared: int, n_to, n_from, per_expert, gen_state, stats: CommStats, sms: int,
-                 cap: int) -> DispatchOutputs:
+def _stream_buffers(state, x: torch.Tensor, meta_width: int, capacity: int) -> tuple:
+    """The wire buffers of a streaming dispatch (x rows, metadata, stamps), made before the call's
+    barrier: a new stamp buffer is zeroed then, so before any peer can stamp a row in it (a peer stamps
+    only after the barrier, which it passes after this rank's zeroing)."""
+    tr = state.transport
+    x_buf = tr.buffer("dispatch_wire_x", x.dtype, (x.shape[1],), capacity)
+    meta_buf = tr.buffer("dispatch_wire_meta", torch.int64, (meta_width,), capacity)
+    stamp_buf = tr.buffer("dispatch_wire_stamps", torch.int64, (), capacity)
+    if state.stamps is not stamp_buf:
+        stamp_buf.local.zero_()
+        state.stamps = stamp_buf
+    return x_buf, meta_buf, stamp_buf
+
+
+def _send_expand(state, buffers: tuple, x, idx, weights, placement, chunk, n_chunks, chunk_e, chunk_d, plan,
+                 summary, capacity: int, shared: int, n_to, n_from, per_expert, gen_state, stats: CommStats,
+                 sms: int, cap: int) -> DispatchOutputs:
     """Capacity mode's send and expand in one kernel (moe.cu fuser_moe_dispatch_send_expand): the
     first n_chunks blocks to start send a chunk each and stamp its wire rows on their receivers; the
     others expand this rank's wire rows as their stamps arrive."""
@@ -223,12 +238,7 @@ def _send_expand(state, x, idx, weights, placement, chunk, n_chunks, chunk_e, ch
     i64 = torch.int64
     meta_width = 2 + 3 * top_k
     row_bytes = hidden * x.element_size()
-    x_buf = tr.buffer("dispatch_wire_x", x.dtype, (hidden,), capacity)
-    meta_buf = tr.buffer("dispatch_wire_meta", i64, (meta_width,), capacity)
-    stamp_buf = tr.buffer("dispatch_wire_stamps", i64, (), capacity)
-    if state.stamps is not stamp_buf:
-        stamp_buf.local.zero_()  # before this call's barrier, so before any peer stamps a row here
-        state.stamps = stamp_buf
+    x_buf, meta_buf, stamp_buf = buffers
     wire_capacity = min(x_buf.rows, meta_buf.rows, stamp_buf.rows)
     recv_x = torch.empty(capacity, hidden, dtype=x.dtype, device=device)
     recv_idx = torch.empty(capacity, dtype=i64, device=device)

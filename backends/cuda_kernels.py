@@ -236,7 +236,6 @@ def _send_expand(state, buffers: tuple, x, idx, weights, placement, chunk, n_chu
     tr, device = state.transport, x.device
     world, rank, top_k, hidden = tr.world_size, tr.rank, idx.shape[1], x.shape[1]
     i64 = torch.int64
-    meta_width = 2 + 3 * top_k
     row_bytes = hidden * x.element_size()
     x_buf, meta_buf, stamp_buf = buffers
     wire_capacity = min(x_buf.rows, meta_buf.rows, stamp_buf.rows)

@@ -553,8 +553,10 @@ __device__ __forceinline__ bool fm_wait_stamp(const fm_i64* stamp, fm_i64 genera
     return ok != 0;
 }
 
-__device__ __forceinline__ void fm_dispatch_expand(const unsigned char* __restrict__ wire_x,
-                                                   const fm_i64* __restrict__ wire_meta, fm_i64 wire_capacity,
+// (wire_x and wire_meta are not __restrict__: with stamps, peers write them while this kernel runs, so
+// their loads must be the coherent kind that the acquire on a row's stamp orders, not read-only-cache loads.)
+__device__ __forceinline__ void fm_dispatch_expand(const unsigned char* wire_x,
+                                                   const fm_i64* wire_meta, fm_i64 wire_capacity,
                                                    fm_i64 row_bytes, int top_k, const fm_i64* __restrict__ summary,
                                                    fm_i64 out_rows, unsigned char* __restrict__ recv_x,
                                                    fm_i64* recv_idx, float* recv_w, fm_i64* recv_src_idx,

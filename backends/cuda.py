@@ -50,7 +50,6 @@ class _GroupState:
         # Streaming dispatch: the call counter that notify advances ([0]) and the send-expand kernel's
         # tickets ([1], [2]); zero between calls.
         self.stream_words = torch.zeros(4, dtype=torch.int64, device=device)
-        self.stamps = None  # the stamp buffer last zeroed (a new one starts at zero)
         # Index vectors of the count exchange, made once (no allocation or fill on the hot path).
         self.ranks = torch.arange(world, device=device)
         self.zeros_w = torch.zeros(world, dtype=torch.int64, device=device)

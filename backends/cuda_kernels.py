@@ -215,15 +215,12 @@ def streaming() -> bool:
 
 def _stream_buffers(state, x: torch.Tensor, meta_width: int, capacity: int) -> tuple:
     """The wire buffers of a streaming dispatch (x rows, metadata, stamps), made before the call's
-    barrier: a new stamp buffer is zeroed then, so before any peer can stamp a row in it (a peer stamps
-    only after the barrier, which it passes after this rank's zeroing)."""
+    barrier. A new stamp buffer starts at zero on every rank before a peer can map it (the transport
+    zeroes every new buffer), and generations start at 1."""
     tr = state.transport
     x_buf = tr.buffer("dispatch_wire_x", x.dtype, (x.shape[1],), capacity)
     meta_buf = tr.buffer("dispatch_wire_meta", torch.int64, (meta_width,), capacity)
     stamp_buf = tr.buffer("dispatch_wire_stamps", torch.int64, (), capacity)
-    if state.stamps is not stamp_buf:
-        stamp_buf.local.zero_()
-        state.stamps = stamp_buf
     return x_buf, meta_buf, stamp_buf
 
 

@@ -199,6 +199,8 @@ class Transport:
         Every rank must call it with the same arguments. Buffers are cached per (purpose, dtype,
         trailing_shape); the cached one is returned while its capacity is at least `rows`, else it
         grows to max(rows, 2 * capacity) (a host synchronisation, refused during CUDA graph capture).
+        A new buffer is all zeros on every rank before any peer can write to it (flag and stamp words
+        rely on it); a grown one does not keep the old contents.
 
         Args:
             purpose: a name for what the buffer holds (e.g. "dispatch_x").

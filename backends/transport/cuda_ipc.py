@@ -243,6 +243,11 @@ class CudaIpcTransport(Transport):
         shape = (rows, *trailing_shape)
         memory = _DeviceAllocation(self._index, rows * row_bytes(dtype, trailing_shape))
         local = memory.tensor(dtype, shape, self.device)
+        # Zeroed (and the zeroing finished) before any peer can map it: a flag or stamp word must not hold
+        # a stale value from memory the driver hands out again, and a zeroing enqueued after the peers
+        # could write here would race with their first stores.
+        local.zero_()
+        torch.cuda.current_stream(self.device).synchronize()
         addresses = [0] * self.world_size
         addresses[self.rank] = memory.address
         mappings = []

@@ -77,9 +77,12 @@ _buffers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _buffers_of(comm: Communicator) -> _Buffers:
+    """This communicator's buffers (made at its first call; released when it closes or is dropped)."""
     buffers = _buffers.get(comm)
     if buffers is None or buffers.device != comm.device:
         buffers = _buffers[comm] = _Buffers(comm)
+        ref = weakref.ref(comm)
+        comm.on_close(lambda: _buffers.pop(ref(), None) if ref() is not None else None)
     return buffers
 
 

@@ -11,15 +11,18 @@ nothing; on CUDA it is a synchronisation, so this path is not capturable in a CU
        r's tokens for d) of d's buffer, with its metadata row (routing.py's layout, output rows
        included); barrier.
     3. expansion: the receiver writes each wire row to the output rows its metadata names.
-  combine with the dispatch's handle: barrier (the sources have read the previous partials); the
-       partial of each received wire row (float32 sum in row order of w * y, cast) goes to the source's
-       buffer at the row where that token sat in the source's send layout; barrier; the source adds
-       each token's partials in ascending expert-rank order, in float32.
+  combine with the dispatch's handle: the partial of each received wire row (float32 sum in row order
+       of w * y, cast) goes to the source's buffer at the row where that token sat in the source's send
+       layout; barrier; the source adds each token's partials in ascending expert-rank order, in float32.
+       Consecutive such combines write alternate buffers, so no barrier is needed before the pushes:
+       a buffer is written again only after the barrier of the combine in between, which every rank
+       enters after it has read that buffer.
   combine without a handle: the counts travel first (n_tokens_to_rank rows), the groups come from a
        sort of (src_rank, src_idx), and each partial travels with its token index.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -27,6 +30,10 @@ import torch
 from . import routing
 from .common import CommStats, DispatchOutputs
 from .communicator import Communicator
+
+
+# Combines with a handle run so far, per transport: which of the two partial buffers the next one writes.
+_handle_combines: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def push_to_all(state, row: torch.Tensor, buf) -> None:
@@ -102,17 +109,21 @@ def combine(comm: Communicator, state, x: torch.Tensor, topk_weights: torch.Tens
     hidden, dtype = x.shape[1], x.dtype
     ranks = state.ranks
     if handle is not None:
-        tr.barrier()  # every source has read the partials of the previous combine
         n_from = handle.n_from
         groups = sum(n_from)
+        calls = _handle_combines.get(tr, 0)
+        _handle_combines[tr] = calls + 1
+        part_buf = tr.buffer(f"combine_partial_rows_{calls % 2}", dtype, (hidden,), handle.wire_out_max)
         partials = routing.weighted_partials(x[:handle.pairs], topk_weights[:handle.pairs], handle.wire_row, groups)
-        source = torch.repeat_interleave(ranks, torch.tensor(n_from, device=device), output_size=groups)
-        first = torch.tensor([sum(n_from[:s]) for s in range(world)], dtype=torch.int64, device=device)
-        dst_row = torch.tensor(handle.partial_base, dtype=torch.int64, device=device)[source] \
-            + torch.arange(groups, device=device) - first[source]
-        part_buf = tr.buffer("combine_partial_rows", dtype, (hidden,), handle.wire_out_max)
         if groups:
-            tr.push_rows(partials, torch.arange(groups, device=device), source, dst_row, part_buf)
+            # group g (from source s) goes to row partial_base[s] + (g - first group of s) of s's buffer
+            n_from_t = torch.tensor(n_from, device=device)
+            source = torch.repeat_interleave(ranks, n_from_t, output_size=groups)
+            shift = torch.tensor([handle.partial_base[s] - sum(n_from[:s]) for s in range(world)],
+                                 dtype=torch.int64, device=device)
+            rows = torch.arange(groups, device=device)
+            dst_row = rows + torch.repeat_interleave(shift, n_from_t, output_size=groups)
+            tr.push_rows(partials, rows, source, dst_row, part_buf)
         tr.barrier()
         n_to = handle.n_to
         token = handle.send_token

@@ -56,6 +56,10 @@ class Placement:
     # The map on the host, and each rank's experts in local order (host ints).
     ranks_host: tuple = ()
     local_experts: tuple = ()
+    # Lookup tables indexed by clamp(id + 1, 0, E + 1) ([E + 2] int64 on the device): the rank of an id's
+    # expert and the id itself, with -1 and E for an empty slot or an id outside [0, E).
+    slot_rank: Optional[torch.Tensor] = None
+    slot_expert: Optional[torch.Tensor] = None
 
 
 def placement_list(num_experts: int, world_size: int, expert_to_rank: Optional[Sequence[int]]) -> list[int]:
@@ -100,6 +104,8 @@ def make_placement(num_experts: int, world_size: int, expert_to_rank: Optional[S
         torch.tensor([sum(seen[:d]) for d in range(world_size + 1)], dtype=torch.int64, device=device),
         tuple(placement),
         tuple(tuple(e for e in range(num_experts) if placement[e] == d) for d in range(world_size)),
+        torch.tensor([-1] + placement + [-1], dtype=torch.int64, device=device),
+        torch.tensor([num_experts] + list(range(num_experts)) + [num_experts], dtype=torch.int64, device=device),
     )
     if len(_placement_cache) > 256:
         _placement_cache.clear()
@@ -160,21 +166,23 @@ def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
 def _rank_within_value(values: torch.Tensor, n_values: int) -> torch.Tensor:
     """For each entry of a 1-D int64 tensor with entries in [0, n_values]: how many earlier entries hold
     the same value (a stable sort, no loop)."""
-    order = torch.argsort(values, stable=True)
-    first = _exclusive_cumsum(torch.bincount(values, minlength=n_values + 1))
+    ordered, order = torch.sort(values, stable=True)
+    first = torch.searchsorted(ordered, ordered)  # where each entry's value starts in the sorted order
     position = torch.empty_like(values)
-    position[order] = torch.arange(values.numel(), device=values.device) - first[values[order]]
+    position[order] = torch.arange(values.numel(), device=values.device) - first
     return position
 
 
 # ------------------------------------------------------------------------------------------ count
+def _slot_keys(topk_idx: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """[T, K] int64 indices into the placement's slot tables: clamp(id + 1, 0, E + 1)."""
+    return (topk_idx.long() + 1).clamp_(0, placement.num_experts + 1)
+
+
 def slot_destinations(topk_idx: torch.Tensor, placement: Placement) -> torch.Tensor:
     """[T, K] int64: the rank of each slot's expert; -1 for an empty slot (and for an id outside [0, E),
     which only an unchecked input has: the kernels skip such slots too)."""
-    idx = topk_idx.long()
-    valid = (idx >= 0) & (idx < placement.num_experts)
-    ranks = placement.expert_to_rank[idx.clamp(0, placement.num_experts - 1)]
-    return torch.where(valid, ranks, torch.full_like(idx, -1))
+    return placement.slot_rank[_slot_keys(topk_idx, placement)]
 
 
 @dataclass
@@ -184,11 +192,13 @@ class CountRow:
     row: [W + E + 1] int64: distinct tokens to each rank, pairs per expert, then T.
     dest: [T, K] int64: rank of each slot's expert, -1 for an empty slot.
     routed: [T, W] bool: does token t travel to rank d.
+    slot_expert: [T * K] int64: each slot's expert id, E for an empty slot.
     """
 
     row: torch.Tensor
     dest: torch.Tensor
     routed: torch.Tensor
+    slot_expert: torch.Tensor
 
 
 def count_row(topk_idx: torch.Tensor, placement: Placement) -> CountRow:
@@ -201,15 +211,17 @@ def count_row(topk_idx: torch.Tensor, placement: Placement) -> CountRow:
     """
     world, experts = placement.world_size, placement.num_experts
     tokens = topk_idx.shape[0]
-    dest = slot_destinations(topk_idx, placement)
+    keys = _slot_keys(topk_idx, placement)
+    dest = placement.slot_rank[keys]
+    slot_expert = placement.slot_expert[keys].view(-1)
     device = dest.device
-    routed = torch.zeros(tokens, world + 1, dtype=torch.bool, device=device)
-    routed.scatter_(1, torch.where(dest >= 0, dest, world), True)
-    routed = routed[:, :world]
-    slot_expert = torch.where(dest >= 0, topk_idx.long(), experts).reshape(-1)
-    per_expert = torch.bincount(slot_expert, minlength=experts + 1)[:experts]
-    row = torch.cat([routed.sum(0), per_expert, torch.full((1,), tokens, dtype=torch.int64, device=device)])
-    return CountRow(row, dest, routed)
+    # column 0 collects the empty slots (dest -1), column d + 1 the slots on rank d
+    routed = torch.zeros(tokens, world + 1, dtype=torch.bool, device=device).scatter_(1, dest + 1, True)[:, 1:]
+    row = torch.empty(world + experts + 1, dtype=torch.int64, device=device)
+    torch.sum(routed, 0, out=row[:world])
+    row[world:].copy_(torch.bincount(slot_expert, minlength=experts + 1))  # the last count is overwritten:
+    row[-1] = tokens
+    return CountRow(row, dest, routed, slot_expert)
 
 
 # ------------------------------------------------------------------------------------------ place
@@ -241,11 +253,11 @@ def place_pairs(topk_idx: torch.Tensor, counts: CountRow, matrix: torch.Tensor, 
     Pairs of one expert from this rank are ordered by (token, slot), as the contract orders rows.
     """
     experts = placement.num_experts
-    slot_expert = torch.where(counts.dest >= 0, topk_idx.long(), experts).reshape(-1)
+    slot_expert = counts.slot_expert
     starts = torch.cat([expert_starts(matrix, placement, rank),
                         torch.full((1,), -1, dtype=torch.int64, device=matrix.device)])
     rows = starts[slot_expert] + _rank_within_value(slot_expert, experts)
-    return torch.where(slot_expert < experts, rows, -1).view(topk_idx.shape)
+    return rows.masked_fill_(slot_expert == experts, -1).view(topk_idx.shape)
 
 
 @dataclass
@@ -275,13 +287,16 @@ def wire_meta(topk_idx: torch.Tensor, topk_weights: torch.Tensor, counts: CountR
     """[N, 2 + 3K] int64: the metadata of every wire row, in the layout above."""
     top_k = topk_idx.shape[1]
     token = rows.token
-    here = counts.dest[token] == rows.rank.unsqueeze(1)
-    meta = torch.empty(token.numel(), meta_width(top_k), dtype=torch.int64, device=token.device)
+    n = token.numel()
+    # Per token: its K output rows, K expert ids and K weight bits; each wire row copies its token's,
+    # then hides (-1) the rows and ids of slots whose expert lives on another rank.
+    per_token = torch.cat([out_rows, topk_idx.long(), pack_weights(topk_weights)], dim=1)
+    meta = torch.empty(n, meta_width(top_k), dtype=torch.int64, device=token.device)
     meta[:, META_TOKEN] = token
     meta[:, META_SOURCE] = rank
-    meta[:, META_ROWS:META_ROWS + top_k] = torch.where(here, out_rows[token], -1)
-    meta[:, META_ROWS + top_k:META_ROWS + 2 * top_k] = torch.where(here, topk_idx.long()[token], -1)
-    meta[:, META_ROWS + 2 * top_k:] = pack_weights(topk_weights)[token]
+    torch.index_select(per_token, 0, token, out=meta[:, META_ROWS:])
+    elsewhere = (counts.dest[token] != rows.rank.unsqueeze(1)).unsqueeze(1)  # [N, 1, K]
+    meta[:, META_ROWS:META_ROWS + 2 * top_k].view(n, 2, top_k).masked_fill_(elsewhere, -1)
     return meta
 
 
@@ -293,13 +308,14 @@ def pack_wire_rows(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> 
     """
     row_bytes = x.shape[1] * x.element_size()
     padded = -(-row_bytes // 8) * 8
-    rows = x.contiguous().view(torch.uint8).index_select(0, token)
-    parts = [rows]
+    n = token.numel()
+    wire = scratch("wire_rows_out", (n, padded + 8 * meta.shape[1]), torch.uint8, x.device)
+    # each x row gathered straight into its wire row (no intermediate), then the metadata beside it
+    torch.index_select(x.contiguous().view(torch.uint8), 0, token, out=wire[:, :row_bytes])
     if padded != row_bytes:
-        parts.append(torch.zeros(token.numel(), padded - row_bytes, dtype=torch.uint8, device=x.device))
-    parts.append(meta.view(torch.uint8))
-    width = sum(p.shape[1] for p in parts)
-    return torch.cat(parts, dim=1, out=scratch("wire_rows_out", (token.numel(), width), torch.uint8, x.device))
+        wire[:, row_bytes:padded].zero_()
+    wire[:, padded:].view(torch.int64).copy_(meta)
+    return wire
 
 
 def unpack_wire_rows(wire: torch.Tensor, dtype: torch.dtype, hidden: int, width: int) -> tuple:
@@ -340,17 +356,19 @@ def expand(meta: torch.Tensor, wire_x: torch.Tensor, top_k: int, pairs: int, out
     """
     device = meta.device
     n_wire = meta.shape[0]
-    rows = meta[:, META_ROWS:META_ROWS + top_k]
-    target = torch.where((rows >= 0) & (rows < out_rows), rows, out_rows).reshape(-1)
-    slot = torch.empty(out_rows + 1, dtype=torch.int64, device=device)
+    # slot (wire row * K + k) of each output row: index 0 of `slot` collects the slots that name no row
+    # here (-1), index out_rows + 1 the rows past the capacity; output row j sits at index j + 1.
+    target = (meta[:, META_ROWS:META_ROWS + top_k] + 1).clamp_(0, out_rows + 1).view(-1)
+    slot = torch.empty(out_rows + 2, dtype=torch.int64, device=device)
     slot.scatter_(0, target, torch.arange(n_wire * top_k, device=device))
     real = min(pairs, out_rows)
-    slot = slot[:real]
-    wire_row = slot // top_k
+    slot = slot[1:real + 1]
+    wire_row = torch.div(slot, top_k, rounding_mode="floor") if top_k > 1 else slot
     hidden = wire_x.shape[1]
     recv_x = torch.empty(out_rows, hidden, dtype=wire_x.dtype, device=device)
     torch.index_select(wire_x, 0, wire_row, out=recv_x[:real])
-    recv_x[real:].zero_()
+    if real < out_rows:
+        recv_x[real:].zero_()
 
     def padded(values: torch.Tensor, fill) -> torch.Tensor:
         if real == out_rows:
@@ -423,7 +441,7 @@ def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.T
     if y.device.type == "cpu":
         # index_add_ along dim 0 adds source rows serially in index order on the CPU.
         acc = scratch("partials_sum", (n_groups + 1, hidden), torch.float32, y.device).zero_()
-        acc.index_add_(0, torch.where(row_group >= 0, row_group, n_groups), product)
+        acc.index_add_(0, torch.remainder(row_group, n_groups + 1), product)  # row -1 into row G
         return acc[:n_groups].to(y.dtype, copy=True)  # (a copy: acc is a scratch buffer)
     # CUDA: index_add_ adds with atomics (any order). Lay each group's rows out densely after a column
     # of +0.0 and scan along the group: the scan of a non-innermost dimension runs sequentially in float32.

@@ -283,15 +283,21 @@ def send_rows(counts: CountRow) -> SendRows:
 
 
 def wire_meta(topk_idx: torch.Tensor, topk_weights: torch.Tensor, counts: CountRow, out_rows: torch.Tensor,
-              rows: SendRows, rank: int) -> torch.Tensor:
-    """[N, 2 + 3K] int64: the metadata of every wire row, in the layout above."""
+              rows: SendRows, rank: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, 2 + 3K] int64: the metadata of every wire row, in the layout above.
+
+    Args: topk_idx [T, K], topk_weights [T, K] float32, counts (`count_row`), out_rows [T, K] int64
+        (`place_pairs`), rows (`send_rows`), rank: this rank; out: an [N, 2 + 3K] int64 tensor (a
+        strided view is fine, such as the metadata columns of `wire_buffer`) to write into.
+    Returns: out, or a new tensor.
+    """
     top_k = topk_idx.shape[1]
     token = rows.token
     n = token.numel()
     # Per token: its K output rows, K expert ids and K weight bits; each wire row copies its token's,
     # then hides (-1) the rows and ids of slots whose expert lives on another rank.
     per_token = torch.cat([out_rows, topk_idx.long(), pack_weights(topk_weights)], dim=1)
-    meta = torch.empty(n, meta_width(top_k), dtype=torch.int64, device=token.device)
+    meta = torch.empty(n, meta_width(top_k), dtype=torch.int64, device=token.device) if out is None else out
     meta[:, META_TOKEN] = token
     meta[:, META_SOURCE] = rank
     torch.index_select(per_token, 0, token, out=meta[:, META_ROWS:])
@@ -300,21 +306,30 @@ def wire_meta(topk_idx: torch.Tensor, topk_weights: torch.Tensor, counts: CountR
     return meta
 
 
-def pack_wire_rows(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """[N, B] uint8: each wire row's x row (padded to 8 bytes) followed by its metadata row, so that one
-    all-to-all carries both.
+def wire_buffer(x: torch.Tensor, token: torch.Tensor, width: int) -> tuple:
+    """Packed wire rows with their x rows in place and the metadata still to write: each wire row is its
+    x row (padded to 8 bytes) followed by its metadata row, so that one all-to-all carries both.
 
-    Args: x [T, H]; token [N] int64 the token of each wire row; meta [N, 2 + 3K] int64.
+    Args: x [T, H]; token [N] int64 the token of each wire row; width: words of a metadata row (2 + 3K).
+    Returns: (wire [N, B] uint8, a scratch buffer; its metadata columns, an [N, width] int64 view).
     """
     row_bytes = x.shape[1] * x.element_size()
     padded = -(-row_bytes // 8) * 8
-    n = token.numel()
-    wire = scratch("wire_rows_out", (n, padded + 8 * meta.shape[1]), torch.uint8, x.device)
-    # each x row gathered straight into its wire row (no intermediate), then the metadata beside it
+    wire = scratch("wire_rows_out", (token.numel(), padded + 8 * width), torch.uint8, x.device)
+    # each x row gathered straight into its wire row (no intermediate)
     torch.index_select(x.contiguous().view(torch.uint8), 0, token, out=wire[:, :row_bytes])
     if padded != row_bytes:
         wire[:, row_bytes:padded].zero_()
-    wire[:, padded:].view(torch.int64).copy_(meta)
+    return wire, wire[:, padded:].view(torch.int64)
+
+
+def pack_wire_rows(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """[N, B] uint8: `wire_buffer` with the metadata rows written.
+
+    Args: x [T, H]; token [N] int64 the token of each wire row; meta [N, 2 + 3K] int64.
+    """
+    wire, meta_view = wire_buffer(x, token, meta.shape[1])
+    meta_view.copy_(meta)
     return wire
 
 

@@ -114,8 +114,19 @@ def combine(comm: Communicator, state, x: torch.Tensor, topk_weights: torch.Tens
         calls = _handle_combines.get(tr, 0)
         _handle_combines[tr] = calls + 1
         part_buf = tr.buffer(f"combine_partial_rows_{calls % 2}", dtype, (hidden,), handle.wire_out_max)
-        partials = routing.weighted_partials(x[:handle.pairs], topk_weights[:handle.pairs], handle.wire_row, groups)
-        if groups:
+        if device.type == "cpu":
+            # Shared memory: each source's partials are cast straight into its rows of that source's
+            # buffer (its groups are consecutive here and there), with no partial tensor in between.
+            sums = routing.weighted_sums(x[:handle.pairs], topk_weights[:handle.pairs], handle.wire_row, groups)
+            first = 0
+            for s, n in enumerate(n_from):  # at most W copies
+                if n:
+                    base = handle.partial_base[s]
+                    part_buf.peer(s)[base:base + n].copy_(sums[first:first + n])
+                first += n
+        elif groups:
+            partials = routing.weighted_partials(x[:handle.pairs], topk_weights[:handle.pairs], handle.wire_row,
+                                                 groups)
             # group g (from source s) goes to row partial_base[s] + (g - first group of s) of s's buffer
             n_from_t = torch.tensor(n_from, device=device)
             source = torch.repeat_interleave(ranks, n_from_t, output_size=groups)

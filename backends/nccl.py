@@ -211,7 +211,9 @@ class NcclBackend:
             return out
         if handle is not None and handle.wire_row is not None:
             n_to, n_from, pairs = handle.n_to, handle.n_from, handle.pairs
-            partials = routing.weighted_partials(x[:pairs], topk_weights[:pairs], handle.wire_row, sum(n_from))
+            partials = routing.weighted_partials(
+                x[:pairs], topk_weights[:pairs], handle.wire_row, sum(n_from),
+                out=routing.scratch("partials_out", (sum(n_from), hidden), x.dtype, x.device))
             partials_in = routing.scratch("partials_in", (sum(n_to), hidden), x.dtype, x.device)
             comm.all_to_all_single(partials_in, partials, n_to, n_from)
             token = handle.send_token

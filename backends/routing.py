@@ -436,15 +436,15 @@ def group_rows(src_rank: torch.Tensor, src_idx: torch.Tensor) -> CombineGroups:
     return CombineGroups(torch.where(real, inverse, -1), unique // KEY_STRIDE, unique % KEY_STRIDE)
 
 
-def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Step 1 of docs/contract.md section 4: per group, the float32 sum of w * y over its rows in row
-    order (starting at +0.0), cast to y's dtype.
+def weighted_sums(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Step 1 of docs/contract.md section 4 before its cast: per group, the float32 sum of w * y over
+    its rows in row order, starting from +0.0.
 
     Args:
         y: [V, H] expert outputs. weights: [V] float32.
         row_group: [V] int64 group of each row in [0, n_groups), -1 for a row that belongs to none.
         n_groups: G.
-    Returns: [G, H] in y's dtype.
+    Returns: [G, H] float32; on the CPU a view of a scratch buffer, valid until the next call on this thread.
     """
     hidden = y.shape[1]
     # float32(w) * float32(y), rounded once (a float32 copy first: mixed-dtype products are slow on CPUs)
@@ -457,7 +457,7 @@ def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.T
         # index_add_ along dim 0 adds source rows serially in index order on the CPU.
         acc = scratch("partials_sum", (n_groups + 1, hidden), torch.float32, y.device).zero_()
         acc.index_add_(0, torch.remainder(row_group, n_groups + 1), product)  # row -1 into row G
-        return acc[:n_groups].to(y.dtype, copy=True)  # (a copy: acc is a scratch buffer)
+        return acc[:n_groups]
     # CUDA: index_add_ adds with atomics (any order). Lay each group's rows out densely after a column
     # of +0.0 and scan along the group: the scan of a non-innermost dimension runs sequentially in float32.
     keep = (row_group >= 0).nonzero().squeeze(1)
@@ -466,7 +466,23 @@ def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.T
     longest = int(occurrence.max()) + 1 if group.numel() else 0
     dense = torch.zeros(n_groups, longest + 1, hidden, dtype=torch.float32, device=y.device)
     dense[group, occurrence + 1] = product[keep]
-    return dense.cumsum(1)[:, longest].to(y.dtype)
+    return dense.cumsum(1)[:, longest]
+
+
+def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tensor, n_groups: int,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Step 1 of docs/contract.md section 4: per group, the float32 sum of w * y over its rows in row
+    order (starting at +0.0), cast to y's dtype.
+
+    Args:
+        y: [V, H] expert outputs. weights: [V] float32.
+        row_group: [V] int64 group of each row in [0, n_groups), -1 for a row that belongs to none.
+        n_groups: G.
+        out: optional [G, H] tensor of y's dtype to write the partials into.
+    Returns: [G, H] in y's dtype: out, or a new tensor.
+    """
+    sums = weighted_sums(y, weights, row_group, n_groups)
+    return sums.to(y.dtype, copy=True) if out is None else out.copy_(sums)
 
 
 def sum_partials(partials: torch.Tensor, token: torch.Tensor, num_tokens: int, splits: Sequence[int]) -> torch.Tensor:

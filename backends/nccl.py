@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from . import nccl_kernels, routing
 from .common import DTYPE_CODES, CommStats, DispatchOutputs, with_sm_budget
@@ -132,13 +131,9 @@ class NcclBackend:
         counts = routing.count_row(topk_idx, placement)
 
         # 1. The count matrix: every rank's count row to every rank, in one all-to-all, then on the host.
-        # While the rows travel, the wire rows are laid out and their x rows gathered (neither needs M).
         row_to = torch.cat([counts.row, checks]).unsqueeze(0).expand(world, -1).contiguous()
         rows_from = torch.empty_like(row_to)
-        pending = _start_all_to_all(comm, rows_from, row_to)
-        send = routing.send_rows(counts)
-        wire, meta_out = routing.wire_buffer(x, send.token, routing.meta_width(top_k))
-        _finish_all_to_all(comm, pending)
+        comm.all_to_all_single(rows_from, row_to)
         host = rows_from.tolist()
         stats.sync("count matrix to host")
         per_expert, pairs = agree(host)
@@ -146,8 +141,11 @@ class NcclBackend:
         n_to = host[rank][:world]
         n_from = [host[s][rank] for s in range(world)]
 
-        # 2. Where every pair lands and the wire rows' metadata; then the rows travel, packed.
+        # 2. Where every pair lands, the wire rows (x rows gathered straight into them) and their
+        # metadata beside the x rows; then the rows travel, packed.
         out_rows = routing.place_pairs(topk_idx, counts, matrix, placement, rank)
+        send = routing.send_rows(counts)
+        wire, meta_out = routing.wire_buffer(x, send.token, routing.meta_width(top_k))
         meta = routing.wire_meta(topk_idx, topk_weights, counts, out_rows, send, rank, out=meta_out)
         wire_in = routing.scratch("wire_rows_in", (sum(n_from), wire.shape[1]), wire.dtype, x.device)
         comm.all_to_all_single(wire_in, wire, n_from, n_to)
@@ -231,21 +229,6 @@ class NcclBackend:
         stats.bytes_sent += (sum(n_from) - n_from[rank]) * row_bytes
         stats.bytes_recv += (sum(n_to) - n_to[rank]) * row_bytes
         return routing.sum_partials(partials_in, token, num_tokens, n_to)
-
-
-def _start_all_to_all(comm: Communicator, output: torch.Tensor, input: torch.Tensor):
-    """An all-to-all of equal splits, started asynchronously where that is safe (Gloo, on CPU tensors):
-    the host works on while it travels. Returns what `_finish_all_to_all` waits for (None: done)."""
-    if not comm.is_distributed or input.is_cuda:
-        comm.all_to_all_single(output, input)
-        return None
-    return comm._call("all_to_all_single", dist.all_to_all_single, output, input, group=comm.group, async_op=True)
-
-
-def _finish_all_to_all(comm: Communicator, pending) -> None:
-    """Waits for an all-to-all that `_start_all_to_all` started (a peer that never answers times out)."""
-    if pending is not None:
-        comm._call("all_to_all_single", pending.wait)
 
 
 def _raise_combine_errors(rank: int, errors: torch.Tensor) -> None:

@@ -378,7 +378,9 @@ def expand(meta: torch.Tensor, wire_x: torch.Tensor, top_k: int, pairs: int, out
     slot.scatter_(0, target, torch.arange(n_wire * top_k, device=device))
     real = min(pairs, out_rows)
     slot = slot[1:real + 1]
-    wire_row = torch.div(slot, top_k, rounding_mode="floor") if top_k > 1 else slot
+    # slot // K: a shift when K is a power of two (x86 has no vector int64 division)
+    shift = top_k.bit_length() - 1
+    wire_row = (slot >> shift if shift else slot) if top_k == 1 << shift else torch.div(slot, top_k, rounding_mode="floor")
     hidden = wire_x.shape[1]
     recv_x = torch.empty(out_rows, hidden, dtype=wire_x.dtype, device=device)
     torch.index_select(wire_x, 0, wire_row, out=recv_x[:real])
@@ -433,7 +435,8 @@ def group_rows(src_rank: torch.Tensor, src_idx: torch.Tensor) -> CombineGroups:
     unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
     n_groups = unique.numel() - (0 if bool(real.all()) else 1)
     unique = unique[:n_groups]
-    return CombineGroups(torch.where(real, inverse, -1), unique // KEY_STRIDE, unique % KEY_STRIDE)
+    # key // KEY_STRIDE and key % KEY_STRIDE, as a shift and a mask (the same values, negative keys included)
+    return CombineGroups(torch.where(real, inverse, -1), unique >> 32, unique & (KEY_STRIDE - 1))
 
 
 def weighted_sums(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tensor, n_groups: int) -> torch.Tensor:

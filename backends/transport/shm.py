@@ -4,7 +4,9 @@ Each rank creates its buffer as a segment in /dev/shm (named `fuser_moe_<pid>_..
 through the group's store, maps every peer's segment and wraps them as tensors, and unlinks its own
 segment once every peer has mapped it, so nothing is left in /dev/shm even if a process dies later.
 The barrier is the CUDA kernel's protocol on int64 flags in each rank's shared control block, with the
-host spinning on `time.monotonic()` instead of `%globaltimer`.
+host polling on `time.monotonic()` instead of `%globaltimer`: it yields its core between polls for the
+first 20 ms (ranks often share cores, and a peer that is still working gets the core at once), then
+naps, up to 1 ms a poll.
 
 Ordering: `push_rows` copies synchronously before the barrier stores its flag, and aligned 8-byte
 stores are atomic and ordered on x86-64 (TSO), which is what the flags rely on.

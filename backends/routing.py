@@ -459,7 +459,7 @@ def weighted_sums(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tenso
     if y.device.type == "cpu":
         # index_add_ along dim 0 adds source rows serially in index order on the CPU.
         acc = scratch("partials_sum", (n_groups + 1, hidden), torch.float32, y.device).zero_()
-        acc.index_add_(0, torch.remainder(row_group, n_groups + 1), product)  # row -1 into row G
+        acc.index_add_(0, torch.where(row_group >= 0, row_group, n_groups), product)  # row -1 into row G
         return acc[:n_groups]
     # CUDA: index_add_ adds with atomics (any order). Lay each group's rows out densely after a column
     # of +0.0 and scan along the group: the scan of a non-innermost dimension runs sequentially in float32.

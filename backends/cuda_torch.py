@@ -43,7 +43,8 @@ def push_to_all(state, row: torch.Tensor, buf) -> None:
 
 def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
              placement: routing.Placement, max_recv_tokens: Optional[int], check_inputs: bool, stats: CommStats):
-    """Dispatch over push_rows (docs/contract.md section 3). Returns (outputs, pairs received, handle)."""
+    """Dispatch over push_rows (docs/contract.md section 3; on CPU tensors the rows are written into the
+    peers' shared-memory buffers directly, as push_rows would). Returns (outputs, pairs received, handle)."""
     world, rank = comm.world_size, comm.rank
     tr, device = state.transport, x.device
     tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
@@ -52,7 +53,11 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     # 1. counts
     counts = routing.count_row(topk_idx, placement)
     count_buf = tr.buffer("dispatch_count_rows", torch.int64, (row_len,), world)
-    push_to_all(state, counts.row.view(1, row_len), count_buf)
+    if device.type == "cpu":  # shared memory: row `rank` of every rank's count buffer, written in place
+        for peer in range(world):
+            count_buf.peer(peer)[rank].copy_(counts.row)
+    else:
+        push_to_all(state, counts.row.view(1, row_len), count_buf)
     tr.barrier()
     matrix = count_buf.local[:world].clone()
     host = matrix.tolist()
@@ -72,7 +77,17 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     capacity = max(wire_in)  # the same on every rank: every rank read the same matrix
     x_buf = tr.buffer("dispatch_wire_rows", x.dtype, (hidden,), capacity)
     meta_buf = tr.buffer("dispatch_wire_meta", torch.int64, (meta.shape[1],), capacity)
-    if send.token.numel():
+    if send.token.numel() and device.type == "cpu":
+        # Shared memory: the wire rows for rank d (send rows are by destination, then token) go to rows
+        # [sum_{s<r} M[s][d], + n_to[d]) of d's buffers: one gather of x rows and one copy of metadata.
+        first = 0
+        for d in range(world):  # at most W passes
+            n, base = n_to[d], sum(host[s][d] for s in range(rank))
+            if n:
+                torch.index_select(x, 0, send.token[first:first + n], out=x_buf.peer(d)[base:base + n])
+                meta_buf.peer(d)[base:base + n].copy_(meta[first:first + n])
+            first += n
+    elif send.token.numel():
         dst_row = matrix[:rank, :world].sum(0)[send.rank] + send.position
         tr.push_rows(x.contiguous(), send.token, send.rank, dst_row, x_buf)
         tr.push_rows(meta, torch.arange(send.token.numel(), device=device), send.rank, dst_row, meta_buf)

@@ -11,15 +11,18 @@ nothing; on CUDA it is a synchronisation, so this path is not capturable in a CU
        r's tokens for d) of d's buffer, with its metadata row (routing.py's layout, output rows
        included); barrier.
     3. expansion: the receiver writes each wire row to the output rows its metadata names.
-  combine with the dispatch's handle: barrier (the sources have read the previous partials); the
-       partial of each received wire row (float32 sum in row order of w * y, cast) goes to the source's
-       buffer at the row where that token sat in the source's send layout; barrier; the source adds
-       each token's partials in ascending expert-rank order, in float32.
+  combine with the dispatch's handle: the partial of each received wire row (float32 sum in row order
+       of w * y, cast) goes to the source's buffer at the row where that token sat in the source's send
+       layout; barrier; the source adds each token's partials in ascending expert-rank order, in float32.
+       Consecutive such combines write alternate buffers, so no barrier is needed before the pushes:
+       a buffer is written again only after the barrier of the combine in between, which every rank
+       enters after it has read that buffer.
   combine without a handle: the counts travel first (n_tokens_to_rank rows), the groups come from a
        sort of (src_rank, src_idx), and each partial travels with its token index.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -29,6 +32,10 @@ from .common import CommStats, DispatchOutputs
 from .communicator import Communicator
 
 
+# Combines with a handle run so far, per transport: which of the two partial buffers the next one writes.
+_handle_combines: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def push_to_all(state, row: torch.Tensor, buf) -> None:
     """Writes a one-row tensor into this rank's row of every rank's `buf`."""
     state.transport.push_rows(row.contiguous(), state.zeros_w, state.ranks, state.own_row, buf)
@@ -36,7 +43,8 @@ def push_to_all(state, row: torch.Tensor, buf) -> None:
 
 def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
              placement: routing.Placement, max_recv_tokens: Optional[int], check_inputs: bool, stats: CommStats):
-    """Dispatch over push_rows (docs/contract.md section 3). Returns (outputs, pairs received, handle)."""
+    """Dispatch over push_rows (docs/contract.md section 3; on CPU tensors the rows are written into the
+    peers' shared-memory buffers directly, as push_rows would). Returns (outputs, pairs received, handle)."""
     world, rank = comm.world_size, comm.rank
     tr, device = state.transport, x.device
     tokens, top_k, hidden = topk_idx.shape[0], topk_idx.shape[1], x.shape[1]
@@ -45,7 +53,11 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     # 1. counts
     counts = routing.count_row(topk_idx, placement)
     count_buf = tr.buffer("dispatch_count_rows", torch.int64, (row_len,), world)
-    push_to_all(state, counts.row.view(1, row_len), count_buf)
+    if device.type == "cpu":  # shared memory: row `rank` of every rank's count buffer, written in place
+        for peer in range(world):
+            count_buf.peer(peer)[rank].copy_(counts.row)
+    else:
+        push_to_all(state, counts.row.view(1, row_len), count_buf)
     tr.barrier()
     matrix = count_buf.local[:world].clone()
     host = matrix.tolist()
@@ -65,7 +77,17 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     capacity = max(wire_in)  # the same on every rank: every rank read the same matrix
     x_buf = tr.buffer("dispatch_wire_rows", x.dtype, (hidden,), capacity)
     meta_buf = tr.buffer("dispatch_wire_meta", torch.int64, (meta.shape[1],), capacity)
-    if send.token.numel():
+    if send.token.numel() and device.type == "cpu":
+        # Shared memory: the wire rows for rank d (send rows are by destination, then token) go to rows
+        # [sum_{s<r} M[s][d], + n_to[d]) of d's buffers: one gather of x rows and one copy of metadata.
+        first = 0
+        for d in range(world):  # at most W passes
+            n, base = n_to[d], sum(host[s][d] for s in range(rank))
+            if n:
+                torch.index_select(x, 0, send.token[first:first + n], out=x_buf.peer(d)[base:base + n])
+                meta_buf.peer(d)[base:base + n].copy_(meta[first:first + n])
+            first += n
+    elif send.token.numel():
         dst_row = matrix[:rank, :world].sum(0)[send.rank] + send.position
         tr.push_rows(x.contiguous(), send.token, send.rank, dst_row, x_buf)
         tr.push_rows(meta, torch.arange(send.token.numel(), device=device), send.rank, dst_row, meta_buf)
@@ -102,17 +124,32 @@ def combine(comm: Communicator, state, x: torch.Tensor, topk_weights: torch.Tens
     hidden, dtype = x.shape[1], x.dtype
     ranks = state.ranks
     if handle is not None:
-        tr.barrier()  # every source has read the partials of the previous combine
         n_from = handle.n_from
         groups = sum(n_from)
-        partials = routing.weighted_partials(x[:handle.pairs], topk_weights[:handle.pairs], handle.wire_row, groups)
-        source = torch.repeat_interleave(ranks, torch.tensor(n_from, device=device), output_size=groups)
-        first = torch.tensor([sum(n_from[:s]) for s in range(world)], dtype=torch.int64, device=device)
-        dst_row = torch.tensor(handle.partial_base, dtype=torch.int64, device=device)[source] \
-            + torch.arange(groups, device=device) - first[source]
-        part_buf = tr.buffer("combine_partial_rows", dtype, (hidden,), handle.wire_out_max)
-        if groups:
-            tr.push_rows(partials, torch.arange(groups, device=device), source, dst_row, part_buf)
+        calls = _handle_combines.get(tr, 0)
+        _handle_combines[tr] = calls + 1
+        part_buf = tr.buffer(f"combine_partial_rows_{calls % 2}", dtype, (hidden,), handle.wire_out_max)
+        if device.type == "cpu":
+            # Shared memory: each source's partials are cast straight into its rows of that source's
+            # buffer (its groups are consecutive here and there), with no partial tensor in between.
+            sums = routing.weighted_sums(x[:handle.pairs], topk_weights[:handle.pairs], handle.wire_row, groups)
+            first = 0
+            for s, n in enumerate(n_from):  # at most W copies
+                if n:
+                    base = handle.partial_base[s]
+                    part_buf.peer(s)[base:base + n].copy_(sums[first:first + n])
+                first += n
+        elif groups:
+            partials = routing.weighted_partials(x[:handle.pairs], topk_weights[:handle.pairs], handle.wire_row,
+                                                 groups)
+            # group g (from source s) goes to row partial_base[s] + (g - first group of s) of s's buffer
+            n_from_t = torch.tensor(n_from, device=device)
+            source = torch.repeat_interleave(ranks, n_from_t, output_size=groups)
+            shift = torch.tensor([handle.partial_base[s] - sum(n_from[:s]) for s in range(world)],
+                                 dtype=torch.int64, device=device)
+            rows = torch.arange(groups, device=device)
+            dst_row = rows + torch.repeat_interleave(shift, n_from_t, output_size=groups)
+            tr.push_rows(partials, rows, source, dst_row, part_buf)
         tr.barrier()
         n_to = handle.n_to
         token = handle.send_token

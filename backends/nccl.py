@@ -141,11 +141,12 @@ class NcclBackend:
         n_to = host[rank][:world]
         n_from = [host[s][rank] for s in range(world)]
 
-        # 2. Where every pair lands, the wire rows and their metadata; then the rows travel, packed.
+        # 2. Where every pair lands, the wire rows (x rows gathered straight into them) and their
+        # metadata beside the x rows; then the rows travel, packed.
         out_rows = routing.place_pairs(topk_idx, counts, matrix, placement, rank)
         send = routing.send_rows(counts)
-        meta = routing.wire_meta(topk_idx, topk_weights, counts, out_rows, send, rank)
-        wire = routing.pack_wire_rows(x, send.token, meta)
+        wire, meta_out = routing.wire_buffer(x, send.token, routing.meta_width(top_k))
+        meta = routing.wire_meta(topk_idx, topk_weights, counts, out_rows, send, rank, out=meta_out)
         wire_in = routing.scratch("wire_rows_in", (sum(n_from), wire.shape[1]), wire.dtype, x.device)
         comm.all_to_all_single(wire_in, wire, n_from, n_to)
         x_in, meta_in = routing.unpack_wire_rows(wire_in, x.dtype, hidden, meta.shape[1])
@@ -208,7 +209,9 @@ class NcclBackend:
             return out
         if handle is not None and handle.wire_row is not None:
             n_to, n_from, pairs = handle.n_to, handle.n_from, handle.pairs
-            partials = routing.weighted_partials(x[:pairs], topk_weights[:pairs], handle.wire_row, sum(n_from))
+            partials = routing.weighted_partials(
+                x[:pairs], topk_weights[:pairs], handle.wire_row, sum(n_from),
+                out=routing.scratch("partials_out", (sum(n_from), hidden), x.dtype, x.device))
             partials_in = routing.scratch("partials_in", (sum(n_to), hidden), x.dtype, x.device)
             comm.all_to_all_single(partials_in, partials, n_to, n_from)
             token = handle.send_token

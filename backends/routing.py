@@ -56,6 +56,10 @@ class Placement:
     # The map on the host, and each rank's experts in local order (host ints).
     ranks_host: tuple = ()
     local_experts: tuple = ()
+    # Lookup tables indexed by clamp(id + 1, 0, E + 1) ([E + 2] int64 on the device): the rank of an id's
+    # expert and the id itself, with -1 and E for an empty slot or an id outside [0, E).
+    slot_rank: Optional[torch.Tensor] = None
+    slot_expert: Optional[torch.Tensor] = None
 
 
 def placement_list(num_experts: int, world_size: int, expert_to_rank: Optional[Sequence[int]]) -> list[int]:
@@ -100,6 +104,8 @@ def make_placement(num_experts: int, world_size: int, expert_to_rank: Optional[S
         torch.tensor([sum(seen[:d]) for d in range(world_size + 1)], dtype=torch.int64, device=device),
         tuple(placement),
         tuple(tuple(e for e in range(num_experts) if placement[e] == d) for d in range(world_size)),
+        torch.tensor([-1] + placement + [-1], dtype=torch.int64, device=device),
+        torch.tensor([num_experts] + list(range(num_experts)) + [num_experts], dtype=torch.int64, device=device),
     )
     if len(_placement_cache) > 256:
         _placement_cache.clear()
@@ -160,21 +166,23 @@ def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
 def _rank_within_value(values: torch.Tensor, n_values: int) -> torch.Tensor:
     """For each entry of a 1-D int64 tensor with entries in [0, n_values]: how many earlier entries hold
     the same value (a stable sort, no loop)."""
-    order = torch.argsort(values, stable=True)
-    first = _exclusive_cumsum(torch.bincount(values, minlength=n_values + 1))
+    ordered, order = torch.sort(values, stable=True)
+    first = torch.searchsorted(ordered, ordered)  # where each entry's value starts in the sorted order
     position = torch.empty_like(values)
-    position[order] = torch.arange(values.numel(), device=values.device) - first[values[order]]
+    position[order] = torch.arange(values.numel(), device=values.device) - first
     return position
 
 
 # ------------------------------------------------------------------------------------------ count
+def _slot_keys(topk_idx: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """[T, K] int64 indices into the placement's slot tables: clamp(id + 1, 0, E + 1)."""
+    return (topk_idx.long() + 1).clamp_(0, placement.num_experts + 1)
+
+
 def slot_destinations(topk_idx: torch.Tensor, placement: Placement) -> torch.Tensor:
     """[T, K] int64: the rank of each slot's expert; -1 for an empty slot (and for an id outside [0, E),
     which only an unchecked input has: the kernels skip such slots too)."""
-    idx = topk_idx.long()
-    valid = (idx >= 0) & (idx < placement.num_experts)
-    ranks = placement.expert_to_rank[idx.clamp(0, placement.num_experts - 1)]
-    return torch.where(valid, ranks, torch.full_like(idx, -1))
+    return placement.slot_rank[_slot_keys(topk_idx, placement)]
 
 
 @dataclass
@@ -184,11 +192,13 @@ class CountRow:
     row: [W + E + 1] int64: distinct tokens to each rank, pairs per expert, then T.
     dest: [T, K] int64: rank of each slot's expert, -1 for an empty slot.
     routed: [T, W] bool: does token t travel to rank d.
+    slot_expert: [T * K] int64: each slot's expert id, E for an empty slot.
     """
 
     row: torch.Tensor
     dest: torch.Tensor
     routed: torch.Tensor
+    slot_expert: torch.Tensor
 
 
 def count_row(topk_idx: torch.Tensor, placement: Placement) -> CountRow:
@@ -201,15 +211,17 @@ def count_row(topk_idx: torch.Tensor, placement: Placement) -> CountRow:
     """
     world, experts = placement.world_size, placement.num_experts
     tokens = topk_idx.shape[0]
-    dest = slot_destinations(topk_idx, placement)
+    keys = _slot_keys(topk_idx, placement)
+    dest = placement.slot_rank[keys]
+    slot_expert = placement.slot_expert[keys].view(-1)
     device = dest.device
-    routed = torch.zeros(tokens, world + 1, dtype=torch.bool, device=device)
-    routed.scatter_(1, torch.where(dest >= 0, dest, world), True)
-    routed = routed[:, :world]
-    slot_expert = torch.where(dest >= 0, topk_idx.long(), experts).reshape(-1)
-    per_expert = torch.bincount(slot_expert, minlength=experts + 1)[:experts]
-    row = torch.cat([routed.sum(0), per_expert, torch.full((1,), tokens, dtype=torch.int64, device=device)])
-    return CountRow(row, dest, routed)
+    # column 0 collects the empty slots (dest -1), column d + 1 the slots on rank d
+    routed = torch.zeros(tokens, world + 1, dtype=torch.bool, device=device).scatter_(1, dest + 1, True)[:, 1:]
+    row = torch.empty(world + experts + 1, dtype=torch.int64, device=device)
+    torch.sum(routed, 0, out=row[:world])
+    row[world:].copy_(torch.bincount(slot_expert, minlength=experts + 1))  # the last count is overwritten:
+    row[-1] = tokens
+    return CountRow(row, dest, routed, slot_expert)
 
 
 # ------------------------------------------------------------------------------------------ place
@@ -241,11 +253,11 @@ def place_pairs(topk_idx: torch.Tensor, counts: CountRow, matrix: torch.Tensor, 
     Pairs of one expert from this rank are ordered by (token, slot), as the contract orders rows.
     """
     experts = placement.num_experts
-    slot_expert = torch.where(counts.dest >= 0, topk_idx.long(), experts).reshape(-1)
+    slot_expert = counts.slot_expert
     starts = torch.cat([expert_starts(matrix, placement, rank),
                         torch.full((1,), -1, dtype=torch.int64, device=matrix.device)])
     rows = starts[slot_expert] + _rank_within_value(slot_expert, experts)
-    return torch.where(slot_expert < experts, rows, -1).view(topk_idx.shape)
+    return rows.masked_fill_(slot_expert == experts, -1).view(topk_idx.shape)
 
 
 @dataclass
@@ -271,35 +283,54 @@ def send_rows(counts: CountRow) -> SendRows:
 
 
 def wire_meta(topk_idx: torch.Tensor, topk_weights: torch.Tensor, counts: CountRow, out_rows: torch.Tensor,
-              rows: SendRows, rank: int) -> torch.Tensor:
-    """[N, 2 + 3K] int64: the metadata of every wire row, in the layout above."""
+              rows: SendRows, rank: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, 2 + 3K] int64: the metadata of every wire row, in the layout above.
+
+    Args: topk_idx [T, K], topk_weights [T, K] float32, counts (`count_row`), out_rows [T, K] int64
+        (`place_pairs`), rows (`send_rows`), rank: this rank; out: an [N, 2 + 3K] int64 tensor (a
+        strided view is fine, such as the metadata columns of `wire_buffer`) to write into.
+    Returns: out, or a new tensor.
+    """
     top_k = topk_idx.shape[1]
     token = rows.token
-    here = counts.dest[token] == rows.rank.unsqueeze(1)
-    meta = torch.empty(token.numel(), meta_width(top_k), dtype=torch.int64, device=token.device)
+    n = token.numel()
+    # Per token: its K output rows, K expert ids and K weight bits; each wire row copies its token's,
+    # then hides (-1) the rows and ids of slots whose expert lives on another rank.
+    per_token = torch.cat([out_rows, topk_idx.long(), pack_weights(topk_weights)], dim=1)
+    meta = torch.empty(n, meta_width(top_k), dtype=torch.int64, device=token.device) if out is None else out
     meta[:, META_TOKEN] = token
     meta[:, META_SOURCE] = rank
-    meta[:, META_ROWS:META_ROWS + top_k] = torch.where(here, out_rows[token], -1)
-    meta[:, META_ROWS + top_k:META_ROWS + 2 * top_k] = torch.where(here, topk_idx.long()[token], -1)
-    meta[:, META_ROWS + 2 * top_k:] = pack_weights(topk_weights)[token]
+    torch.index_select(per_token, 0, token, out=meta[:, META_ROWS:])
+    elsewhere = (counts.dest[token] != rows.rank.unsqueeze(1)).unsqueeze(1)  # [N, 1, K]
+    meta[:, META_ROWS:META_ROWS + 2 * top_k].view(n, 2, top_k).masked_fill_(elsewhere, -1)
     return meta
 
 
-def pack_wire_rows(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """[N, B] uint8: each wire row's x row (padded to 8 bytes) followed by its metadata row, so that one
-    all-to-all carries both.
+def wire_buffer(x: torch.Tensor, token: torch.Tensor, width: int) -> tuple:
+    """Packed wire rows with their x rows in place and the metadata still to write: each wire row is its
+    x row (padded to 8 bytes) followed by its metadata row, so that one all-to-all carries both.
 
-    Args: x [T, H]; token [N] int64 the token of each wire row; meta [N, 2 + 3K] int64.
+    Args: x [T, H]; token [N] int64 the token of each wire row; width: words of a metadata row (2 + 3K).
+    Returns: (wire [N, B] uint8, a scratch buffer; its metadata columns, an [N, width] int64 view).
     """
     row_bytes = x.shape[1] * x.element_size()
     padded = -(-row_bytes // 8) * 8
-    rows = x.contiguous().view(torch.uint8).index_select(0, token)
-    parts = [rows]
+    wire = scratch("wire_rows_out", (token.numel(), padded + 8 * width), torch.uint8, x.device)
+    # each x row gathered straight into its wire row (no intermediate)
+    torch.index_select(x.contiguous().view(torch.uint8), 0, token, out=wire[:, :row_bytes])
     if padded != row_bytes:
-        parts.append(torch.zeros(token.numel(), padded - row_bytes, dtype=torch.uint8, device=x.device))
-    parts.append(meta.view(torch.uint8))
-    width = sum(p.shape[1] for p in parts)
-    return torch.cat(parts, dim=1, out=scratch("wire_rows_out", (token.numel(), width), torch.uint8, x.device))
+        wire[:, row_bytes:padded].zero_()
+    return wire, wire[:, padded:].view(torch.int64)
+
+
+def pack_wire_rows(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """[N, B] uint8: `wire_buffer` with the metadata rows written.
+
+    Args: x [T, H]; token [N] int64 the token of each wire row; meta [N, 2 + 3K] int64.
+    """
+    wire, meta_view = wire_buffer(x, token, meta.shape[1])
+    meta_view.copy_(meta)
+    return wire
 
 
 def unpack_wire_rows(wire: torch.Tensor, dtype: torch.dtype, hidden: int, width: int) -> tuple:
@@ -340,17 +371,21 @@ def expand(meta: torch.Tensor, wire_x: torch.Tensor, top_k: int, pairs: int, out
     """
     device = meta.device
     n_wire = meta.shape[0]
-    rows = meta[:, META_ROWS:META_ROWS + top_k]
-    target = torch.where((rows >= 0) & (rows < out_rows), rows, out_rows).reshape(-1)
-    slot = torch.empty(out_rows + 1, dtype=torch.int64, device=device)
+    # slot (wire row * K + k) of each output row: index 0 of `slot` collects the slots that name no row
+    # here (-1), index out_rows + 1 the rows past the capacity; output row j sits at index j + 1.
+    target = (meta[:, META_ROWS:META_ROWS + top_k] + 1).clamp_(0, out_rows + 1).view(-1)
+    slot = torch.empty(out_rows + 2, dtype=torch.int64, device=device)
     slot.scatter_(0, target, torch.arange(n_wire * top_k, device=device))
     real = min(pairs, out_rows)
-    slot = slot[:real]
-    wire_row = slot // top_k
+    slot = slot[1:real + 1]
+    # slot // K: a shift when K is a power of two (x86 has no vector int64 division)
+    shift = top_k.bit_length() - 1
+    wire_row = (slot >> shift if shift else slot) if top_k == 1 << shift else torch.div(slot, top_k, rounding_mode="floor")
     hidden = wire_x.shape[1]
     recv_x = torch.empty(out_rows, hidden, dtype=wire_x.dtype, device=device)
     torch.index_select(wire_x, 0, wire_row, out=recv_x[:real])
-    recv_x[real:].zero_()
+    if real < out_rows:
+        recv_x[real:].zero_()
 
     def padded(values: torch.Tensor, fill) -> torch.Tensor:
         if real == out_rows:
@@ -400,18 +435,19 @@ def group_rows(src_rank: torch.Tensor, src_idx: torch.Tensor) -> CombineGroups:
     unique, inverse = torch.unique(keys, sorted=True, return_inverse=True)
     n_groups = unique.numel() - (0 if bool(real.all()) else 1)
     unique = unique[:n_groups]
-    return CombineGroups(torch.where(real, inverse, -1), unique // KEY_STRIDE, unique % KEY_STRIDE)
+    # key // KEY_STRIDE and key % KEY_STRIDE, as a shift and a mask (the same values, negative keys included)
+    return CombineGroups(torch.where(real, inverse, -1), unique >> 32, unique & (KEY_STRIDE - 1))
 
 
-def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Step 1 of docs/contract.md section 4: per group, the float32 sum of w * y over its rows in row
-    order (starting at +0.0), cast to y's dtype.
+def weighted_sums(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Step 1 of docs/contract.md section 4 before its cast: per group, the float32 sum of w * y over
+    its rows in row order, starting from +0.0.
 
     Args:
         y: [V, H] expert outputs. weights: [V] float32.
         row_group: [V] int64 group of each row in [0, n_groups), -1 for a row that belongs to none.
         n_groups: G.
-    Returns: [G, H] in y's dtype.
+    Returns: [G, H] float32; on the CPU a view of a scratch buffer, valid until the next call on this thread.
     """
     hidden = y.shape[1]
     # float32(w) * float32(y), rounded once (a float32 copy first: mixed-dtype products are slow on CPUs)
@@ -423,8 +459,8 @@ def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.T
     if y.device.type == "cpu":
         # index_add_ along dim 0 adds source rows serially in index order on the CPU.
         acc = scratch("partials_sum", (n_groups + 1, hidden), torch.float32, y.device).zero_()
-        acc.index_add_(0, torch.where(row_group >= 0, row_group, n_groups), product)
-        return acc[:n_groups].to(y.dtype, copy=True)  # (a copy: acc is a scratch buffer)
+        acc.index_add_(0, torch.where(row_group >= 0, row_group, n_groups), product)  # row -1 into row G
+        return acc[:n_groups]
     # CUDA: index_add_ adds with atomics (any order). Lay each group's rows out densely after a column
     # of +0.0 and scan along the group: the scan of a non-innermost dimension runs sequentially in float32.
     keep = (row_group >= 0).nonzero().squeeze(1)
@@ -433,7 +469,23 @@ def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.T
     longest = int(occurrence.max()) + 1 if group.numel() else 0
     dense = torch.zeros(n_groups, longest + 1, hidden, dtype=torch.float32, device=y.device)
     dense[group, occurrence + 1] = product[keep]
-    return dense.cumsum(1)[:, longest].to(y.dtype)
+    return dense.cumsum(1)[:, longest]
+
+
+def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tensor, n_groups: int,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Step 1 of docs/contract.md section 4: per group, the float32 sum of w * y over its rows in row
+    order (starting at +0.0), cast to y's dtype.
+
+    Args:
+        y: [V, H] expert outputs. weights: [V] float32.
+        row_group: [V] int64 group of each row in [0, n_groups), -1 for a row that belongs to none.
+        n_groups: G.
+        out: optional [G, H] tensor of y's dtype to write the partials into.
+    Returns: [G, H] in y's dtype: out, or a new tensor.
+    """
+    sums = weighted_sums(y, weights, row_group, n_groups)
+    return sums.to(y.dtype, copy=True) if out is None else out.copy_(sums)
 
 
 def sum_partials(partials: torch.Tensor, token: torch.Tensor, num_tokens: int, splits: Sequence[int]) -> torch.Tensor:

@@ -146,7 +146,7 @@ def check_combine_everywhere(comm: Communicator, x: torch.Tensor, topk_weights: 
                                  [f[1] for f in facts], rank)
         real = src_rank >= 0
         keys = torch.unique(src_rank[real] * (1 << 32) + src_idx[real])
-        distinct = torch.bincount(keys // (1 << 32), minlength=world)[:world].tolist()
+        distinct = torch.bincount(keys >> 32, minlength=world)[:world].tolist()  # the source rank of each key
         n_from = n_tokens_from_rank.tolist()
         if distinct != n_from:
             raise ValueError(f"moe_combine: rows name {distinct} distinct tokens per source rank but "

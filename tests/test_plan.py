@@ -422,6 +422,47 @@ def test_combine_with_and_without_the_dispatch_handle(backend, capacity):
     assert run_on_ranks(2, handle_body, backend, capacity) == [True, True]
 
 
+def back_to_back_combines_body(comm, backend):
+    """Several combines of one dispatch's handle in a row, with rank 0 slow to read its partials: each
+    gives the bits of a combine without the handle (the cuda backend's torch path alternates two
+    partial buffers, so a fast rank's next pushes never land in a buffer rank 0 is still reading)."""
+    import time
+
+    from moe_cases import Case, rank_inputs
+
+    from fuser_moe.executors import get_backend
+
+    impl = get_backend(backend)
+    case = Case(comm.world_size, 2, num_experts=4 * comm.world_size, seed=43)
+    x, idx, w = rank_inputs(comm, case)
+    d, handle = impl.dispatch(comm, x, idx, w, num_experts=case.num_experts, return_handle=True)
+    args = (d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank, d.n_tokens_to_rank, d.n_tokens_from_rank,
+            x.shape[0])
+    ys = [(d.recv_x.float() * (i + 1) - i).to(d.recv_x.dtype) for i in range(4)]
+    expected = [impl.combine(comm, y, *args, check_inputs=False).cpu() for y in ys]
+    real_sum = routing.sum_partials
+
+    def slow_sum(*a, **k):
+        if comm.rank == 0:
+            time.sleep(0.05)  # the peers run ahead into the next combine meanwhile
+        return real_sum(*a, **k)
+
+    routing.sum_partials = slow_sum
+    try:
+        got = [impl.combine(comm, y, *args, check_inputs=False, handle=handle).cpu() for y in ys]
+    finally:
+        routing.sum_partials = real_sum
+    assert all(same_bits(g, e) for g, e in zip(got, expected)), "back-to-back combines with a handle"
+    return True
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_back_to_back_combines_with_a_handle(backend, world_size):
+    from harness import run_on_ranks
+
+    assert run_on_ranks(world_size, back_to_back_combines_body, backend) == [True] * world_size
+
+
 def test_a_handle_does_not_keep_the_dispatch_outputs_alive():
     import gc
     import weakref

@@ -216,30 +216,36 @@ def _source_rows(rank: int, n_rows: int, dtype: torch.dtype, trailing: tuple) ->
     return values.to(dtype).view(n_rows, *trailing)
 
 
-def _routing(seed: int, rank: int, world_size: int, per_peer: int, n_src: int):
+def _routing(seed: int, rank: int, world_size: int, per_peer: int, n_src: int, layout: str = "padded"):
     """Rank `rank`'s push plan: (src_row, dst_rank, dst_row), every rank can recompute it.
 
     Rank s writes into rows [s * per_peer, (s + 1) * per_peer) of every destination, leaving one row of
-    its block unwritten, in shuffled order, mixed with padding entries (dst_row -1, garbage elsewhere).
+    its block unwritten. layout "padded": in shuffled order, mixed with padding entries (dst_row -1,
+    garbage elsewhere); "shuffled": the same without padding; "runs": by destination rank, each
+    destination's rows consecutive and ascending (the CUDA backend's pushes).
     """
     g = torch.Generator().manual_seed(seed * 1000 + rank)
     src_row, dst_rank, dst_row = [], [], []
     for d in range(world_size):
         rows = torch.randperm(per_peer, generator=g)[: per_peer - 1] + rank * per_peer
+        if layout == "runs":
+            rows = torch.arange(per_peer - 1) + rank * per_peer + (d % 2)
         for row in rows.tolist():
             src_row.append(int(torch.randint(n_src, (1,), generator=g)))
             dst_rank.append(d)
             dst_row.append(row)
-    for _ in range(3):  # padding: skipped whatever its other fields say
+    for _ in range(3 if layout == "padded" else 0):  # padding: skipped whatever its other fields say
         src_row.append(n_src + 7)
         dst_rank.append(-1)
         dst_row.append(-1)
     order = torch.randperm(len(src_row), generator=g)
+    if layout == "runs":
+        order = torch.arange(len(src_row))
     as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int64)[order]  # noqa: E731
     return as_tensor(src_row), as_tensor(dst_rank), as_tensor(dst_row)
 
 
-def _body_push_delivers(comm, dtype_name: str, trailing: tuple, seed: int):
+def _body_push_delivers(comm, dtype_name: str, trailing: tuple, seed: int, layout: str = "padded"):
     dtype = getattr(torch, dtype_name)
     transport = transport_for(comm)
     world, rank, device = comm.world_size, comm.rank, comm.device
@@ -247,14 +253,14 @@ def _body_push_delivers(comm, dtype_name: str, trailing: tuple, seed: int):
     buffer = transport.buffer("deliver", dtype, trailing, world * per_peer)
     assert buffer.local.dtype == dtype and tuple(buffer.local.shape) == (world * per_peer, *trailing)
     src = _source_rows(rank, n_src, dtype, trailing).to(device)
-    src_row, dst_rank, dst_row = (t.to(device) for t in _routing(seed, rank, world, per_peer, n_src))
+    src_row, dst_rank, dst_row = (t.to(device) for t in _routing(seed, rank, world, per_peer, n_src, layout))
     transport.push_rows(src, src_row, dst_rank, dst_row, buffer)
     _finish_phase(transport)
 
     expected = torch.zeros(world * per_peer, *trailing, dtype=dtype)
     for sender in range(world):
         rows = _source_rows(sender, n_src, dtype, trailing)
-        s_row, d_rank, d_row = _routing(seed, sender, world, per_peer, n_src)
+        s_row, d_rank, d_row = _routing(seed, sender, world, per_peer, n_src, layout)
         for i in range(s_row.shape[0]):
             if int(d_row[i]) >= 0 and int(d_rank[i]) == rank:
                 expected[int(d_row[i])] = rows[int(s_row[i])]
@@ -277,6 +283,16 @@ ROW_LAYOUTS = [
 @pytest.mark.parametrize("kind", KINDS)
 def test_push_rows_delivers_rows_to_peer_offsets_and_skips_padding(kind, world_size, dtype_name, trailing):
     _group(kind, world_size).run(_body_push_delivers, dtype_name, trailing, 7)
+
+
+@pytest.mark.parametrize("layout", ["shuffled", "runs"])
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("kind", KINDS)
+def test_push_rows_without_padding_in_any_order_and_in_runs(kind, world_size, layout):
+    """Pushes with no padding entry take ShmTransport's fast paths: a scatter of shuffled rows, and one
+    gather per destination of consecutive rows (the layout of the CUDA backend's pushes)."""
+    _group(kind, world_size).run(_body_push_delivers, "bfloat16", (8,), 11, layout)
+    _group(kind, world_size).run(_body_push_delivers, "int64", (), 12, layout)
 
 
 # ---------------------------------------------------------------------- overflow

@@ -4,7 +4,9 @@ Each rank creates its buffer as a segment in /dev/shm (named `fuser_moe_<pid>_..
 through the group's store, maps every peer's segment and wraps them as tensors, and unlinks its own
 segment once every peer has mapped it, so nothing is left in /dev/shm even if a process dies later.
 The barrier is the CUDA kernel's protocol on int64 flags in each rank's shared control block, with the
-host spinning on `time.monotonic()` instead of `%globaltimer`.
+host polling on `time.monotonic()` instead of `%globaltimer`: it yields its core between polls for the
+first 20 ms (ranks often share cores, and a peer that is still working gets the core at once), then
+naps, up to 1 ms a poll.
 
 Ordering: `push_rows` copies synchronously before the barrier stores its flag, and aligned 8-byte
 stores are atomic and ordered on x86-64 (TSO), which is what the flags rely on.
@@ -25,6 +27,7 @@ from .base import SymmetricTensor, Transport, _raise_without_cycle, row_bytes
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "fuser_moe_"
 _MIN_SEGMENT_BYTES = 8  # mmap refuses empty mappings
+_YIELD_S = 0.02  # a barrier yields the core between polls this long, then naps (up to 1 ms)
 
 
 def _segment_path(name: str) -> str:
@@ -86,6 +89,20 @@ def _as_tensor(mapping: mmap.mmap, nbytes: int, dtype: torch.dtype, shape: tuple
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+
+
+def _copy_rows(src: torch.Tensor, src_row: torch.Tensor, dst: torch.Tensor, dst_row: torch.Tensor) -> None:
+    """dst[dst_row[i]] = src[src_row[i]] for every i (whole rows, indices in range).
+
+    Rows bound for consecutive ascending destination rows (every push of the CUDA backend's torch path)
+    are gathered straight into that slice of the peer's buffer: one copy and no scatter."""
+    n = dst_row.numel()
+    first, last = dst_row[0], dst_row[-1]
+    first, last = int(first), int(last)
+    if last - first == n - 1 and (n == 1 or bool((dst_row[1:] > dst_row[:-1]).all())):
+        torch.index_select(src, 0, src_row, out=dst[first:first + n])
+    else:
+        dst.index_copy_(0, dst_row, src.index_select(0, src_row))
 
 
 class _Segments:
@@ -173,6 +190,42 @@ class ShmTransport(Transport):
         flags = self._ensure_flags()
         if n == 0:
             return
+        # One look at the ranges decides: every entry real and in range (the common case) takes the
+        # fast path; padding, a bad entry or an overflow takes the general one.
+        d_lo, d_hi = torch.aminmax(dst_row)
+        r_lo, r_hi = torch.aminmax(dst_rank)
+        s_lo, s_hi = torch.aminmax(src_row)
+        d_lo, d_hi, r_lo, r_hi, s_lo, s_hi = torch.stack([d_lo, d_hi, r_lo, r_hi, s_lo, s_hi]).tolist()
+        if d_lo >= 0 and d_hi < dst.rows and r_lo >= 0 and r_hi < self.world_size and s_lo >= 0 \
+                and s_hi < src.shape[0]:
+            if n > 1 and r_lo < r_hi:
+                # Entries by ascending rank, each rank's rows consecutive (every push of the CUDA backend's
+                # torch path): one gather per rank straight into its slice of the peer's buffer.
+                step = dst_rank[1:] - dst_rank[:-1]
+                if bool(((step == 0) & (dst_row[1:] - dst_row[:-1] == 1) | (step > 0)).all()):
+                    bounds = torch.searchsorted(dst_rank, torch.arange(r_lo, r_hi + 2, device=dst_rank.device))
+                    bounds = bounds.tolist()
+                    starts = dst_row[bounds[:-1]].tolist()  # in range: rank r_hi has an entry
+                    for i, peer in enumerate(range(r_lo, r_hi + 1)):  # at most W passes
+                        b0, b1 = bounds[i], bounds[i + 1]
+                        if b1 > b0:
+                            torch.index_select(src, 0, src_row[b0:b1], out=dst.peer(peer)[starts[i]:starts[i] + b1 - b0])
+                    return
+            for peer in range(r_lo, r_hi + 1):  # at most W passes
+                if r_lo == r_hi:
+                    rows, sources = dst_row, src_row
+                else:
+                    chosen = (dst_rank == peer).nonzero().squeeze(1)
+                    if chosen.numel() == 0:
+                        continue
+                    rows, sources = dst_row[chosen], src_row[chosen]
+                _copy_rows(src, sources, dst.peer(peer), rows)
+            return
+        self._push_general(src, src_row, dst_rank, dst_row, dst, flags)
+
+    def _push_general(self, src, src_row, dst_rank, dst_row, dst, flags) -> None:
+        """push_rows with padding entries, entries out of range (ValueError) or rows past the capacity
+        (recorded for `check()`)."""
         keep = dst_row >= 0
         if not bool(keep.any()):
             return
@@ -190,8 +243,8 @@ class ShmTransport(Transport):
             self._record_overflow(flags, dst_rank[over], dst_row[over], dst.rows)
             keep = keep & ~over
         for peer in torch.unique(dst_rank[keep]).tolist():
-            chosen = keep & (dst_rank == peer)
-            dst.peer(peer)[dst_row[chosen]] = src[src_row[chosen]]
+            chosen = (keep & (dst_rank == peer)).nonzero().squeeze(1)
+            _copy_rows(src, src_row[chosen], dst.peer(peer), dst_row[chosen])
 
     def _record_overflow(self, flags, ranks, rows, capacity: int) -> None:
         layout = self.layout
@@ -215,17 +268,24 @@ class ShmTransport(Transport):
         for peer in range(world):
             flags[peer][layout.array("arrive", self.rank)] = generation
         arrived = flags[self.rank][layout.array("arrive", 0):layout.array("arrive", world)]
-        deadline = time.monotonic() + self.timeout_s
+        start = time.monotonic()
+        deadline = start + self.timeout_s
         nap = 0.0
         while not bool(np.all(arrived >= generation)):
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 missing = [s for s in range(world) if arrived[s] < generation]
                 raise TimeoutError(
                     f"barrier (generation {generation}) timed out after {self.timeout_s:g} s on rank {self.rank} "
                     f"of {world}: rank(s) {missing} never arrived"
                 )
-            time.sleep(nap)
-            nap = min(max(2 * nap, 20e-6), 1e-3)
+            if now - start < _YIELD_S:
+                # Ranks often share cores: yielding hands the core to a peer that is still working, and
+                # this rank runs again as soon as a core is free (a nap would oversleep by its length).
+                os.sched_yield()
+            else:
+                time.sleep(nap)
+                nap = min(max(2 * nap, 20e-6), 1e-3)
 
     def check(self) -> None:
         if not self._flags:

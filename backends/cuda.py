@@ -147,7 +147,7 @@ class CudaBackend:
         stats = with_sm_budget(stats, num_sms)
         world = comm.world_size
         if check_inputs:
-            check_dispatch_everywhere(comm, x, topk_idx, topk_weights, num_experts, expert_to_rank)
+            check_dispatch_everywhere(comm, x, topk_idx, topk_weights, num_experts, expert_to_rank, max_recv_tokens)
             stats.sync("input checks")
         placement = routing.make_placement(num_experts, world, expert_to_rank, x.device)
         state = self._state(comm)

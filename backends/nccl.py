@@ -15,11 +15,13 @@ import torch
 from . import nccl_kernels, routing
 from .common import DTYPE_CODES, CommStats, DispatchOutputs, with_sm_budget
 from .communicator import Communicator
-from .validation import check_combine_everywhere, checked, placement_checksum, shape_disagreement, validate_dispatch
+from .validation import (capacity_disagreement, check_combine_everywhere, checked, placement_checksum,
+                         shape_disagreement, validate_dispatch)
 
 
 def _split_sizes_agree(comm: Communicator, checks_from: list, top_k: int, hidden: int, dtype) -> None:
-    """Every rank sees every source's (K, H, dtype, E, placement) and raises the same error if they disagree.
+    """Every rank sees every source's (K, H, dtype, E, placement, capacity) and raises the same error if they
+    disagree.
 
     Ranks that disagree on the experts would route one expert id to different ranks: wrong rows, no error.
     """
@@ -32,6 +34,9 @@ def _split_sizes_agree(comm: Communicator, checks_from: list, top_k: int, hidden
     if len(set(experts)) != 1 or len(set(checksums)) != 1:
         raise ValueError(f"moe_dispatch: ranks disagree on the experts: num_experts per rank {experts}, "
                          f"placement checksum per rank {checksums}")
+    problem = capacity_disagreement([None if row[5] < 0 else row[5] for row in checks_from])
+    if problem:
+        raise ValueError(problem)
 
 
 class NcclBackend:
@@ -72,7 +77,8 @@ class NcclBackend:
         if check_inputs:
             # Ranks agree on (K, H, dtype, E, placement) before the count rows travel: their width is W + E + 1.
             checks = torch.tensor([top_k, hidden, DTYPE_CODES[x.dtype], num_experts,
-                                   placement_checksum(num_experts, world, expert_to_rank)], dtype=torch.int64,
+                                   placement_checksum(num_experts, world, expert_to_rank),
+                                   -1 if max_recv_tokens is None else max_recv_tokens], dtype=torch.int64,
                                   device=x.device)
             checks_to = checks.unsqueeze(0).expand(world, -1).contiguous()
             checks_from = torch.empty_like(checks_to)

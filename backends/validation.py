@@ -177,21 +177,37 @@ def placement_checksum(num_experts: int, world_size: int, expert_to_rank: Option
     return zlib.crc32(array.array("q", placement).tobytes())
 
 
+def capacity_disagreement(capacities: Sequence[Optional[int]]) -> Optional[str]:
+    """The error message when ranks passed different `max_recv_tokens` (None: exact mode), or None.
+
+    Every rank must pass the same capacity: the cuda backend lays out its receive buffers and picks its
+    path by it on every rank alike (docs/contract.md section 5).
+    """
+    if len(set(capacities)) <= 1:
+        return None
+    return (f"moe_dispatch: ranks disagree on max_recv_tokens: per rank {list(capacities)} (None: exact mode); "
+            "every rank must pass the same capacity")
+
+
 def check_dispatch_everywhere(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                              num_experts: int, expert_to_rank: Optional[Sequence[int]]) -> None:
-    """Checked mode of dispatch on every rank, with top-k, hidden size, dtype, the number of experts and
-    their placement agreed across ranks (ranks that disagree on the experts would route the same expert
-    id to different ranks)."""
+                              num_experts: int, expert_to_rank: Optional[Sequence[int]],
+                              max_recv_tokens: Optional[int] = None) -> None:
+    """Checked mode of dispatch on every rank, with top-k, hidden size, dtype, the number of experts,
+    their placement and the capacity agreed across ranks (ranks that disagree on the experts would route
+    the same expert id to different ranks; on the capacity, lay out their buffers differently)."""
     checked(comm, lambda: validate_dispatch(x, topk_idx, topk_weights, num_experts, expert_to_rank,
                                             comm.world_size))
     facts = comm.exchange((topk_idx.shape[1], x.shape[1], str(x.dtype), num_experts,
-                           placement_checksum(num_experts, comm.world_size, expert_to_rank)))
+                           placement_checksum(num_experts, comm.world_size, expert_to_rank), max_recv_tokens))
 
     def agree_on_shapes():
         problem = shape_disagreement([f[0] for f in facts], [f[1] for f in facts], [f[2] for f in facts])
         if problem:
             raise ValueError(problem)
-        if len({f[3:] for f in facts}) != 1:
+        if len({f[3:5] for f in facts}) != 1:
             raise ValueError(f"moe_dispatch: ranks disagree on the experts: num_experts per rank "
                              f"{[f[3] for f in facts]}, placement checksum per rank {[f[4] for f in facts]}")
+        problem = capacity_disagreement([f[5] for f in facts])
+        if problem:
+            raise ValueError(problem)
     checked(comm, agree_on_shapes)

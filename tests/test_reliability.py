@@ -60,6 +60,8 @@ DISPATCH_ROWS = {
     "dtype_differs": (ValueError, "disagree", "disagree", {}),
     "num_experts_differs": (ValueError, "disagree", "disagree", {}),
     "placement_differs": (ValueError, "disagree", "disagree", {}),
+    "capacity_differs": (ValueError, "disagree on max_recv_tokens", "disagree on max_recv_tokens", {}),
+    "exact_mode_on_one_rank": (ValueError, "disagree on max_recv_tokens", "disagree on max_recv_tokens", {}),
     "experts_not_divisible_on_one_rank": (ValueError, "not divisible by the world size", None, {}),
     "placement_names_negative_rank": (ValueError, "=-1 names a rank outside", None, {}),
     "topk_idx_one_dimensional": (ValueError, "topk_idx must be [T, K]", None, {}),
@@ -71,6 +73,8 @@ def dispatch_row_body(comm, backend, which, bad_rank):
     case = Case(W, 2, num_experts=4 * W, seed=61)
     x, idx, w = rank_inputs(comm, case)
     E, placement = case.num_experts, None
+    # capacity cases: every rank in capacity mode with room for every pair, but one rank's C differs
+    capacity = 4 * 2 * sum(case.token_counts()) if which in ("capacity_differs", "exact_mode_on_one_rank") else None
     if comm.rank == bad_rank:
         if which == "top_k_differs":
             x, idx, w = rank_inputs(comm, Case(W, 3, num_experts=4 * W, seed=62))
@@ -89,9 +93,14 @@ def dispatch_row_body(comm, backend, which, bad_rank):
             placement[2] = -1
         elif which == "topk_idx_one_dimensional":
             idx = idx[:, 0]
+        elif which == "capacity_differs":
+            capacity += 16
+        elif which == "exact_mode_on_one_rank":
+            capacity = None
     exc_type, bad_text, other_text, _ = DISPATCH_ROWS[which]
     msg = expect_error(exc_type, lambda: get_backend(backend).dispatch(comm, x, idx, w, num_experts=E,
-                                                                  expert_to_rank=placement))
+                                                                  expert_to_rank=placement,
+                                                                  max_recv_tokens=capacity))
     expected = bad_text if comm.rank == bad_rank else (other_text or f"rank {bad_rank} rejected its input")
     assert expected in msg, f"rank {comm.rank}: message {msg!r} lacks {expected!r}"
     run_case(comm, case, backend)  # the group still works

@@ -154,8 +154,9 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
 
     wire_row_bytes = row_bytes + meta_width * 8
     if stream:
-        out = _send_expand(state, stream_buffers, x, idx, weights, placement, chunk, n_chunks, chunk_e, chunk_d, plan, summary,
-                           max_recv_tokens, shared, n_to, n_from, per_expert, gen_state, stats, sms, cap)
+        out = _send_expand(state, stream_buffers, x, idx, weights, placement, chunk, n_chunks, chunk_e, chunk_d,
+                           plan, summary, max_recv_tokens, shared, n_to, n_from, per_expert, gen_state, stats, sms,
+                           cap)
         stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
         stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
         handle = routing.DispatchHandle(

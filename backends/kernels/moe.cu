@@ -550,6 +550,7 @@ __device__ __forceinline__ bool fm_wait_stamp(const fm_i64* stamp, fm_i64 genera
     }
     ok = __shfl_sync(0xffffffffu, ok, 0);
     __syncwarp();
+    __threadfence();  // every lane's loads of the row after lane 0's acquire (as the low-latency path does)
     return ok != 0;
 }
 

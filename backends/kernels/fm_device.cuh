@@ -112,6 +112,14 @@ template <> __device__ __forceinline__ void fm_lane_from_float<fm_f16>(fm_vec16&
     v.u16[k] = fm_from_float<fm_f16>(f).bits;
 }
 
+// The expert of slot (t, k), or -1 for an empty slot or an id outside [0, E) (never indexes out of range).
+template <typename I>
+__device__ __forceinline__ fm_i64 fm_expert(const I* topk_idx, fm_i64 t, int top_k, int k, fm_i64 num_experts)
+{
+    const fm_i64 e = static_cast<fm_i64>(topk_idx[t * top_k + k]);
+    return (e >= 0 && e < num_experts) ? e : -1;
+}
+
 // ------------------------------------------------------------------ cross-GPU flags
 // System-scope acquire / release (peers are other GPUs) and the nanosecond clock the timeouts read.
 __device__ __forceinline__ fm_i64 fm_load_acquire_sys(const fm_i64* address)

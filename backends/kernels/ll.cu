@@ -118,13 +118,6 @@ __device__ __forceinline__ void fm_ll_part(fm_i64 row_bytes, int part, int parts
     *end = *begin + seg < row_bytes ? *begin + seg : row_bytes;
 }
 
-template <typename I>
-__device__ __forceinline__ fm_i64 fm_ll_expert(const I* topk_idx, fm_i64 t, int top_k, int k, fm_i64 num_experts)
-{
-    const fm_i64 e = static_cast<fm_i64>(topk_idx[t * top_k + k]);
-    return (e >= 0 && e < num_experts) ? e : -1;
-}
-
 // Waits (threads s < world of the block, one source each) until every flag[s] >= generation, or gives up
 // after timeout_ns and records which sources never came. After a recorded timeout nobody waits again
 // until the host has seen it. Ends with a block-wide barrier and a fence.
@@ -281,7 +274,7 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
         fm_i64 e = -1;
         int d = -1;
         if (in) {
-            e = fm_ll_expert(topk_idx, p / top_k, top_k, static_cast<int>(p % top_k), num_experts);
+            e = fm_expert(topk_idx, p / top_k, top_k, static_cast<int>(p % top_k), num_experts);
             d = e >= 0 ? static_cast<int>(expert_to_rank[e]) : -1;
         }
         if (static_cast<int>(threadIdx.x) < tile) {

@@ -56,14 +56,6 @@ constexpr int FM_SUM_RECV_REMOTE = 5;  // wire rows this rank receives from othe
 // (8 words in all; the last two are zero)
 
 // ------------------------------------------------------------------------------------------ helpers
-// The expert of slot (t, k), or -1 for an empty slot or an id outside [0, E) (never indexes out of range).
-template <typename I>
-__device__ __forceinline__ fm_i64 fm_expert(const I* topk_idx, fm_i64 t, int top_k, int k, fm_i64 num_experts)
-{
-    const fm_i64 e = static_cast<fm_i64>(topk_idx[t * top_k + k]);
-    return (e >= 0 && e < num_experts) ? e : -1;
-}
-
 template <typename I>
 __device__ __forceinline__ fm_u64 fm_dest_mask(const I* topk_idx, fm_i64 t, int top_k, const fm_i64* expert_to_rank,
                                                fm_i64 num_experts)

@@ -103,32 +103,7 @@ F8_HD float fp8_e4m3_to_float(f8_u8 code)
 
 #ifdef F8_DEVICE_CODE
 // ------------------------------------------------------------------------------------------ device helpers
-struct f8_bf16 { f8_u16 bits; };
-struct f8_f16 { f8_u16 bits; };
-
-__device__ __forceinline__ float f8_to_float(float v) { return v; }
-__device__ __forceinline__ float f8_to_float(f8_bf16 v) { return __uint_as_float(static_cast<f8_u32>(v.bits) << 16); }
-__device__ __forceinline__ float f8_to_float(f8_f16 v)
-{
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
-    return f;
-}
-
-template <typename T> __device__ __forceinline__ T f8_from_float(float f);
-template <> __device__ __forceinline__ float f8_from_float<float>(float f) { return f; }
-template <> __device__ __forceinline__ f8_bf16 f8_from_float<f8_bf16>(float f)
-{
-    f8_bf16 r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
-    return r;
-}
-template <> __device__ __forceinline__ f8_f16 f8_from_float<f8_f16>(float f)
-{
-    f8_f16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
-    return r;
-}
+// Float conversions and the bf16 / f16 types are fm_device.cuh's (fm_bf16, fm_to_float, fm_from_float).
 
 // Four values of T in one aligned word (16 bytes for float, 8 for 16-bit types).
 template <typename T> union f8_quad {
@@ -183,9 +158,9 @@ __device__ __forceinline__ void fp8_quantize(const T* __restrict__ x, f8_i64 x_s
             } else {
                 w.u2 = *reinterpret_cast<const uint2*>(src);
             }
-            for (int j = 0; j < 4; ++j) v[j] = f8_to_float(w.lanes[j]);
+            for (int j = 0; j < 4; ++j) v[j] = fm_to_float(w.lanes[j]);
         } else {
-            for (int j = 0; j < 4; ++j) v[j] = col + j < hidden ? f8_to_float(src[j]) : 0.0f;
+            for (int j = 0; j < 4; ++j) v[j] = col + j < hidden ? fm_to_float(src[j]) : 0.0f;
         }
         float amax = 0.0f;
         for (int j = 0; j < 4; ++j) amax = f8_max_nan(amax, fabsf(v[j]));
@@ -224,8 +199,8 @@ __device__ __forceinline__ void fp8_quantize(const T* __restrict__ x, f8_i64 x_s
                         zero_d);                                                                               \
     }
 F8_QUANTIZE(fuser_moe_fp8_quantize_f32, float)
-F8_QUANTIZE(fuser_moe_fp8_quantize_bf16, f8_bf16)
-F8_QUANTIZE(fuser_moe_fp8_quantize_f16, f8_f16)
+F8_QUANTIZE(fuser_moe_fp8_quantize_bf16, fm_bf16)
+F8_QUANTIZE(fuser_moe_fp8_quantize_f16, fm_f16)
 
 // ------------------------------------------------------------------------------------------ dequantize
 // A warp per (row, block); out: [rows, hidden] contiguous in T.
@@ -255,7 +230,7 @@ __device__ __forceinline__ void fp8_dequantize(const f8_u8* __restrict__ q, f8_i
         }
         f8_quad<T> values;
         for (int j = 0; j < 4; ++j) {
-            values.lanes[j] = f8_from_float<T>(
+            values.lanes[j] = fm_from_float<T>(
                 __fmul_rn(fp8_e4m3_to_float(static_cast<f8_u8>(codes >> (8 * j))), scale));
         }
         T* dst = out + row * hidden + col;
@@ -280,8 +255,8 @@ __device__ __forceinline__ void fp8_dequantize(const f8_u8* __restrict__ q, f8_i
         fp8_dequantize<T>(q, q_stride, scales, s_stride, rows, hidden, out);                                  \
     }
 F8_DEQUANTIZE(fuser_moe_fp8_dequantize_f32, float)
-F8_DEQUANTIZE(fuser_moe_fp8_dequantize_bf16, f8_bf16)
-F8_DEQUANTIZE(fuser_moe_fp8_dequantize_f16, f8_f16)
+F8_DEQUANTIZE(fuser_moe_fp8_dequantize_bf16, fm_bf16)
+F8_DEQUANTIZE(fuser_moe_fp8_dequantize_f16, fm_f16)
 
 // ------------------------------------------------------------------------------------------ pack
 // A warp per row: copies the fp8 row (q, row stride q_stride bytes) and its scales (row stride s_stride

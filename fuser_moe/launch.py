@@ -8,16 +8,21 @@ rank's outcome (result, traceback or exit code) instead of raising, for callers 
 
 Whatever ends the wait (results, a timeout, an exception such as Ctrl-C's KeyboardInterrupt in the
 parent), no rank outlives the call: ranks still running are killed and joined, and the shared-memory
-segments a killed rank had not yet unlinked are removed.
+segments a killed rank had not yet unlinked are removed. Before a rank that gave no answer is killed, it
+writes every thread's Python stack to its stderr (`STACK_SIGNAL`, faulthandler), so a timeout says where
+the rank was waiting.
 """
 from __future__ import annotations
 
 import ctypes
 import datetime
+import faulthandler
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
+import sys
 import time
 import traceback
 import warnings
@@ -29,6 +34,9 @@ DEFAULT_SPAWN_TIMEOUT_S = 600.0
 # timeout: the rendezvous gets at least this long, the group's collectives and store get their own timeout.
 RENDEZVOUS_TIMEOUT_S = 120.0
 GRACE_AFTER_FAILURE_S = 10.0  # how long the other ranks may run on once one rank has failed
+# A rank writes its threads' Python stacks to stderr on this signal; `_stop` sends it before a kill.
+STACK_SIGNAL = getattr(signal, "SIGUSR1", None)
+STACK_DUMP_WAIT_S = 1.0  # how long a rank is given to write its stacks before it is killed
 
 
 class RankFailure(RuntimeError):
@@ -124,6 +132,8 @@ def _keep_freed_memory() -> None:
 
 def _rank_main(rank, world_size, port, device, timeout_s, fn, args, results):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if STACK_SIGNAL is not None:
+        faulthandler.register(STACK_SIGNAL, file=sys.stderr, all_threads=True)
     comm = None
     try:
         comm = init_rank(rank, world_size, port, device, timeout_s)
@@ -249,12 +259,23 @@ def _drain(results, got: dict) -> set:
 
 
 def _stop(procs: Sequence, finishing: Sequence, wait_s: float = 5.0) -> None:
-    """Gives the `finishing` ranks (those that answered) `wait_s` to exit, kills every rank still alive,
-    joins them, and removes the shared-memory segments of any rank that did not exit cleanly (a rank
-    killed in the middle of an allocation leaves its segment's name behind)."""
+    """Gives the `finishing` ranks (those that answered) `wait_s` to exit, asks every other rank still
+    alive for its stacks (`STACK_SIGNAL`: written to its stderr), kills every rank still alive, joins them,
+    and removes the shared-memory segments of any rank that did not exit cleanly (a rank killed in the
+    middle of an allocation leaves its segment's name behind)."""
     deadline = time.monotonic() + wait_s
     for p in finishing:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
+    silent = [p for p in procs if p.is_alive() and p not in finishing]
+    if silent and STACK_SIGNAL is not None:
+        for p in silent:
+            print(f"fuser_moe.launch: pid {p.pid} gave no result; its Python stacks follow", file=sys.stderr,
+                  flush=True)
+            try:
+                os.kill(p.pid, STACK_SIGNAL)
+            except OSError:  # it exited meanwhile
+                pass
+        time.sleep(STACK_DUMP_WAIT_S)
     for p in procs:
         if p.is_alive():
             p.kill()

@@ -119,6 +119,30 @@ sys.exit(3)
     assert "DistStoreError" not in out.stdout + out.stderr
 
 
+def sleeps_on_rank_1_body(comm):
+    if comm.rank == 1:
+        time.sleep(120)  # in this function: the stack dump names it
+    return comm.rank
+
+
+def test_a_rank_that_runs_out_of_time_writes_its_stacks_before_it_is_killed(tmp_path):
+    script = tmp_path / "late_rank.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {os.path.join(REPO, "tests")!r})
+from fuser_moe.launch import run_ranks
+from test_first_hour import sleeps_on_rank_1_body
+if __name__ == "__main__":
+    outcomes = run_ranks(sleeps_on_rank_1_body, 2, timeout_s=6)
+    print([o.ok for o in outcomes], outcomes[1].value)
+""")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=_env())
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "[True, False] rank 1 was still running" in out.stdout, out.stdout
+    assert "gave no result; its Python stacks follow" in out.stderr, out.stderr
+    assert "in sleeps_on_rank_1_body" in out.stderr and "in _rank_main" in out.stderr, out.stderr
+
+
 # =============================================================================== 1. lifetime
 @pytest.mark.parametrize("backend", ["nccl", "cuda"])
 def test_the_torchrun_demo_exits_zero_every_time(backend, tmp_path):

@@ -74,7 +74,7 @@ def unavailable_reason(x: torch.Tensor, top_k: int, world: int, num_experts: int
         return f"rows of {row_bytes} bytes of {x.dtype} (needs a multiple of 16 bytes of f32/bf16/f16)"
     if top_k > MAX_TOP_K or world > MAX_WORLD:
         return f"K={top_k}, W={world} (the path takes K <= {MAX_TOP_K}, W <= {MAX_WORLD})"
-    if world * n_local_max > 4096 or num_experts > 8192:
+    if world * n_local_max > 4096 or num_experts > 4096:
         return "too many experts for the receiver's shared-memory tables"
     if mode == "1":
         return None
@@ -86,17 +86,11 @@ def unavailable_reason(x: torch.Tensor, top_k: int, world: int, num_experts: int
 
 
 class LowLatencyState:
-    """Per-group device words of the path: generations, tickets, running totals, the timeout report."""
+    """Per-group device words of the path: generations, tickets, the timeout report."""
 
     def __init__(self, device: torch.device, world: int):
         self.words = torch.zeros(STATE_WORDS, dtype=torch.int64, device=device)
         self.world = world
-        self.acc: Optional[torch.Tensor] = None  # int32 [W + E], zero between calls
-
-    def totals(self, num_experts: int) -> torch.Tensor:
-        if self.acc is None or self.acc.numel() < self.world + num_experts:
-            self.acc = torch.zeros(self.world + num_experts, dtype=torch.int32, device=self.words.device)
-        return self.acc
 
     def timeout_error(self, rank: int, timeout_s: float) -> Optional[TimeoutError]:
         """The wait that gave up since the last check (a host synchronisation), cleared; or None."""
@@ -183,13 +177,13 @@ def dispatch(comm, group_state, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
     n_chunks = max(1, -(-tokens // chunk))
     # Cut rows into parts when there are fewer (token, destination) rows than warps (decode).
     split = _split(num_sms * WARPS, n_chunks * chunk * min(world, top_k), row_bytes)
-    shared = 8 * chunk + 4 * (num_experts + world + chunk * world + 3 * chunk * top_k + THREADS)
+    shared = 8 * chunk + 4 * (2 * (num_experts + world) + chunk * world + 3 * chunk * top_k + THREADS)
     _kernel(f"fuser_moe_ll_dispatch_send_{_IDX_SUFFIX[idx.dtype]}", device).launch(grid(n_chunks, cap, stats), THREADS, [
         x, ctypes.c_int64(row_bytes), idx, weights, ctypes.c_int64(tokens), ctypes.c_int32(top_k),
         placement.expert_to_rank, placement.local_index, ctypes.c_int64(num_experts),
         ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(chunk), ctypes.c_int64(slots),
         ctypes.c_int32(head_width), x_buf.peer_ptrs, meta_buf.peer_ptrs, head_buf.peer_ptrs, flag_buf.peer_ptrs,
-        ll.words, ll.totals(num_experts), n_to, sent_remote, send_pos, ctypes.c_int32(split)], shared_mem=shared)
+        ll.words, n_to, sent_remote, send_pos, ctypes.c_int32(split)], shared_mem=shared)
 
     recv_x = torch.empty(capacity, hidden, dtype=x.dtype, device=device)
     recv_idx = torch.empty(capacity, dtype=i64, device=device)

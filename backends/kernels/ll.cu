@@ -14,8 +14,10 @@
 //   send  (a block per chunk of tokens)  each token's row of x goes once to each destination rank d that
 //         one of its experts lives on, into slot (parity, r, position of the token among r's tokens for
 //         d) of d's wire buffer, with a metadata row [token, K x (expert or -1, position of the token
-//         among r's tokens for that expert, weight bits)]. The last block to finish (a ticket) writes,
-//         for every d, the header [tokens for d, T, pairs for each of d's local experts] and then d's flag.
+//         among r's tokens for that expert, weight bits)]. Every block counts all T tokens' slots, so
+//         each knows the totals; block 0 writes, for every d, the header [tokens for d, T, pairs for
+//         each of d's local experts] beside its rows, and the last block to finish (a ticket) stores
+//         every d's flag.
 //   recv  (warps over (wire row, slot))  waits for every source's flag; from the headers, expert j's
 //         rows from source s start at (rows of experts < j) + (rows of j from sources < s), so each
 //         pair's output row is that plus the position the sender wrote: the contract's order (local
@@ -60,7 +62,13 @@ constexpr int FM_LL_ERR_GIVEN = 1;
 extern __shared__ fm_u64 fm_ll_shared[];  // dynamic shared memory of every kernel here
 static_assert(FM_LL_TIMEOUT_MISSING < FM_LL_STATE_WORDS, "the state block holds every word");
 
-// A warp copies bytes [begin, end) of a row (16-byte vectors when everything is 16-byte aligned).
+// A warp copies bytes [begin, end) of a row (16-byte vectors when everything is 16-byte aligned). Each
+// lane issues up to FM_LL_COPY_BATCH loads before its stores, the tail included (predicated), so a part
+// of n vectors costs ceil(n / (32 * FM_LL_COPY_BATCH)) memory round trips: at decode sizes a copy is
+// bound by round trips, not bandwidth.
+#ifndef FM_LL_COPY_BATCH
+#define FM_LL_COPY_BATCH 8
+#endif
 __device__ __forceinline__ void fm_ll_warp_copy(unsigned char* dst, const unsigned char* src, fm_i64 begin,
                                                 fm_i64 end, int lane)
 {
@@ -70,21 +78,20 @@ __device__ __forceinline__ void fm_ll_warp_copy(unsigned char* dst, const unsign
         const int4* s4 = reinterpret_cast<const int4*>(src + begin);
         int4* d4 = reinterpret_cast<int4*>(dst + begin);
         const fm_i64 n4 = (end - begin) >> 4;
-        fm_i64 k = lane;
-        // Eight loads in flight per lane before the stores: a copy is latency-bound at these sizes.
-        for (; k + 7 * FM_LL_WARP < n4; k += 8 * FM_LL_WARP) {
-            int4 v[8];
+        for (fm_i64 k0 = lane; k0 < n4; k0 += FM_LL_COPY_BATCH * FM_LL_WARP) {
+            int4 v[FM_LL_COPY_BATCH];
 #pragma unroll
-            for (int u = 0; u < 8; ++u) {
-                v[u] = s4[k + u * FM_LL_WARP];
+            for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
+                if (k0 + u * FM_LL_WARP < n4) {
+                    v[u] = s4[k0 + u * FM_LL_WARP];
+                }
             }
 #pragma unroll
-            for (int u = 0; u < 8; ++u) {
-                d4[k + u * FM_LL_WARP] = v[u];
+            for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
+                if (k0 + u * FM_LL_WARP < n4) {
+                    d4[k0 + u * FM_LL_WARP] = v[u];
+                }
             }
-        }
-        for (; k < n4; k += FM_LL_WARP) {
-            d4[k] = s4[k];
         }
     } else {
         for (fm_i64 k = begin + lane; k < end; k += FM_LL_WARP) {
@@ -120,13 +127,16 @@ __device__ __forceinline__ void fm_ll_part(fm_i64 row_bytes, int part, int parts
 
 // Waits (threads s < world of the block, one source each) until every flag[s] >= generation, or gives up
 // after timeout_ns and records which sources never came. After a recorded timeout nobody waits again
-// until the host has seen it. Ends with a block-wide barrier and a fence.
-__device__ void fm_ll_wait_flags(const fm_i64* flags, int world, fm_i64 generation, fm_i64* state, int phase,
+// until the host has seen it. Ends with a block-wide barrier and a fence; returns true when this block
+// gave up or found an earlier timeout (then the caller reads no peer's rows).
+__device__ bool fm_ll_wait_flags(const fm_i64* flags, int world, fm_i64 generation, fm_i64* state, int phase,
                                  fm_i64 timeout_ns)
 {
     __shared__ int skip;
+    __shared__ int gave_up;
     if (threadIdx.x == 0) {
         skip = *reinterpret_cast<volatile fm_i64*>(&state[FM_LL_TIMEOUT_PHASE]) != 0;
+        gave_up = skip;
     }
     __syncthreads();
     if (!skip) {
@@ -139,6 +149,7 @@ __device__ void fm_ll_wait_flags(const fm_i64* flags, int world, fm_i64 generati
                     atomicOr(reinterpret_cast<unsigned long long*>(&state[FM_LL_TIMEOUT_MISSING]), 1ull << s);
                     atomicMax(reinterpret_cast<unsigned long long*>(&state[FM_LL_TIMEOUT_PHASE]),
                               static_cast<unsigned long long>(phase));
+                    gave_up = 1;
                     break;
                 }
                 if (polls > 256u) {
@@ -149,6 +160,7 @@ __device__ void fm_ll_wait_flags(const fm_i64* flags, int world, fm_i64 generati
     }
     __syncthreads();
     __threadfence();
+    return gave_up != 0;
 }
 
 // Exclusive prefix sum of data[0, n) in shared memory, in place, by the whole block; returns the total.
@@ -224,10 +236,10 @@ __device__ __forceinline__ bool fm_ll_last_block(fm_i64* ticket)
 //   head_ptrs[d] int64 rows (parity * world + source) of head_width = 2 + L: tokens for d, T, pairs for
 //                each local expert of d (local order)
 //   flag_ptrs[d] int64 [world]: the generation whose rows source s has put in place
-// Local: state [FM_LL_STATE_WORDS]; acc int32 [world + E] running totals (zero between calls);
-//   n_to [W] int64 output; sent_remote [1] int64: tokens sent to other ranks; send_pos int32 [T, W] (the handle: token's slot on each rank, -1 if not sent).
-// Dynamic shared memory: u64 mask[chunk]; int before_e[E], before_d[W], pos[chunk * W], slot_pos, chunk_e and
-// chunk_d [chunk * K] each, tile_d[blockDim.x].
+// Local: state [FM_LL_STATE_WORDS]; n_to [W] int64 output; sent_remote [1] int64: tokens sent to other
+//   ranks; send_pos int32 [T, W] (the handle: token's slot on each rank, -1 if not sent).
+// Dynamic shared memory: u64 mask[chunk]; int before_e[E], before_d[W], all_e[E], all_d[W], pos[chunk * W],
+// slot_pos, chunk_e and chunk_d [chunk * K] each, tile_d[blockDim.x].
 template <typename I>
 __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 row_bytes, const I* __restrict__ topk_idx,
                                     const float* __restrict__ weights, fm_i64 tokens, int top_k,
@@ -235,13 +247,15 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
                                     fm_i64 num_experts, int world, int rank,
                                     fm_i64 chunk, fm_i64 slots, int head_width, const fm_u64* __restrict__ x_ptrs,
                                     const fm_u64* __restrict__ meta_ptrs, const fm_u64* __restrict__ head_ptrs,
-                                    const fm_u64* __restrict__ flag_ptrs, fm_i64* state, int* acc, fm_i64* n_to,
+                                    const fm_u64* __restrict__ flag_ptrs, fm_i64* state, fm_i64* n_to,
                                     fm_i64* sent_remote, int* send_pos, int split)
 {
     fm_u64* mask = fm_ll_shared;                                      // [chunk] destination ranks of a token
     int* before_e = reinterpret_cast<int*>(fm_ll_shared + chunk);     // [E]
     int* before_d = before_e + num_experts;                           // [W]
-    int* pos = before_d + world;                                      // [chunk * W]
+    int* all_e = before_d + world;                                    // [E] pairs of each expert, all T
+    int* all_d = all_e + num_experts;                                 // [W] tokens for each rank, all T
+    int* pos = all_d + world;                                         // [chunk * W]
     int* slot_pos = pos + chunk * world;                              // [chunk * K]
     int* chunk_e = slot_pos + chunk * top_k;                          // [chunk * K] experts of the chunk's slots
     int* chunk_d = chunk_e + chunk * top_k;                           // [chunk * K] their ranks
@@ -256,21 +270,24 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
 
     for (fm_i64 i = threadIdx.x; i < num_experts; i += blockDim.x) {
         before_e[i] = 0;
+        all_e[i] = 0;
     }
     for (int i = threadIdx.x; i < world; i += blockDim.x) {
         before_d[i] = 0;
+        all_d[i] = 0;
     }
     for (fm_i64 i = threadIdx.x; i < n; i += blockDim.x) {
         mask[i] = 0;
     }
     __syncthreads();
-    // Slots of tokens [0, t1) in tiles of whole tokens, one slot a thread (its two loads in parallel with
-    // every other thread's): pairs of each expert and tokens for each rank before the chunk (counts only,
-    // so the order of the atomics does not matter), and the chunk's own experts, ranks and rank sets.
+    // Slots of all T tokens in tiles of whole tokens, one slot a thread (its two loads in parallel with
+    // every other thread's): pairs of each expert and tokens for each rank before the chunk and in all
+    // (counts only, so the order of the atomics does not matter), and the chunk's own experts, ranks and
+    // rank sets.
     const int tile = (static_cast<int>(blockDim.x) / top_k) * top_k;
-    for (fm_i64 base = 0; base < t1 * top_k; base += tile) {
+    for (fm_i64 base = 0; base < tokens * top_k; base += tile) {
         const fm_i64 p = base + threadIdx.x;
-        const bool in = static_cast<int>(threadIdx.x) < tile && p < t1 * top_k;
+        const bool in = static_cast<int>(threadIdx.x) < tile && p < tokens * top_k;
         fm_i64 e = -1;
         int d = -1;
         if (in) {
@@ -288,6 +305,12 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
                 first = tile_d[threadIdx.x - k + k2] != d;
             }
             const fm_i64 t = p / top_k;
+            if (e >= 0) {
+                atomicAdd(&all_e[e], 1);
+            }
+            if (first) {
+                atomicAdd(&all_d[d], 1);
+            }
             if (t < t0) {
                 if (e >= 0) {
                     atomicAdd(&before_e[e], 1);
@@ -295,7 +318,7 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
                 if (first) {
                     atomicAdd(&before_d[d], 1);
                 }
-            } else {
+            } else if (t < t1) {
                 chunk_e[p - t0 * top_k] = static_cast<int>(e);
                 chunk_d[p - t0 * top_k] = d;
                 if (d >= 0) {
@@ -332,15 +355,27 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
         send_pos[(t0 + i) * world + d] = p;
     }
     __syncthreads();
-    // This chunk's counts into the running totals (read by the last block).
-    for (fm_i64 q = threadIdx.x; q < n * top_k; q += blockDim.x) {
-        if (chunk_e[q] >= 0) {
-            atomicAdd(&acc[world + chunk_e[q]], 1);
+    if (blockIdx.x == 0) {
+        // Headers and this rank's n_tokens_to_rank, from the totals every block has (the last block's
+        // ticket orders them before the flags, as it does every block's rows).
+        if (threadIdx.x == 0) {
+            fm_i64 remote = 0;
+            for (int d = 0; d < world; ++d) {
+                remote += d == rank ? 0 : all_d[d];
+            }
+            *sent_remote = remote;
         }
-    }
-    for (fm_i64 q = threadIdx.x; q < n * world; q += blockDim.x) {
-        if (pos[q] >= 0) {
-            atomicAdd(&acc[q % world], 1);
+        for (int d = threadIdx.x; d < world; d += blockDim.x) {
+            const fm_i64 sent = all_d[d];
+            n_to[d] = sent;
+            fm_i64* head = reinterpret_cast<fm_i64*>(head_ptrs[d]) + (parity * world + rank) * head_width;
+            head[0] = sent;
+            head[1] = tokens;
+        }
+        for (fm_i64 e = threadIdx.x; e < num_experts; e += blockDim.x) {
+            const int d = static_cast<int>(expert_to_rank[e]);
+            fm_i64* head = reinterpret_cast<fm_i64*>(head_ptrs[d]) + (parity * world + rank) * head_width;
+            head[2 + local_index[e]] = all_e[e];
         }
     }
 
@@ -380,32 +415,7 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
     if (!fm_ll_last_block(&state[FM_LL_TICKET_DSEND])) {
         return;
     }
-    // The last block: headers, this rank's n_tokens_to_rank, then the flags.
-    volatile int* totals = acc;
-    if (threadIdx.x == 0) {
-        fm_i64 remote = 0;
-        for (int d = 0; d < world; ++d) {
-            remote += d == rank ? 0 : totals[d];
-        }
-        *sent_remote = remote;
-    }
-    for (int d = threadIdx.x; d < world; d += blockDim.x) {
-        const fm_i64 sent = totals[d];
-        n_to[d] = sent;
-        fm_i64* head = reinterpret_cast<fm_i64*>(head_ptrs[d]) + (parity * world + rank) * head_width;
-        head[0] = sent;
-        head[1] = tokens;
-    }
-    for (fm_i64 e = threadIdx.x; e < num_experts; e += blockDim.x) {
-        const int d = static_cast<int>(expert_to_rank[e]);
-        const fm_i64 j = local_index[e];
-        fm_i64* head = reinterpret_cast<fm_i64*>(head_ptrs[d]) + (parity * world + rank) * head_width;
-        head[2 + j] = totals[world + e];
-    }
-    __syncthreads();
-    for (fm_i64 q = threadIdx.x; q < world + num_experts; q += blockDim.x) {
-        acc[q] = 0;
-    }
+    // The last block: the flags.
     if (threadIdx.x == 0) {
         state[FM_LL_TICKET_DSEND] = 0;
     }
@@ -422,12 +432,12 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
                                     const fm_i64* local_index, fm_i64 num_experts,                             \
                                     int world, int rank, fm_i64 chunk, fm_i64 slots, int head_width,           \
                                     const fm_u64* x_ptrs, const fm_u64* meta_ptrs, const fm_u64* head_ptrs,     \
-                                    const fm_u64* flag_ptrs, fm_i64* state, int* acc, fm_i64* n_to,             \
+                                    const fm_u64* flag_ptrs, fm_i64* state, fm_i64* n_to,                      \
                                     fm_i64* sent_remote, int* send_pos, int split)                             \
     {                                                                                                        \
         fm_ll_dispatch_send<I>(x, row_bytes, topk_idx, weights, tokens, top_k, expert_to_rank, local_index,  \
                                num_experts, world, rank, chunk, slots, head_width, x_ptrs,       \
-                               meta_ptrs, head_ptrs, flag_ptrs, state, acc, n_to, sent_remote, send_pos, split);          \
+                               meta_ptrs, head_ptrs, flag_ptrs, state, n_to, sent_remote, send_pos, split);          \
     }
 
 FM_LL_DISPATCH_SEND(fuser_moe_ll_dispatch_send_i64, fm_i64)
@@ -451,8 +461,7 @@ extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatc
 
     const fm_i64 generation = state[FM_LL_GEN_DISPATCH] + 1;
     const fm_i64 parity = generation & 1;
-    fm_ll_wait_flags(flag_buf, world, generation, state, 1, timeout_ns);
-    const bool timed_out = *reinterpret_cast<volatile fm_i64*>(&state[FM_LL_TIMEOUT_PHASE]) != 0;
+    const bool timed_out = fm_ll_wait_flags(flag_buf, world, generation, state, 1, timeout_ns);
 
     const fm_i64* heads = head_buf + parity * world * head_width;
     for (int s = threadIdx.x; s < world; s += blockDim.x) {
@@ -536,6 +545,17 @@ extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatc
             const fm_i64 i = g - wire_base[s];
             const fm_i64 row = (parity * world + s) * slots + i;
             const int* meta = meta_buf + row * meta_width;
+            // The part's first vectors are loaded together with the metadata that says where they go
+            // (one memory round trip for both; the host checks that rows are 16-byte multiples).
+            const int4* src4 = reinterpret_cast<const int4*>(x_buf + row * row_bytes + begin);
+            const fm_i64 n4 = (end - begin) >> 4;
+            int4 v[FM_LL_COPY_BATCH];
+#pragma unroll
+            for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
+                if (lane + u * FM_LL_WARP < n4) {
+                    v[u] = src4[lane + u * FM_LL_WARP];
+                }
+            }
             const int e = meta[1 + 4 * k];
             fm_i64 out = -1;
             if (e >= 0) {
@@ -554,7 +574,17 @@ extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatc
                 }
             }
             if (out >= 0) {
-                fm_ll_warp_copy(recv_x + out * row_bytes, x_buf + row * row_bytes, begin, end, lane);
+                int4* dst4 = reinterpret_cast<int4*>(recv_x + out * row_bytes + begin);
+#pragma unroll
+                for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
+                    if (lane + u * FM_LL_WARP < n4) {
+                        dst4[lane + u * FM_LL_WARP] = v[u];
+                    }
+                }
+                const fm_i64 done = static_cast<fm_i64>(FM_LL_COPY_BATCH) * FM_LL_WARP * 16;
+                if (begin + done < end) {
+                    fm_ll_warp_copy(recv_x + out * row_bytes, x_buf + row * row_bytes, begin + done, end, lane);
+                }
             }
         } else {
             const fm_i64 out = kept + (q - slot_items) / split;
@@ -591,12 +621,17 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
 
     const fm_i64 generation = state[FM_LL_GEN_COMBINE] + 1;
     const fm_i64 parity = generation & 1;
+    for (int s = threadIdx.x; s < world; s += blockDim.x) {  // the loads at once, then the sums
+        const fm_i64 in = n_from[s];
+        wire_base[s + 1] = in < slots ? in : slots;
+    }
+    __syncthreads();
     if (threadIdx.x == 0) {
         fm_i64 wire = 0;
         for (int s = 0; s < world; ++s) {
+            const fm_i64 in = wire_base[s + 1];
             wire_base[s] = wire;
-            const fm_i64 in = n_from[s];
-            wire += in < slots ? in : slots;
+            wire += in;
         }
         wire_base[world] = wire;
     }
@@ -614,25 +649,19 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
             ++s;
         }
         const fm_i64 i = g - wire_base[s];
-        // The wire row's output rows in ascending order (the contract's row order).
-        int mine = lane < top_k ? wire_rows[(s * slots + i) * top_k + lane] : -1;
+        // The wire row's output rows in ascending order (the contract's row order): a lane's place is the
+        // number of lanes with a smaller row (the rows are distinct), its weight loads meanwhile.
+        const int mine = lane < top_k ? wire_rows[(s * slots + i) * top_k + lane] : -1;
         const float mine_w = mine >= 0 ? weights[mine] : 0.0f;
-        int count = 0;
-        while (true) {
-            int best = mine >= 0 ? mine : 0x7fffffff;
-            for (int offset = FM_LL_WARP / 2; offset > 0; offset >>= 1) {
-                const int other = __shfl_xor_sync(0xffffffffu, best, offset);
-                best = other < best ? other : best;
-            }
-            if (best == 0x7fffffff) {
-                break;
-            }
-            if (mine == best) {
-                rows_of[warp][count] = best;
-                weight_of[warp][count] = mine_w;
-                mine = -1;
-            }
-            ++count;
+        const int key = mine >= 0 ? mine : 0x7fffffff;
+        int place = 0;
+        for (int k2 = 0; k2 < top_k; ++k2) {
+            place += __shfl_sync(0xffffffffu, key, k2) < key;
+        }
+        const int count = __popc(__ballot_sync(0xffffffffu, mine >= 0));
+        if (mine >= 0) {
+            rows_of[warp][place] = mine;
+            weight_of[warp][place] = mine_w;
         }
         __syncwarp();
         T* dst = reinterpret_cast<T*>(part_ptrs[s]) + ((parity * world + rank) * slots + i) * hidden;
@@ -695,8 +724,7 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
     constexpr int VEC = 16 / sizeof(T);
     const fm_i64 generation = state[FM_LL_GEN_COMBINE] + 1;
     const fm_i64 parity = generation & 1;
-    fm_ll_wait_flags(flag_buf, world, generation, state, 2, timeout_ns);
-    const bool timed_out = *reinterpret_cast<volatile fm_i64*>(&state[FM_LL_TIMEOUT_PHASE]) != 0;
+    const bool timed_out = fm_ll_wait_flags(flag_buf, world, generation, state, 2, timeout_ns);
     const int lane = threadIdx.x & (FM_LL_WARP - 1);
     const fm_i64 warps = static_cast<fm_i64>(gridDim.x) * (blockDim.x / FM_LL_WARP);
     const fm_i64 vectors = hidden / VEC;

@@ -13,6 +13,11 @@ keyed by the sha256 of the source, the headers beside it, the options, the archi
 version, under `$FUSER_MOE_KERNEL_CACHE`, else `$XDG_CACHE_HOME/fuser_moe/kernels`, else
 `~/.cache/fuser_moe/kernels`; loaded modules are cached per device in the process.
 
+For kernel work, `FUSER_MOE_KERNEL_DEFINES` (say `"FM_LL_COPY_BATCH=16 FM_SOMETHING"`) adds one `-D`
+option per word to every compilation (and to the cache key), so variants of a compile-time constant can
+be timed against each other without editing a source. Results must not depend on it: a define that
+changes bits is a bug.
+
 Argument convention for `Kernel.launch(args=...)`, one item per kernel parameter, in order:
   - a `torch.Tensor` passes its `data_ptr()` (a pointer parameter); it must be on the kernel's device;
   - `None` passes a null pointer;
@@ -101,6 +106,16 @@ def _nvrtc_version() -> str:
     return f"{major}.{minor}"
 
 
+def compile_options() -> tuple:
+    """COMPILE_OPTIONS plus a `-D` option for each word of `FUSER_MOE_KERNEL_DEFINES`."""
+    words = os.environ.get("FUSER_MOE_KERNEL_DEFINES", "").split()
+    for word in words:
+        name = word.split("=", 1)[0]
+        if not name.isidentifier():
+            raise ValueError(f"FUSER_MOE_KERNEL_DEFINES: {word!r} is not NAME or NAME=VALUE")
+    return COMPILE_OPTIONS + tuple(f"-D{word}" for word in words)
+
+
 def _headers_beside(path: Path) -> list:
     return sorted(p for p in path.parent.iterdir() if p.suffix in HEADER_SUFFIXES and p.is_file())
 
@@ -113,7 +128,7 @@ def compile_source(path: Path, arch: str, cubin: bool) -> bytes:
     """
     n = _cuda.nvrtc()
     source = path.read_bytes()
-    options = [f"--gpu-architecture={arch}", *COMPILE_OPTIONS, f"--include-path={path.parent}"]
+    options = [f"--gpu-architecture={arch}", *compile_options(), f"--include-path={path.parent}"]
     program = _cuda.call(n.nvrtcCreateProgram(source, path.name.encode(), 0, [], []),
                          f"nvrtcCreateProgram({path.name})")
     try:
@@ -146,7 +161,7 @@ def compiled_binary(path: Path, capability: tuple) -> bytes:
     digest = hashlib.sha256()
     for part in (path.read_bytes(), *(h.read_bytes() for h in _headers_beside(path))):
         digest.update(hashlib.sha256(part).digest())
-    digest.update(" ".join((arch, *COMPILE_OPTIONS, "nvrtc", _nvrtc_version())).encode())
+    digest.update(" ".join((arch, *compile_options(), "nvrtc", _nvrtc_version())).encode())
     cached = cache_dir() / f"{path.stem}-{arch}-{digest.hexdigest()[:40]}.{'cubin' if cubin else 'ptx'}"
     try:
         return cached.read_bytes()

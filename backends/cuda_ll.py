@@ -9,7 +9,7 @@ landed. Two kernel launches per op, no host work, capturable in a CUDA graph.
 It serves a capacity-mode dispatch (`max_recv_tokens=C`) when every rank can decide so alike from what
 the ranks agree on (world size, top-k, hidden size, dtype, experts, placement, C): C at most
 `max_rows()` rows, the receive buffers (2 x W x C rows) within `max_bytes()`, rows a multiple of 16
-bytes, K <= 32, W <= 64. `FUSER_MOE_LL=0` turns it off, `FUSER_MOE_LL=1` uses it whatever the size.
+bytes, K <= 32, W <= 64, E <= 2048. `FUSER_MOE_LL=0` turns it off, `FUSER_MOE_LL=1` uses it whatever the size.
 
 The dispatch leaves a handle (each wire row's output rows on the expert rank, each token's slot on every
 rank on the source) attached to the `recv_src_idx` tensor it returned; a combine given that very tensor
@@ -40,6 +40,8 @@ GEN_DISPATCH, TICKET_DSEND, TICKET_DRECV, GEN_COMBINE, TICKET_CSEND, TICKET_CREC
     TIMEOUT_MISSING = range(8)
 STATE_WORDS = 8
 _MAX_CHUNK = 8  # tokens a send block handles: positions inside a chunk cost O(chunk * K) per slot
+_SLOTS = 4  # kernels/ll.cu FM_LL_SLOTS
+MAX_EXPERTS = 2048  # the send kernel keeps three int tables of E entries in shared memory
 
 
 def max_rows() -> int:
@@ -74,8 +76,9 @@ def unavailable_reason(x: torch.Tensor, top_k: int, world: int, num_experts: int
         return f"rows of {row_bytes} bytes of {x.dtype} (needs a multiple of 16 bytes of f32/bf16/f16)"
     if top_k > MAX_TOP_K or world > MAX_WORLD:
         return f"K={top_k}, W={world} (the path takes K <= {MAX_TOP_K}, W <= {MAX_WORLD})"
-    if world * n_local_max > 4096 or num_experts > 4096:
-        return "too many experts for the receiver's shared-memory tables"
+    if world * n_local_max > 4096 or num_experts > MAX_EXPERTS:
+        return (f"E={num_experts}, W x most local experts = {world * n_local_max} (the path's shared-memory tables "
+                f"take E <= {MAX_EXPERTS} and W x local experts <= 4096)")
     if mode == "1":
         return None
     if capacity > max_rows():
@@ -177,7 +180,8 @@ def dispatch(comm, group_state, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
     n_chunks = max(1, -(-tokens // chunk))
     # Cut rows into parts when there are fewer (token, destination) rows than warps (decode).
     split = _split(num_sms * WARPS, n_chunks * chunk * min(world, top_k), row_bytes)
-    shared = 8 * chunk + 4 * (2 * (num_experts + world) + chunk * world + 3 * chunk * top_k + THREADS)
+    # kernels/ll.cu fm_ll_dispatch_send's tables (under the 48 KiB a launch gets without opting in).
+    shared = 8 * chunk + 4 * (3 * num_experts + 2 * world + chunk * world + 4 * chunk * top_k + _SLOTS * THREADS)
     _kernel(f"fuser_moe_ll_dispatch_send_{_IDX_SUFFIX[idx.dtype]}", device).launch(grid(n_chunks, cap, stats), THREADS, [
         x, ctypes.c_int64(row_bytes), idx, weights, ctypes.c_int64(tokens), ctypes.c_int32(top_k),
         placement.expert_to_rank, placement.local_index, ctypes.c_int64(num_experts),

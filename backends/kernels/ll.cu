@@ -132,30 +132,34 @@ __device__ __forceinline__ void fm_ll_part(fm_i64 row_bytes, int part, int parts
 __device__ bool fm_ll_wait_flags(const fm_i64* flags, int world, fm_i64 generation, fm_i64* state, int phase,
                                  fm_i64 timeout_ns)
 {
-    __shared__ int skip;
     __shared__ int gave_up;
     if (threadIdx.x == 0) {
-        skip = *reinterpret_cast<volatile fm_i64*>(&state[FM_LL_TIMEOUT_PHASE]) != 0;
-        gave_up = skip;
+        gave_up = 0;
     }
     __syncthreads();
-    if (!skip) {
-        for (int s = threadIdx.x; s < world; s += blockDim.x) {
-            const fm_u64 start = fm_globaltimer_ns();
-            unsigned int polls = 0;
-            while (fm_load_acquire_sys(flags + s) < generation) {
-                ++polls;
-                if ((polls & 63u) == 0u && static_cast<fm_i64>(fm_globaltimer_ns() - start) > timeout_ns) {
-                    atomicOr(reinterpret_cast<unsigned long long*>(&state[FM_LL_TIMEOUT_MISSING]), 1ull << s);
-                    atomicMax(reinterpret_cast<unsigned long long*>(&state[FM_LL_TIMEOUT_PHASE]),
-                              static_cast<unsigned long long>(phase));
-                    gave_up = 1;
-                    break;
-                }
-                if (polls > 256u) {
-                    __nanosleep(64);
-                }
+    for (int s = threadIdx.x; s < world; s += blockDim.x) {
+        // The sticky timeout word is read with the first poll (one memory round trip for both).
+        const fm_i64 earlier = *reinterpret_cast<volatile fm_i64*>(&state[FM_LL_TIMEOUT_PHASE]);
+        fm_i64 flag = fm_load_acquire_sys(flags + s);
+        if (earlier != 0) {
+            gave_up = 1;
+            continue;
+        }
+        const fm_u64 start = fm_globaltimer_ns();
+        unsigned int polls = 0;
+        while (flag < generation) {
+            ++polls;
+            if ((polls & 63u) == 0u && static_cast<fm_i64>(fm_globaltimer_ns() - start) > timeout_ns) {
+                atomicOr(reinterpret_cast<unsigned long long*>(&state[FM_LL_TIMEOUT_MISSING]), 1ull << s);
+                atomicMax(reinterpret_cast<unsigned long long*>(&state[FM_LL_TIMEOUT_PHASE]),
+                          static_cast<unsigned long long>(phase));
+                gave_up = 1;
+                break;
             }
+            if (polls > 256u) {
+                __nanosleep(64);
+            }
+            flag = fm_load_acquire_sys(flags + s);
         }
     }
     __syncthreads();
@@ -209,23 +213,21 @@ __device__ fm_i64 fm_ll_block_scan(fm_i64* data, int n)
     return total;
 }
 
-// The last block of a kernel to reach this returns true (its earlier blocks' writes are visible to it).
-__device__ __forceinline__ bool fm_ll_last_block(fm_i64* ticket)
+// The end of a receive kernel: the last block to arrive (a ticket) resets the ticket and advances the
+// generation, after every block has read the old one. Receivers write only local memory, so a GPU-scope
+// fence orders a block's reads and writes before its ticket.
+__device__ __forceinline__ void fm_ll_finish_receive(fm_i64* state, int ticket_word, int generation_word,
+                                                     fm_i64 generation)
 {
-    __shared__ int last;
     __syncthreads();
     if (threadIdx.x == 0) {
-        // After the block's barrier, one system-scope fence orders every thread's earlier writes (peers'
-        // memory included) before the ticket, and so before the flags the last block releases.
-        __threadfence_system();
-        const unsigned long long old = atomicAdd(reinterpret_cast<unsigned long long*>(ticket), 1ull);
-        last = old == static_cast<unsigned long long>(gridDim.x) - 1ull;
-    }
-    __syncthreads();
-    if (last) {
         __threadfence();
+        const unsigned long long old = atomicAdd(reinterpret_cast<unsigned long long*>(&state[ticket_word]), 1ull);
+        if (old == static_cast<unsigned long long>(gridDim.x) - 1ull) {
+            state[ticket_word] = 0;
+            state[generation_word] = generation;
+        }
     }
-    return last != 0;
 }
 
 // ------------------------------------------------------------------------------------------ dispatch
@@ -238,8 +240,9 @@ __device__ __forceinline__ bool fm_ll_last_block(fm_i64* ticket)
 //   flag_ptrs[d] int64 [world]: the generation whose rows source s has put in place
 // Local: state [FM_LL_STATE_WORDS]; n_to [W] int64 output; sent_remote [1] int64: tokens sent to other
 //   ranks; send_pos int32 [T, W] (the handle: token's slot on each rank, -1 if not sent).
-// Dynamic shared memory: u64 mask[chunk]; int before_e[E], before_d[W], all_e[E], all_d[W], pos[chunk * W],
-// slot_pos, chunk_e and chunk_d [chunk * K] each, tile_d[blockDim.x].
+// Dynamic shared memory: u64 mask[chunk]; int before_e[E], before_d[W], all_e[E], all_d[W], route[E],
+// pos[chunk * W], slot_pos, chunk_e, chunk_d and chunk_w [chunk * K] each, tile_d[FM_LL_SLOTS * blockDim.x].
+constexpr int FM_LL_SLOTS = 4;  // slots a thread loads at once while counting
 template <typename I>
 __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 row_bytes, const I* __restrict__ topk_idx,
                                     const float* __restrict__ weights, fm_i64 tokens, int top_k,
@@ -255,11 +258,13 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
     int* before_d = before_e + num_experts;                           // [W]
     int* all_e = before_d + world;                                    // [E] pairs of each expert, all T
     int* all_d = all_e + num_experts;                                 // [W] tokens for each rank, all T
-    int* pos = all_d + world;                                         // [chunk * W]
+    int* route = all_d + world;                                       // [E] rank << 16 | local index
+    int* pos = route + num_experts;                                   // [chunk * W]
     int* slot_pos = pos + chunk * world;                              // [chunk * K]
     int* chunk_e = slot_pos + chunk * top_k;                          // [chunk * K] experts of the chunk's slots
     int* chunk_d = chunk_e + chunk * top_k;                           // [chunk * K] their ranks
-    int* tile_d = chunk_d + chunk * top_k;                            // [blockDim.x]
+    float* chunk_w = reinterpret_cast<float*>(chunk_d + chunk * top_k);  // [chunk * K] their weights
+    int* tile_d = reinterpret_cast<int*>(chunk_w + chunk * top_k);    // [FM_LL_SLOTS * blockDim.x]
 
     const fm_i64 generation = state[FM_LL_GEN_DISPATCH] + 1;
     const fm_i64 parity = generation & 1;
@@ -267,10 +272,35 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
     const fm_i64 t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
     const fm_i64 n = t1 > t0 ? t1 - t0 : 0;
     const int meta_width = 1 + 4 * top_k;
+    const int lane = threadIdx.x & (FM_LL_WARP - 1);
+    const int warp = threadIdx.x / FM_LL_WARP;
+    const int n_warps = blockDim.x / FM_LL_WARP;
+    const fm_i64 items = n * world * split;  // (token, destination, part) of the chunk: a warp each
+
+    // A warp's first row part is loaded now, while the block counts (the source row does not depend on
+    // where it goes); its stores wait for the positions.
+    int4 first[FM_LL_COPY_BATCH];
+    fm_i64 first_begin = 0, first_end = 0;
+    bool prefetched = false;
+    if (warp < items) {
+        fm_ll_part(row_bytes, static_cast<int>(warp % split), split, &first_begin, &first_end);
+        const unsigned char* src = x + (t0 + warp / split / world) * row_bytes + first_begin;
+        prefetched = fm_aligned16(src);
+        if (prefetched) {
+            const fm_i64 n4 = (first_end - first_begin) >> 4;
+#pragma unroll
+            for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
+                if (lane + u * FM_LL_WARP < n4) {
+                    first[u] = reinterpret_cast<const int4*>(src)[lane + u * FM_LL_WARP];
+                }
+            }
+        }
+    }
 
     for (fm_i64 i = threadIdx.x; i < num_experts; i += blockDim.x) {
         before_e[i] = 0;
         all_e[i] = 0;
+        route[i] = static_cast<int>(expert_to_rank[i] << 16 | local_index[i]);
     }
     for (int i = threadIdx.x; i < world; i += blockDim.x) {
         before_d[i] = 0;
@@ -280,47 +310,65 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
         mask[i] = 0;
     }
     __syncthreads();
-    // Slots of all T tokens in tiles of whole tokens, one slot a thread (its two loads in parallel with
-    // every other thread's): pairs of each expert and tokens for each rank before the chunk and in all
-    // (counts only, so the order of the atomics does not matter), and the chunk's own experts, ranks and
-    // rank sets.
-    const int tile = (static_cast<int>(blockDim.x) / top_k) * top_k;
+    // Slots of all T tokens in tiles of whole tokens, FM_LL_SLOTS slots a thread (their loads at once):
+    // pairs of each expert and tokens for each rank before the chunk and in all (counts only, so the
+    // order of the atomics does not matter), and the chunk's own experts, ranks, weights and rank sets.
+    const int tile = (FM_LL_SLOTS * static_cast<int>(blockDim.x) / top_k) * top_k;
     for (fm_i64 base = 0; base < tokens * top_k; base += tile) {
-        const fm_i64 p = base + threadIdx.x;
-        const bool in = static_cast<int>(threadIdx.x) < tile && p < tokens * top_k;
-        fm_i64 e = -1;
-        int d = -1;
-        if (in) {
-            e = fm_expert(topk_idx, p / top_k, top_k, static_cast<int>(p % top_k), num_experts);
-            d = e >= 0 ? static_cast<int>(expert_to_rank[e]) : -1;
+        fm_i64 e[FM_LL_SLOTS];
+        float w[FM_LL_SLOTS];
+#pragma unroll
+        for (int j = 0; j < FM_LL_SLOTS; ++j) {
+            const int at = j * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+            const fm_i64 p = base + at;
+            e[j] = -1;
+            w[j] = 0.0f;
+            if (at < tile && p < tokens * top_k) {
+                e[j] = fm_expert(topk_idx, p / top_k, top_k, static_cast<int>(p % top_k), num_experts);
+                if (p >= t0 * top_k && p < t1 * top_k) {
+                    w[j] = weights[p];
+                }
+            }
         }
-        if (static_cast<int>(threadIdx.x) < tile) {
-            tile_d[threadIdx.x] = d;
+#pragma unroll
+        for (int j = 0; j < FM_LL_SLOTS; ++j) {
+            const int at = j * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+            if (at < tile) {
+                tile_d[at] = e[j] >= 0 ? route[e[j]] >> 16 : -1;
+            }
         }
         __syncthreads();
-        if (in) {
+#pragma unroll
+        for (int j = 0; j < FM_LL_SLOTS; ++j) {
+            const int at = j * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+            const fm_i64 p = base + at;
+            if (at >= tile || p >= tokens * top_k) {
+                continue;
+            }
             const int k = static_cast<int>(p % top_k);
-            bool first = d >= 0;  // the token's first slot on rank d
-            for (int k2 = 0; k2 < k && first; ++k2) {
-                first = tile_d[threadIdx.x - k + k2] != d;
+            const int d = tile_d[at];
+            bool first_on_d = d >= 0;  // the token's first slot on rank d
+            for (int k2 = 0; k2 < k && first_on_d; ++k2) {
+                first_on_d = tile_d[at - k + k2] != d;
             }
             const fm_i64 t = p / top_k;
-            if (e >= 0) {
-                atomicAdd(&all_e[e], 1);
+            if (e[j] >= 0) {
+                atomicAdd(&all_e[e[j]], 1);
             }
-            if (first) {
+            if (first_on_d) {
                 atomicAdd(&all_d[d], 1);
             }
             if (t < t0) {
-                if (e >= 0) {
-                    atomicAdd(&before_e[e], 1);
+                if (e[j] >= 0) {
+                    atomicAdd(&before_e[e[j]], 1);
                 }
-                if (first) {
+                if (first_on_d) {
                     atomicAdd(&before_d[d], 1);
                 }
             } else if (t < t1) {
-                chunk_e[p - t0 * top_k] = static_cast<int>(e);
+                chunk_e[p - t0 * top_k] = static_cast<int>(e[j]);
                 chunk_d[p - t0 * top_k] = d;
+                chunk_w[p - t0 * top_k] = w[j];
                 if (d >= 0) {
                     atomicOr(&mask[t - t0], 1ull << d);
                 }
@@ -373,16 +421,14 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
             head[1] = tokens;
         }
         for (fm_i64 e = threadIdx.x; e < num_experts; e += blockDim.x) {
-            const int d = static_cast<int>(expert_to_rank[e]);
+            const int d = route[e] >> 16;
             fm_i64* head = reinterpret_cast<fm_i64*>(head_ptrs[d]) + (parity * world + rank) * head_width;
-            head[2 + local_index[e]] = all_e[e];
+            head[2 + (route[e] & 0xffff)] = all_e[e];
         }
     }
 
     // Rows and metadata, a warp per (token, destination, part).
-    const int lane = threadIdx.x & (FM_LL_WARP - 1);
-    const int n_warps = blockDim.x / FM_LL_WARP;
-    for (fm_i64 q = threadIdx.x / FM_LL_WARP; q < n * world * split; q += n_warps) {
+    for (fm_i64 q = warp; q < items; q += n_warps) {
         const int part = static_cast<int>(q % split);
         const fm_i64 item = q / split;
         const fm_i64 i = item / world;
@@ -392,10 +438,25 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
             continue;  // not for d, or past the capacity (the receiver reports the overflow)
         }
         const fm_i64 row = (parity * world + rank) * slots + p;
-        fm_i64 begin, end;
-        fm_ll_part(row_bytes, part, split, &begin, &end);
-        fm_ll_warp_copy(reinterpret_cast<unsigned char*>(x_ptrs[d]) + row * row_bytes,
-                        x + (t0 + i) * row_bytes, begin, end, lane);
+        unsigned char* dst = reinterpret_cast<unsigned char*>(x_ptrs[d]) + row * row_bytes;
+        if (q == warp && prefetched) {
+            const fm_i64 n4 = (first_end - first_begin) >> 4;
+            int4* dst4 = reinterpret_cast<int4*>(dst + first_begin);
+#pragma unroll
+            for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
+                if (lane + u * FM_LL_WARP < n4) {
+                    dst4[lane + u * FM_LL_WARP] = first[u];
+                }
+            }
+            const fm_i64 done = first_begin + static_cast<fm_i64>(FM_LL_COPY_BATCH) * FM_LL_WARP * 16;
+            if (done < first_end) {
+                fm_ll_warp_copy(dst, x + (t0 + i) * row_bytes, done, first_end, lane);
+            }
+        } else {
+            fm_i64 begin, end;
+            fm_ll_part(row_bytes, part, split, &begin, &end);
+            fm_ll_warp_copy(dst, x + (t0 + i) * row_bytes, begin, end, lane);
+        }
         if (part == 0) {
             int* meta = reinterpret_cast<int*>(meta_ptrs[d]) + row * meta_width;
             if (lane == 0) {
@@ -404,25 +465,27 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
             for (int k = lane; k < top_k; k += FM_LL_WARP) {
                 const int e = chunk_e[i * top_k + k];
                 const bool mine = e >= 0 && chunk_d[i * top_k + k] == d;
-                meta[1 + 4 * k] = mine ? static_cast<int>(e) : -1;
-                meta[2 + 4 * k] = mine ? static_cast<int>(local_index[e]) : 0;
+                meta[1 + 4 * k] = mine ? e : -1;
+                meta[2 + 4 * k] = mine ? (route[e] & 0xffff) : 0;
                 meta[3 + 4 * k] = mine ? slot_pos[i * top_k + k] : 0;
-                meta[4 + 4 * k] = __float_as_int(weights[(t0 + i) * top_k + k]);
+                meta[4 + 4 * k] = __float_as_int(chunk_w[i * top_k + k]);
             }
         }
     }
 
-    if (!fm_ll_last_block(&state[FM_LL_TICKET_DSEND])) {
-        return;
-    }
-    // The last block: the flags.
-    if (threadIdx.x == 0) {
-        state[FM_LL_TICKET_DSEND] = 0;
-    }
-    __threadfence_system();
+    // Every block's rows (and block 0's headers) before the ticket; the last block stores the flags.
     __syncthreads();
-    for (int d = threadIdx.x; d < world; d += blockDim.x) {
-        fm_store_release_sys(reinterpret_cast<fm_i64*>(flag_ptrs[d]) + rank, generation);
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        const unsigned long long old = atomicAdd(reinterpret_cast<unsigned long long*>(&state[FM_LL_TICKET_DSEND]),
+                                                 1ull);
+        if (old == static_cast<unsigned long long>(gridDim.x) - 1ull) {
+            __threadfence();
+            state[FM_LL_TICKET_DSEND] = 0;
+            for (int d = 0; d < world; ++d) {
+                fm_store_release_sys(reinterpret_cast<fm_i64*>(flag_ptrs[d]) + rank, generation);
+            }
+        }
     }
 }
 
@@ -597,10 +660,7 @@ extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatc
             }
         }
     }
-    if (fm_ll_last_block(&state[FM_LL_TICKET_DRECV]) && threadIdx.x == 0) {
-        state[FM_LL_TICKET_DRECV] = 0;
-        state[FM_LL_GEN_DISPATCH] = generation;
-    }
+    fm_ll_finish_receive(state, FM_LL_TICKET_DRECV, FM_LL_GEN_DISPATCH, generation);
 }
 
 // ------------------------------------------------------------------------------------------ combine
@@ -702,16 +762,19 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
         }
         __syncwarp();
     }
-    if (!fm_ll_last_block(&state[FM_LL_TICKET_CSEND])) {
-        return;
-    }
-    if (threadIdx.x == 0) {
-        state[FM_LL_TICKET_CSEND] = 0;
-    }
-    __threadfence_system();
+    // Every block's partials before the ticket; the last block stores the flags.
     __syncthreads();
-    for (int s = threadIdx.x; s < world; s += blockDim.x) {
-        fm_store_release_sys(reinterpret_cast<fm_i64*>(flag_ptrs[s]) + rank, generation);
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        const unsigned long long old = atomicAdd(reinterpret_cast<unsigned long long*>(&state[FM_LL_TICKET_CSEND]),
+                                                 1ull);
+        if (old == static_cast<unsigned long long>(gridDim.x) - 1ull) {
+            __threadfence();
+            state[FM_LL_TICKET_CSEND] = 0;
+            for (int s = 0; s < world; ++s) {
+                fm_store_release_sys(reinterpret_cast<fm_i64*>(flag_ptrs[s]) + rank, generation);
+            }
+        }
     }
 }
 
@@ -722,17 +785,32 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
                                    fm_i64 slots, T* out, fm_i64* state, fm_i64 timeout_ns, int split)
 {
     constexpr int VEC = 16 / sizeof(T);
+    __shared__ int slot_of[FM_LL_WARPS][FM_LL_MAX_WORLD];  // a warp's token's slot on each expert rank
     const fm_i64 generation = state[FM_LL_GEN_COMBINE] + 1;
     const fm_i64 parity = generation & 1;
-    const bool timed_out = fm_ll_wait_flags(flag_buf, world, generation, state, 2, timeout_ns);
     const int lane = threadIdx.x & (FM_LL_WARP - 1);
+    const int warp = threadIdx.x / FM_LL_WARP;
     const fm_i64 warps = static_cast<fm_i64>(gridDim.x) * (blockDim.x / FM_LL_WARP);
+    const fm_i64 first = blockIdx.x * (blockDim.x / FM_LL_WARP) + warp;
+    // The first token's slots are local (the dispatch wrote them): loaded before the wait.
+    if (first < tokens * split) {
+        for (int e = lane; e < world; e += FM_LL_WARP) {
+            slot_of[warp][e] = send_pos[(first / split) * world + e];
+        }
+    }
+    const bool timed_out = fm_ll_wait_flags(flag_buf, world, generation, state, 2, timeout_ns);
     const fm_i64 vectors = hidden / VEC;
     const fm_i64 per_part = (vectors + split - 1) / split;
-    for (fm_i64 q = blockIdx.x * (blockDim.x / FM_LL_WARP) + threadIdx.x / FM_LL_WARP; q < tokens * split;
-         q += warps) {
+    for (fm_i64 q = first; q < tokens * split; q += warps) {
         const int part = static_cast<int>(q % split);
         const fm_i64 t = q / split;
+        if (q != first) {
+            __syncwarp();
+            for (int e = lane; e < world; e += FM_LL_WARP) {
+                slot_of[warp][e] = send_pos[t * world + e];
+            }
+        }
+        __syncwarp();
         const fm_i64 v0 = part * per_part;
         const fm_i64 v1 = v0 + per_part < vectors ? v0 + per_part : vectors;
         for (fm_i64 v = v0 + lane; v < v1; v += FM_LL_WARP) {
@@ -747,7 +825,7 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
 #pragma unroll
                 for (int b = 0; b < FM_LL_BATCH; ++b) {
                     const int e = e0 + b;
-                    const int p = e < world ? send_pos[t * world + e] : -1;
+                    const int p = e < world ? slot_of[warp][e] : -1;
                     have[b] = p >= 0 && p < slots && !timed_out;
                     if (have[b]) {
                         y[b].raw = reinterpret_cast<const int4*>(
@@ -772,10 +850,7 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
             reinterpret_cast<int4*>(out + t * hidden)[v] = o.raw;
         }
     }
-    if (fm_ll_last_block(&state[FM_LL_TICKET_CRECV]) && threadIdx.x == 0) {
-        state[FM_LL_TICKET_CRECV] = 0;
-        state[FM_LL_GEN_COMBINE] = generation;
-    }
+    fm_ll_finish_receive(state, FM_LL_TICKET_CRECV, FM_LL_GEN_COMBINE, generation);
 }
 
 #define FM_LL_COMBINE(SUFFIX, T)                                                                              \

@@ -157,18 +157,13 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
         out = _send_expand(state, stream_buffers, x, idx, weights, placement, chunk, n_chunks, chunk_e, chunk_d,
                            plan, summary, max_recv_tokens, shared, n_to, n_from, per_expert, gen_state, stats, sms,
                            cap)
-        stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
-        stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
-        handle = routing.DispatchHandle(
-            backend="cuda", num_tokens=tokens, pairs=None, wire_row=None, send_token=None, n_to=None, n_from=None,
-            wire_out_max=None, max_tokens=None, src_idx=out.recv_src_idx, src_rank=out.recv_src_rank)
-        return out, lambda: int(summary[_SUM_PAIRS_IN]), handle
+        _count_wire_bytes_on_device(stats, summary, wire_row_bytes)
+        return _dispatch_result(out, summary, tokens, None)
     if max_recv_tokens is not None:
         max_tokens = None  # unknown on the host: a combine asks the peers
         x_buf, meta_buf = send(max_recv_tokens)
         out_rows = max_recv_tokens
-        stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
-        stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
+        _count_wire_bytes_on_device(stats, summary, wire_row_bytes)
     else:
         # Send into the buffers of earlier calls first: rows travel while the host waits for the counts.
         shape_key = (x.dtype, hidden, meta_width)
@@ -202,9 +197,24 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
         ctypes.c_int32(top_k), summary, ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank,
         state.errors])
     out = DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from, per_expert)
+    return _dispatch_result(out, summary, tokens, max_tokens)
+
+
+def _count_wire_bytes_on_device(stats: CommStats, summary: torch.Tensor, wire_row_bytes: int) -> None:
+    """Capacity mode's byte counts: the wire rows the plan counted to and from other ranks (summary's
+    FM_SUM_SENT_REMOTE / FM_SUM_RECV_REMOTE, [8] int64 on the device) times the bytes of a wire row (x row
+    and metadata), read only when a trace asks (no host synchronisation)."""
+    stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
+    stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
+
+
+def _dispatch_result(out: DispatchOutputs, summary: torch.Tensor, tokens: int, max_tokens: Optional[int]) -> tuple:
+    """What `dispatch` returns: (out, a callable that reads the pairs received (a host synchronisation),
+    the DispatchHandle that combine takes: T, the agreed T_max (None in capacity mode: unknown on the
+    host, a combine asks the peers) and out's recv_src_idx / recv_src_rank)."""
     handle = routing.DispatchHandle(
         backend="cuda", num_tokens=tokens, pairs=None, wire_row=None, send_token=None, n_to=None, n_from=None,
-        wire_out_max=None, max_tokens=max_tokens, src_idx=src_idx, src_rank=src_rank)
+        wire_out_max=None, max_tokens=max_tokens, src_idx=out.recv_src_idx, src_rank=out.recv_src_rank)
     return out, lambda: int(summary[_SUM_PAIRS_IN]), handle
 
 

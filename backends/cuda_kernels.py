@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -157,18 +157,13 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
         out = _send_expand(state, stream_buffers, x, idx, weights, placement, chunk, n_chunks, chunk_e, chunk_d,
                            plan, summary, max_recv_tokens, shared, n_to, n_from, per_expert, gen_state, stats, sms,
                            cap)
-        stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
-        stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
-        handle = routing.DispatchHandle(
-            backend="cuda", num_tokens=tokens, pairs=None, wire_row=None, send_token=None, n_to=None, n_from=None,
-            wire_out_max=None, max_tokens=None, src_idx=out.recv_src_idx, src_rank=out.recv_src_rank)
-        return out, lambda: int(summary[_SUM_PAIRS_IN]), handle
+        _count_wire_bytes_on_device(stats, summary, wire_row_bytes)
+        return _dispatch_result(out, summary, tokens, None)
     if max_recv_tokens is not None:
         max_tokens = None  # unknown on the host: a combine asks the peers
         x_buf, meta_buf = send(max_recv_tokens)
         out_rows = max_recv_tokens
-        stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
-        stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
+        _count_wire_bytes_on_device(stats, summary, wire_row_bytes)
     else:
         # Send into the buffers of earlier calls first: rows travel while the host waits for the counts.
         shape_key = (x.dtype, hidden, meta_width)
@@ -202,9 +197,24 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
         ctypes.c_int32(top_k), summary, ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank,
         state.errors])
     out = DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from, per_expert)
+    return _dispatch_result(out, summary, tokens, max_tokens)
+
+
+def _count_wire_bytes_on_device(stats: CommStats, summary: torch.Tensor, wire_row_bytes: int) -> None:
+    """Capacity mode's byte counts: the wire rows the plan counted to and from other ranks (summary's
+    FM_SUM_SENT_REMOTE / FM_SUM_RECV_REMOTE, [8] int64 on the device) times the bytes of a wire row (x row
+    and metadata), read only when a trace asks (no host synchronisation)."""
+    stats.bytes_sent = DeviceCount(summary[_SUM_SENT_REMOTE], wire_row_bytes)
+    stats.bytes_recv = DeviceCount(summary[_SUM_RECV_REMOTE], wire_row_bytes)
+
+
+def _dispatch_result(out: DispatchOutputs, summary: torch.Tensor, tokens: int, max_tokens: Optional[int]) -> tuple:
+    """What `dispatch` returns: (out, a callable that reads the pairs received (a host synchronisation),
+    the DispatchHandle that combine takes: T, the agreed T_max (None in capacity mode: unknown on the
+    host, a combine asks the peers) and out's recv_src_idx / recv_src_rank)."""
     handle = routing.DispatchHandle(
         backend="cuda", num_tokens=tokens, pairs=None, wire_row=None, send_token=None, n_to=None, n_from=None,
-        wire_out_max=None, max_tokens=max_tokens, src_idx=src_idx, src_rank=src_rank)
+        wire_out_max=None, max_tokens=max_tokens, src_idx=out.recv_src_idx, src_rank=out.recv_src_rank)
     return out, lambda: int(summary[_SUM_PAIRS_IN]), handle
 
 
@@ -260,6 +270,85 @@ def _send_expand(state, buffers: tuple, x, idx, weights, placement, chunk, n_chu
     return DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from, per_expert)
 
 
+def combine_operands(rank: int, x: torch.Tensor, weights: torch.Tensor, src_idx: torch.Tensor,
+                     src_rank: torch.Tensor, num_tokens: int, max_tokens: int) -> tuple:
+    """The operands of a kernel combine (either backend's), checked and in the layout the kernels read.
+
+    Args:
+        rank: this rank (named in the error).
+        x: [V, H] float32/bfloat16/float16, the expert outputs, one row per received pair.
+        weights: [V] float, the pairs' weights; src_idx: [V] int, source token; src_rank: [V] int, source rank.
+        num_tokens: T, this rank's token count (rows of the combined output).
+        max_tokens: T_max, the most tokens any rank has (the ranks agreed on it at dispatch).
+    Returns: (x contiguous, weights [V] float32, src_idx [V] int64, src_rank [V] int64, stride), where
+        stride = max(T_max, 1) is the rows a source rank's block of the dense [W, T_max] layout holds.
+    Raises: ValueError when num_tokens exceeds T_max.
+    """
+    stride = max(max_tokens, 1)
+    if num_tokens > stride:
+        raise ValueError(f"moe_combine: num_tokens={num_tokens} on rank {rank} but the ranks agreed on at most "
+                         f"{max_tokens} tokens a rank")
+    return (x.contiguous(), weights.contiguous().to(torch.float32), src_idx.contiguous().to(torch.int64),
+            src_rank.contiguous().to(torch.int64), stride)
+
+
+def launch_combine(x: torch.Tensor, weights: torch.Tensor, src_idx: torch.Tensor, src_rank: torch.Tensor, *,
+                   world: int, rank: int, stride: int, num_tokens: int, group_count: torch.Tensor,
+                   group_rows: torch.Tensor, errors: torch.Tensor, part_ptrs: torch.Tensor, flag_ptrs: torch.Tensor,
+                   part_rows: torch.Tensor, part_flags: torch.Tensor, after_group: Optional[Callable[[], None]],
+                   deliver: Callable[[], None], stats: CommStats) -> torch.Tensor:
+    """The kernels of a combine (moe.cu group, send, reduce) with their launch geometry, for both backends:
+    they differ only in where send writes the partial rows (`part_ptrs`, `flag_ptrs`), how the rows get
+    from there to where reduce reads them (`deliver`) and where reduce reads them (`part_rows`,
+    `part_flags`).
+
+    Args:
+        x, weights, src_idx, src_rank: as `combine_operands` returns them.
+        world, rank: the group's size and this rank.
+        stride: max(T_max, 1), rows a source's block of the dense [W, stride] layout holds.
+        num_tokens: T, rows of the output.
+        group_count: [W * stride + 2] int32, zeroed: the rows per (source rank, token), then two counters
+            (partial rows sent to peers, received from peers).
+        group_rows: [W * stride * GROUP_CAP] int32, the rows of each (source rank, token).
+        errors: int64 error words (group's overflow of GROUP_CAP).
+        part_ptrs: [W] int64, per source rank s the address that send adds row r * stride + t of the partial
+            of (s, token t) to (bf16/f16/f32 rows of H); flag_ptrs: [W] int64, the same for the int32 flag.
+        part_rows: [W * stride, H] x's dtype, the layout reduce reads (block e from expert rank e);
+            part_flags: [W * stride] int32, its flags.
+        after_group: called between group and send (None: nothing to do).
+        deliver: called between send and reduce: afterwards part_rows and part_flags hold the partials.
+        stats: the call's statistics (`stats.sms` records the most blocks).
+    Returns: [T, H] x's dtype, the combined rows.
+    """
+    device = x.device
+    rows, hidden = x.shape[0], x.shape[1]
+    sms, cap = sm_budget(device, stats)
+    groups = world * stride
+    counters = group_count[groups:]
+    if rows:
+        _kernel("fuser_moe_combine_group", device).launch(
+            grid(min(-(-rows // _THREADS), 8 * sms), cap, stats), _THREADS, [
+            src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
+            group_rows, errors])
+    if after_group is not None:
+        after_group()
+    suffix = _DTYPE_SUFFIX[x.dtype]
+    warps = 16 * sms * (_THREADS // 32)
+    split = max(1, min(8, warps // groups))  # few groups (decode): several warps share a row
+    _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(
+        grid(min(-(-groups * split // 8), 16 * sms), cap, stats), _THREADS, [
+            x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank),
+            ctypes.c_int64(stride), group_count, group_rows, part_ptrs, flag_ptrs, counters,
+            ctypes.c_int32(split)])
+    deliver()
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
+    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(
+        grid(min(-(-stride // 8), 16 * sms), cap, stats), _THREADS, [
+        part_rows, part_flags, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
+        ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters])
+    return out
+
+
 def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
                      src_idx: torch.Tensor, src_rank: torch.Tensor, num_tokens: int, max_tokens: int,
                      stats: CommStats) -> torch.Tensor:
@@ -270,43 +359,21 @@ def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
     """
     world, rank, device = comm.world_size, comm.rank, x.device
     tr = state.transport
-    rows, hidden = x.shape[0], x.shape[1]
-    sms, cap = sm_budget(device, stats)
-    stride = max(max_tokens, 1)
-    if num_tokens > stride:
-        raise ValueError(f"moe_combine: num_tokens={num_tokens} on rank {rank} but the ranks agreed on at most "
-                         f"{max_tokens} tokens a rank")
-    x = x.contiguous()
-    weights = weights.contiguous().to(torch.float32)
-    src_idx = src_idx.contiguous().to(torch.int64)
-    src_rank = src_rank.contiguous().to(torch.int64)
+    hidden = x.shape[1]
+    x, weights, src_idx, src_rank, stride = combine_operands(rank, x, weights, src_idx, src_rank, num_tokens,
+                                                             max_tokens)
     part_buf = tr.buffer("combine_partial_rows", x.dtype, (hidden,), world * stride)
     flag_buf = tr.buffer("combine_partial_flags", torch.int32, (), world * stride)
     # Rows per (source rank, token), then two counters: partial rows sent to and received from peers.
     group_count = torch.zeros(world * stride + 2, dtype=torch.int32, device=device)
     counters = group_count[world * stride:]
     group_rows = torch.empty(world * stride * GROUP_CAP, dtype=torch.int32, device=device)
-    if rows:
-        _kernel("fuser_moe_combine_group", device).launch(
-            grid(min(-(-rows // _THREADS), 8 * sms), cap, stats), _THREADS, [
-            src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
-            group_rows, state.errors])
-    tr.barrier()  # every source is done with its previous reduce: its partial rows and flags are free
-    suffix = _DTYPE_SUFFIX[x.dtype]
-    groups = world * stride
-    warps = 16 * sms * (_THREADS // 32)
-    split = max(1, min(8, warps // groups))  # few groups (decode): several warps share a row
-    _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(
-        grid(min(-(-groups * split // 8), 16 * sms), cap, stats), _THREADS, [
-            x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank),
-            ctypes.c_int64(stride), group_count, group_rows, part_buf.peer_ptrs, flag_buf.peer_ptrs, counters,
-            ctypes.c_int32(split)])
-    tr.barrier()
-    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
-    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(
-        grid(min(-(-stride // 8), 16 * sms), cap, stats), _THREADS, [
-        part_buf.local, flag_buf.local, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
-        ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters])
+    out = launch_combine(
+        x, weights, src_idx, src_rank, world=world, rank=rank, stride=stride, num_tokens=num_tokens,
+        group_count=group_count, group_rows=group_rows, errors=state.errors, part_ptrs=part_buf.peer_ptrs,
+        flag_ptrs=flag_buf.peer_ptrs, part_rows=part_buf.local, part_flags=flag_buf.local,
+        # every source is done with its previous reduce: its partial rows and flags are free
+        after_group=tr.barrier, deliver=tr.barrier, stats=stats)
     row_bytes = hidden * x.element_size() + 4
     stats.bytes_sent = DeviceCount(counters[0], row_bytes)
     stats.bytes_recv = DeviceCount(counters[1], row_bytes)

@@ -32,8 +32,8 @@ import torch
 from . import routing
 from .common import CommStats, DispatchOutputs
 from .communicator import Communicator
-from .cuda_kernels import (GROUP_CAP, MAX_KERNEL_TOP_K, MAX_KERNEL_WORLD, _DTYPE_SUFFIX, _IDX_SUFFIX, _MAX_CHUNK,
-                           _NOTIFY_THREADS, _THREADS, _kernel, grid, sm_budget)
+from .cuda_kernels import (GROUP_CAP, MAX_KERNEL_TOP_K, MAX_KERNEL_WORLD, _IDX_SUFFIX, _MAX_CHUNK, _NOTIFY_THREADS,
+                           _THREADS, _kernel, combine_operands, grid, launch_combine, sm_budget)
 
 _NO_LIMIT = torch.iinfo(torch.int64).max
 _available: dict = {}
@@ -203,17 +203,10 @@ def combine(comm: Communicator, x: torch.Tensor, weights: torch.Tensor, src_idx:
             src_rank: torch.Tensor, num_tokens: int, max_tokens: int, stats: CommStats) -> tuple:
     """Combine with the kernels: group, send (local, dense [W, T_max] layout), all-to-all of equal splits
     of the partial rows and of their flags, reduce. Returns (combined_x, the error words)."""
-    world, rank, device = comm.world_size, comm.rank, x.device
-    rows, hidden = x.shape[0], x.shape[1]
-    sms, cap = sm_budget(device, stats)
-    stride = max(max_tokens, 1)
-    if num_tokens > stride:
-        raise ValueError(f"moe_combine: num_tokens={num_tokens} on rank {rank} but the ranks agreed on at most "
-                         f"{max_tokens} tokens a rank")
-    x = x.contiguous()
-    weights = weights.contiguous().to(torch.float32)
-    src_idx = src_idx.contiguous().to(torch.int64)
-    src_rank = src_rank.contiguous().to(torch.int64)
+    world, rank = comm.world_size, comm.rank
+    hidden = x.shape[1]
+    x, weights, src_idx, src_rank, stride = combine_operands(rank, x, weights, src_idx, src_rank, num_tokens,
+                                                             max_tokens)
     buffers = _buffers_of(comm)
     groups = world * stride
     row_bytes = hidden * x.element_size()
@@ -228,29 +221,19 @@ def combine(comm: Communicator, x: torch.Tensor, weights: torch.Tensor, src_idx:
     zeroed = buffers.tensor("combine_zeroed", words + 8, (), torch.int32)
     zeroed.zero_()
     send_flags, group_count = zeroed[:groups], zeroed[groups:2 * groups + 2]
-    counters = group_count[groups:]
     errors = zeroed[words:].view(torch.int64)
-    if rows:
-        _kernel("fuser_moe_combine_group", device).launch(
-            grid(min(-(-rows // _THREADS), 8 * sms), cap, stats), _THREADS, [
-            src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
-            group_rows, errors])
-    suffix = _DTYPE_SUFFIX[x.dtype]
-    warps = 16 * sms * (_THREADS // 32)
-    split = max(1, min(8, warps // groups))
+
+    def deliver():
+        comm.all_to_all_single(recv_rows, send_rows)
+        comm.all_to_all_single(recv_flags, send_flags)
+
     # The partial of (source s, token t) goes to row r * T_max + t of "s's buffer": block s of send_rows.
-    _kernel(f"fuser_moe_combine_send_{suffix}", device).launch(
-        grid(min(-(-groups * split // 8), 16 * sms), cap, stats), _THREADS, [
-            x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
-            group_count, group_rows, buffers.pointers(send_rows, row_bytes, scale=stride, offset=-rank * stride),
-            buffers.pointers(send_flags, 4, scale=stride, offset=-rank * stride), counters, ctypes.c_int32(split)])
-    comm.all_to_all_single(recv_rows, send_rows)
-    comm.all_to_all_single(recv_flags, send_flags)
-    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
-    _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(
-        grid(min(-(-stride // 8), 16 * sms), cap, stats), _THREADS, [
-        recv_rows, recv_flags, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
-        ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters])
+    out = launch_combine(
+        x, weights, src_idx, src_rank, world=world, rank=rank, stride=stride, num_tokens=num_tokens,
+        group_count=group_count, group_rows=group_rows, errors=errors,
+        part_ptrs=buffers.pointers(send_rows, row_bytes, scale=stride, offset=-rank * stride),
+        flag_ptrs=buffers.pointers(send_flags, 4, scale=stride, offset=-rank * stride), part_rows=recv_rows,
+        part_flags=recv_flags, after_group=None, deliver=deliver, stats=stats)
     # The dense layout travels whole: every slot of every other rank's block, present or not.
     wire = (world - 1) * stride * (hidden * x.element_size() + 4)
     stats.bytes_sent += wire

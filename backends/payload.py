@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from .common import CommStats
+from .common import CommStats, DispatchOutputs
 from .communicator import Communicator
 from .validation import checked
 
@@ -33,30 +33,19 @@ WIRE_DTYPE = torch.bfloat16  # the dtype the packed rows are viewed as; bits are
 _ALIGN = 16
 
 
-class ScaledDispatchOutputs(NamedTuple):
-    """The outputs of an fp8 MoeDispatch on this rank: those of `DispatchOutputs` and the scales.
+# DispatchOutputs' fields, in its order, then the scales: an fp8 dispatch's outputs unpack like a plain
+# dispatch's, with recv_x_scales last.
+ScaledDispatchOutputs = NamedTuple(
+    "ScaledDispatchOutputs",
+    [(name, torch.Tensor) for name in DispatchOutputs._fields] + [("recv_x_scales", torch.Tensor)])
+ScaledDispatchOutputs.__doc__ = """The outputs of an fp8 MoeDispatch on this rank: `DispatchOutputs`' fields, then the scales.
 
     recv_x: [V, H] float8_e4m3fn, one row per received (source token, local expert) pair (a view, row
         stride row_bytes; zeros on capacity padding).
-    recv_topk_idx: [V] int64, global expert id of the row (-1 on capacity padding).
-    recv_topk_weights: [V] float32, the source's weight for that (token, expert) (0 on padding).
-    recv_src_idx: [V] int64, token index on the source rank (-1 on padding).
-    recv_src_rank: [V] int64, source rank (-1 on padding).
-    n_tokens_to_rank: [W] int64, distinct tokens this rank sends to each rank.
-    n_tokens_from_rank: [W] int64, distinct tokens this rank receives from each rank.
-    n_tokens_per_expert: [E_local] int64, rows of recv_x per local expert, in local-expert order.
+    recv_topk_idx, recv_topk_weights, recv_src_idx, recv_src_rank, n_tokens_to_rank, n_tokens_from_rank,
+        n_tokens_per_expert: as in `DispatchOutputs`.
     recv_x_scales: [V, ceil(H / 128)] float32, the scales of recv_x's row (a view; 0 on padding).
     """
-
-    recv_x: torch.Tensor
-    recv_topk_idx: torch.Tensor
-    recv_topk_weights: torch.Tensor
-    recv_src_idx: torch.Tensor
-    recv_src_rank: torch.Tensor
-    n_tokens_to_rank: torch.Tensor
-    n_tokens_from_rank: torch.Tensor
-    n_tokens_per_expert: torch.Tensor
-    recv_x_scales: torch.Tensor
 
 
 def scale_blocks(hidden: int) -> int:

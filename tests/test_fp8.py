@@ -211,6 +211,23 @@ def test_packed_layout():
     assert same_bits(back_q, q) and same_bits(back_scales, scales)
 
 
+
+def test_scaled_dispatch_outputs_are_the_dispatch_outputs_then_the_scales():
+    # The runtime's names, the IR's and the frontend's agree, so outputs map to TensorViews by name.
+    from fuser_moe.backends.common import DispatchOutputs
+    from fuser_moe.ir import MoeDispatch
+
+    fields = payload.ScaledDispatchOutputs._fields
+    assert fields == DispatchOutputs._fields + ("recv_x_scales",) == MoeDispatch.SCALED_OUTPUT_NAMES
+    parts = [torch.full((1,), float(i)) for i in range(len(fields))]
+    scaled = payload.ScaledDispatchOutputs(*DispatchOutputs(*parts[:-1]), recv_x_scales=parts[-1])
+    *plain, scales = scaled
+    assert all(a is b for a, b in zip(plain, parts)) and scales is parts[-1]
+    assert type(scaled._replace(recv_x=parts[0])) is payload.ScaledDispatchOutputs
+    with pytest.raises(TypeError, match="recv_x_scales"):
+        payload.ScaledDispatchOutputs(*parts[:-1])
+
+
 # ------------------------------------------------------------------------------------------ dispatch
 def fp8_inputs(case: Case, random_bits: bool = False):
     """Per rank (x_fp8, scales, topk_idx, topk_weights) on the CPU: x quantised, or random bytes (all

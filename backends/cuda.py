@@ -30,7 +30,7 @@ MAX_KERNEL_WORLD = cuda_kernels.MAX_KERNEL_WORLD
 MAX_KERNEL_TOP_K = cuda_kernels.MAX_KERNEL_TOP_K
 GROUP_CAP = cuda_kernels.GROUP_CAP
 # Words of the error block the kernels raise (moe.cu FM_ERR_*).
-ERR_NEEDED, ERR_GIVEN, ERR_BAD_ROW, ERR_BIG_GROUP, ERR_TIMEOUT = range(5)
+ERR_NEEDED, ERR_GIVEN, ERR_BAD_ROW, ERR_BIG_GROUP, ERR_TIMEOUT, ERR_COMBINE_TIMEOUT = range(6)
 ERROR_WORDS = 8
 
 
@@ -45,11 +45,13 @@ class _GroupState:
         # Error words the kernels raise, read at the next check: (largest capacity needed, capacity given)
         # of the last overflow; 1 + a combine row naming a rank or token outside the layout; the most rows
         # one token had on this rank past GROUP_CAP; 1 + a wire row whose stamp a streaming dispatch
-        # waited for in vain (moe.cu FM_ERR_*).
+        # waited for in vain; 1 + a token whose partial rows a streaming combine waited for in vain
+        # (moe.cu FM_ERR_*).
         self.errors = torch.zeros(ERROR_WORDS, dtype=torch.int64, device=device)
         # Streaming dispatch: the call counter that notify advances ([0]) and the send-expand kernel's
-        # tickets ([1], [2]); zero between calls.
-        self.stream_words = torch.zeros(4, dtype=torch.int64, device=device)
+        # tickets ([1], [2]), zero between calls. Streaming combine: its call counter ([4], advanced by
+        # its last block) and tickets ([5], [6]).
+        self.stream_words = torch.zeros(8, dtype=torch.int64, device=device)
         # Index vectors of the count exchange, made once (no allocation or fill on the hot path).
         self.ranks = torch.arange(world, device=device)
         self.zeros_w = torch.zeros(world, dtype=torch.int64, device=device)
@@ -67,9 +69,9 @@ class _GroupState:
         """
         cuda_ll.raise_pending(self, comm.rank)  # a low-latency wait that timed out explains what follows
         words = self.errors.tolist()
-        needed, given, bad_row, big_group, stale = (words[i] for i in (ERR_NEEDED, ERR_GIVEN, ERR_BAD_ROW,
-                                                                         ERR_BIG_GROUP, ERR_TIMEOUT))
-        if needed or bad_row or big_group or stale:
+        needed, given, bad_row, big_group, stale, stale_combine = (
+            words[i] for i in (ERR_NEEDED, ERR_GIVEN, ERR_BAD_ROW, ERR_BIG_GROUP, ERR_TIMEOUT, ERR_COMBINE_TIMEOUT))
+        if needed or bad_row or big_group or stale or stale_combine:
             self.errors.zero_()
         transport_error = None
         try:
@@ -82,6 +84,11 @@ class _GroupState:
             raise TimeoutError(f"cuda backend, rank {comm.rank}: moe_dispatch (streaming) waited "
                                f"{self.transport.timeout_s:g} s for wire row {stale - 1}, which no peer delivered "
                                "(a peer stopped, or ranks called dispatch with different arguments)")
+        if stale_combine:
+            raise TimeoutError(f"cuda backend, rank {comm.rank}: moe_combine (streaming) waited "
+                               f"{self.transport.timeout_s:g} s for the partial rows of token {stale_combine - 1}, "
+                               "which a peer never delivered (a peer stopped, or ranks called combine with "
+                               "different arguments)")
         if needed:
             raise RuntimeError(f"cuda backend, rank {comm.rank}: capacity overflow: needed capacity {needed} rows, "
                                f"given capacity {given} rows; rows past the capacity were dropped")

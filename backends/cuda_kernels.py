@@ -11,7 +11,11 @@ cuda_torch.py's. The steps are described in kernels/moe.cu's header:
     its stamp arrives, so the expansion overlaps the wire. The count matrices alternate by the parity
     of the call (a fast rank's next call cannot overwrite the counts a slow peer has yet to read).
   combine: group, barrier, send, barrier, reduce. Partial rows go to a dense [W, T_max] layout on the
-    source rank, with a flag per row, so no offsets need exchanging.
+    source rank, with a flag per row, so no offsets need exchanging. It streams too (FUSER_MOE_STREAM=0
+    keeps the three kernels; the nccl backend uses them): group, barrier, then send and reduce in one
+    kernel, where every expert rank stamps each (token, part) of the layout on the source with the
+    call's generation (whether or not it has rows for it) and the source reduces a token as soon as
+    its stamps have landed, while the partial rows are still fresh in L2.
 Exact mode sends into the wire buffer of earlier calls before it reads the counts, and sends again in
 the rare call that outgrows it (every rank reads the same largest receive count, so all grow together).
 """
@@ -219,8 +223,9 @@ def _dispatch_result(out: DispatchOutputs, summary: torch.Tensor, tokens: int, m
 
 
 def streaming() -> bool:
-    """Whether capacity-mode dispatch streams (send and expand in one kernel, no barrier between them);
-    FUSER_MOE_STREAM=0 keeps the send, barrier, expand sequence (for comparison)."""
+    """Whether capacity-mode dispatch streams (send and expand in one kernel, no barrier between them)
+    and so does combine (send and reduce in one kernel); FUSER_MOE_STREAM=0 keeps the send, barrier,
+    expand and the send, barrier, reduce sequences (for comparison)."""
     return os.environ.get("FUSER_MOE_STREAM", "1") != "0"
 
 
@@ -270,6 +275,43 @@ def _send_expand(state, buffers: tuple, x, idx, weights, placement, chunk, n_chu
     return DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from, per_expert)
 
 
+def stream_split(groups: int) -> int:
+    """Warps (parts of a row) per (source rank, token) of a streaming combine: from what every rank agrees
+    on (W x T_max), since a source waits for the stamps of the parts its peers cut."""
+    return max(1, min(8, (1 << 14) // max(groups, 1)))
+
+
+def _send_reduce(state, x, weights, src_idx, src_rank, stride: int, num_tokens: int, part_buf, group_count,
+                 group_rows, stats: CommStats) -> torch.Tensor:
+    """Streaming combine (moe.cu fuser_moe_combine_send_reduce): group, the call's one barrier, then send
+    and reduce in one kernel: the first blocks to start send and stamp every (token, source, part) on its
+    source, the others reduce each token as its stamps land."""
+    tr, device = state.transport, x.device
+    world, rank, hidden = tr.world_size, tr.rank, x.shape[1]
+    groups = world * stride
+    split = stream_split(groups)
+    stamp_buf = tr.buffer("combine_partial_stamps", torch.int64, (), groups * split)  # before the barrier
+    launch_group(src_idx, src_rank, world, stride, group_count, group_rows, state.errors, stats)
+    tr.barrier()  # every source is done with its previous reduce: its partial rows are free
+    sms, cap = sm_budget(device, stats)
+    warps = _THREADS // 32
+    # Senders: up to three blocks an SM; reducers (they spin while partials are on their way): one an SM.
+    n_reduce = max(1, min(-(-max(num_tokens, 1) * split // warps), sms))
+    n_send = max(1, min(-(-groups * split // warps), 3 * sms))
+    if n_send + n_reduce > cap:
+        n_reduce = max(1, cap // 4)
+        n_send = cap - n_reduce
+    blocks = n_send + n_reduce
+    stats.sms = max(stats.sms, min(blocks, sms))
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
+    _kernel(f"fuser_moe_combine_send_reduce_{_DTYPE_SUFFIX[x.dtype]}", device).launch(blocks, _THREADS, [
+        x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
+        ctypes.c_int64(num_tokens), group_count, group_rows, part_buf.peer_ptrs, stamp_buf.peer_ptrs, part_buf.local,
+        stamp_buf.local, out, group_count[groups:], ctypes.c_int32(split), ctypes.c_int64(n_send),
+        state.stream_words[4:7], state.errors, ctypes.c_int64(int(tr.timeout_s * 1e9))])
+    return out
+
+
 def combine_operands(rank: int, x: torch.Tensor, weights: torch.Tensor, src_idx: torch.Tensor,
                      src_rank: torch.Tensor, num_tokens: int, max_tokens: int) -> tuple:
     """The operands of a kernel combine (either backend's), checked and in the layout the kernels read.
@@ -290,6 +332,18 @@ def combine_operands(rank: int, x: torch.Tensor, weights: torch.Tensor, src_idx:
                          f"{max_tokens} tokens a rank")
     return (x.contiguous(), weights.contiguous().to(torch.float32), src_idx.contiguous().to(torch.int64),
             src_rank.contiguous().to(torch.int64), stride)
+
+
+def launch_group(src_idx: torch.Tensor, src_rank: torch.Tensor, world: int, stride: int, group_count: torch.Tensor,
+                 group_rows: torch.Tensor, errors: torch.Tensor, stats: CommStats) -> None:
+    """moe.cu's group kernel: the rows of each (source rank, token) into `group_rows` (see `launch_combine`)."""
+    rows, device = src_idx.shape[0], src_idx.device
+    if rows:
+        sms, cap = sm_budget(device, stats)
+        _kernel("fuser_moe_combine_group", device).launch(
+            grid(min(-(-rows // _THREADS), 8 * sms), cap, stats), _THREADS, [
+            src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
+            group_rows, errors])
 
 
 def launch_combine(x: torch.Tensor, weights: torch.Tensor, src_idx: torch.Tensor, src_rank: torch.Tensor, *,
@@ -325,11 +379,7 @@ def launch_combine(x: torch.Tensor, weights: torch.Tensor, src_idx: torch.Tensor
     sms, cap = sm_budget(device, stats)
     groups = world * stride
     counters = group_count[groups:]
-    if rows:
-        _kernel("fuser_moe_combine_group", device).launch(
-            grid(min(-(-rows // _THREADS), 8 * sms), cap, stats), _THREADS, [
-            src_idx, src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride), group_count,
-            group_rows, errors])
+    launch_group(src_idx, src_rank, world, stride, group_count, group_rows, errors, stats)
     if after_group is not None:
         after_group()
     suffix = _DTYPE_SUFFIX[x.dtype]
@@ -352,7 +402,8 @@ def launch_combine(x: torch.Tensor, weights: torch.Tensor, src_idx: torch.Tensor
 def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
                      src_idx: torch.Tensor, src_rank: torch.Tensor, num_tokens: int, max_tokens: int,
                      stats: CommStats) -> torch.Tensor:
-    """Combine with the kernels of moe.cu: group, barrier, send, barrier, reduce.
+    """Combine with the kernels of moe.cu: group, barrier, send-reduce (streaming, `_send_reduce`), or
+    group, barrier, send, barrier, reduce (FUSER_MOE_STREAM=0, or an SM budget of one).
 
     Partial rows land in row e * max_tokens + t of the source's buffer, so the layout is the same on
     every rank (max_tokens is) and nothing but the rows themselves travels.
@@ -368,6 +419,13 @@ def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
     group_count = torch.zeros(world * stride + 2, dtype=torch.int32, device=device)
     counters = group_count[world * stride:]
     group_rows = torch.empty(world * stride * GROUP_CAP, dtype=torch.int32, device=device)
+    if streaming() and sm_budget(device, stats)[1] >= 2:
+        out = _send_reduce(state, x, weights, src_idx, src_rank, stride, num_tokens, part_buf, group_count,
+                           group_rows, stats)
+        row_bytes = hidden * x.element_size() + 8
+        stats.bytes_sent = DeviceCount(counters[0], row_bytes)
+        stats.bytes_recv = DeviceCount(counters[1], row_bytes)
+        return out
     out = launch_combine(
         x, weights, src_idx, src_rank, world=world, rank=rank, stride=stride, num_tokens=num_tokens,
         group_count=group_count, group_rows=group_rows, errors=state.errors, part_ptrs=part_buf.peer_ptrs,

@@ -38,6 +38,7 @@ class _PeerBuffer:
 class _Transport:
     def __init__(self, world, rank, log):
         self.world_size, self.rank, self.log, self.buffers = world, rank, log, {}
+        self.timeout_s = 30.0
 
     def buffer(self, name, dtype, row_shape, rows):
         return self.buffers.setdefault(name, _PeerBuffer(dtype, row_shape, rows, self.world_size))
@@ -69,9 +70,10 @@ def _run(backend, monkeypatch, world, rank, x, weights, src_idx, src_rank, num_t
         state = type("State", (), {})()
         state.transport = _Transport(world, rank, log)
         state.errors = torch.zeros(4, dtype=torch.int64)
+        state.stream_words = torch.zeros(8, dtype=torch.int64)
         out = cuda_kernels.combine(comm, state, x, weights, src_idx, src_rank, num_tokens, max_tokens, stats)
-        return log, out, stats, dict(errors=state.errors, part=state.transport.buffers["combine_partial_rows"],
-                                     flags=state.transport.buffers["combine_partial_flags"])
+        return log, out, stats, dict(errors=state.errors, words=state.stream_words, **{
+            name: state.transport.buffers.get(f"combine_partial_{name}") for name in ("rows", "flags", "stamps")})
     out, errors = nccl_kernels.combine(comm, x, weights, src_idx, src_rank, num_tokens, max_tokens, stats)
     return log, out, stats, dict(errors=errors, buffers=nccl_kernels._buffers_of(comm))
 
@@ -85,6 +87,7 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("num_sms", [None, 2])
 def test_both_backends_launch_the_combine_kernels_alike(monkeypatch, world, rank, rows, dtype, num_sms):
+    monkeypatch.setenv("FUSER_MOE_STREAM", "0")  # the cuda backend's three-kernel combine (the nccl one's)
     num_tokens, max_tokens = 5, 6
     x = torch.randn(rows, HIDDEN).to(dtype)
     weights = torch.rand(rows)
@@ -118,8 +121,8 @@ def test_both_backends_launch_the_combine_kernels_alike(monkeypatch, world, rank
     # Where each transport's send writes and its reduce reads.
     *_, c_send, c_reduce = cuda_launches
     *_, n_send, n_reduce = nccl_launches
-    assert c_send[5][8] is cuda_bufs["part"].peer_ptrs and c_send[5][9] is cuda_bufs["flags"].peer_ptrs
-    assert c_reduce[5][0] is cuda_bufs["part"].local and c_reduce[5][1] is cuda_bufs["flags"].local
+    assert c_send[5][8] is cuda_bufs["rows"].peer_ptrs and c_send[5][9] is cuda_bufs["flags"].peer_ptrs
+    assert c_reduce[5][0] is cuda_bufs["rows"].local and c_reduce[5][1] is cuda_bufs["flags"].local
     (_, recv_rows, sent_rows), (_, recv_flags, sent_flags) = [e for e in nccl_log if e[0] == "all_to_all"]
     row_bytes = HIDDEN * x.element_size()
     shift = (torch.arange(world) - rank) * max_tokens
@@ -148,3 +151,39 @@ def test_a_combine_of_more_tokens_than_agreed_names_the_counts(monkeypatch, back
     with pytest.raises(ValueError, match="num_tokens=5 on rank 1 but the ranks agreed on at most 3"):
         _run(backend, monkeypatch, 2, 1, empty, torch.empty(0), torch.empty(0, dtype=torch.int64),
              torch.empty(0, dtype=torch.int64), 5, 3, None)
+
+
+@pytest.mark.parametrize("world,rank", [(1, 0), (3, 2)])
+@pytest.mark.parametrize("rows", [0, 9])
+@pytest.mark.parametrize("num_sms", [None, 3])
+def test_the_cuda_backend_streams_its_combine_in_one_kernel_after_one_barrier(monkeypatch, world, rank, rows,
+                                                                              num_sms):
+    num_tokens, max_tokens, dtype = 5, 6, torch.bfloat16
+    x = torch.randn(rows, HIDDEN).to(dtype)
+    args = (world, rank, x, torch.rand(rows), torch.randint(0, num_tokens, (rows,)), torch.randint(0, world, (rows,)),
+            num_tokens, max_tokens, num_sms)
+    log, out, stats, bufs = _run("cuda", monkeypatch, *args)
+    kernel = "fuser_moe_combine_send_reduce_bf16"
+    steps = [e[0] if e[0] != "launch" else e[1] for e in log]
+    assert steps == (["fuser_moe_combine_group"] if rows else []) + ["barrier", kernel]
+    (_, _, blocks, threads, _, kargs) = log[-1]
+    groups = world * max_tokens
+    split = cuda_kernels.stream_split(groups)
+    assert 1 <= split <= 8 and bufs["stamps"].rows == groups * split
+    n_send = kargs[16].value
+    assert 1 <= n_send < blocks and (num_sms is None or blocks <= num_sms) and stats.sms == min(blocks, 4)
+    assert kargs[9] is bufs["rows"].peer_ptrs and kargs[10] is bufs["stamps"].peer_ptrs
+    assert kargs[11] is bufs["rows"].local and kargs[12] is bufs["stamps"].local and kargs[13] is out
+    assert kargs[15].value == split and _same_view(kargs[17], bufs["words"][4:7]) and kargs[18] is bufs["errors"]
+    assert _same_view(kargs[14], kargs[7][groups:])  # the counters after the group counts
+    assert (kargs[5].value, kargs[6].value) == (max_tokens, num_tokens) and out.shape == (num_tokens, HIDDEN)
+    assert stats.bytes_sent.factor == HIDDEN * x.element_size() + 8
+
+
+def test_a_one_sm_budget_keeps_the_three_kernel_combine(monkeypatch):
+    # A streaming combine needs a sending and a reducing block at once.
+    x = torch.randn(4, HIDDEN).to(torch.bfloat16)
+    log, *_ = _run("cuda", monkeypatch, 2, 0, x, torch.rand(4), torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 1, 0]),
+                   3, 3, 1)
+    assert [e[1] for e in log if e[0] == "launch"] == ["fuser_moe_combine_group", "fuser_moe_combine_send_bf16",
+                                                       "fuser_moe_combine_reduce_bf16"]

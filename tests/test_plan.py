@@ -187,7 +187,8 @@ def test_python_mirrors_the_kernels_constants():
     assert moe["FM_MAX_TOP_K"] == cuda.MAX_KERNEL_TOP_K == cuda_kernels.MAX_KERNEL_TOP_K
     assert moe["FM_GROUP_CAP"] == cuda.GROUP_CAP
     errors = {"FM_ERR_NEEDED": cuda.ERR_NEEDED, "FM_ERR_GIVEN": cuda.ERR_GIVEN, "FM_ERR_BAD_ROW": cuda.ERR_BAD_ROW,
-              "FM_ERR_BIG_GROUP": cuda.ERR_BIG_GROUP, "FM_ERR_TIMEOUT": cuda.ERR_TIMEOUT}
+              "FM_ERR_BIG_GROUP": cuda.ERR_BIG_GROUP, "FM_ERR_TIMEOUT": cuda.ERR_TIMEOUT,
+              "FM_ERR_COMBINE_TIMEOUT": cuda.ERR_COMBINE_TIMEOUT}
     assert {k: moe[k] for k in errors} == errors
     summary = {"FM_SUM_WIRE_IN": cuda_kernels._SUM_WIRE_IN, "FM_SUM_PAIRS_IN": cuda_kernels._SUM_PAIRS_IN,
                "FM_SUM_MAX_WIRE_IN": cuda_kernels._SUM_MAX_WIRE_IN, "FM_SUM_MAX_TOKENS": cuda_kernels._SUM_MAX_TOKENS,

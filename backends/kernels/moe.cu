@@ -45,6 +45,7 @@ constexpr int FM_ERR_GIVEN = 1;        // capacity given
 constexpr int FM_ERR_BAD_ROW = 2;      // combine: 1 + a row whose src_rank / src_idx is out of range
 constexpr int FM_ERR_BIG_GROUP = 3;    // combine: rows of one token on this rank beyond FM_GROUP_CAP
 constexpr int FM_ERR_TIMEOUT = 4;      // streaming dispatch: 1 + a wire row whose stamp never came
+constexpr int FM_ERR_COMBINE_TIMEOUT = 5;  // streaming combine: 1 + a token whose partial rows never came
 
 // Summary words that plan writes for the host and the later kernels.
 constexpr int FM_SUM_WIRE_IN = 0;      // wire rows this rank receives
@@ -773,6 +774,133 @@ extern "C" __global__ void fuser_moe_combine_group(const fm_i64* __restrict__ sr
     }
 }
 
+// A warp loads group g's rows into `list` (its per-warp shared array) and sorts them ascending (the
+// contract's summation order); returns how many (at most FM_GROUP_CAP).
+__device__ __forceinline__ int fm_combine_sorted_rows(const int* __restrict__ group_count,
+                                                      const int* __restrict__ group_rows, fm_i64 g, int* list,
+                                                      int lane)
+{
+    int n = group_count[g];
+    n = n < FM_GROUP_CAP ? n : FM_GROUP_CAP;
+    for (int i = lane; i < n; i += FM_WARP) {
+        list[i] = group_rows[g * FM_GROUP_CAP + i];
+    }
+    __syncwarp();
+    if (lane == 0) {  // insertion sort: a group holds a few rows
+        for (int i = 1; i < n; ++i) {
+            const int v = list[i];
+            int j = i - 1;
+            while (j >= 0 && list[j] > v) {
+                list[j + 1] = list[j];
+                --j;
+            }
+            list[j + 1] = v;
+        }
+    }
+    __syncwarp();
+    return n;
+}
+
+// A warp writes part `part` of `split` (a contiguous share of the columns) of a partial row: the float32
+// sum of w * y over the n rows of `list` in that order, cast.
+template <typename T>
+__device__ __forceinline__ void fm_combine_partial_part(const T* __restrict__ y, fm_i64 hidden,
+                                                        const float* __restrict__ w, const int* list, int n,
+                                                        T* out, int part, int split, int lane)
+{
+    constexpr int VEC = fm_vec_traits<T>::VEC;
+    if (fm_aligned16(y) && (hidden % VEC) == 0 && fm_aligned16(out)) {
+        const fm_i64 n_vec = hidden / VEC;
+        const fm_i64 share = (n_vec + split - 1) / split;
+        const fm_i64 v_end = (part + 1) * share < n_vec ? (part + 1) * share : n_vec;
+        for (fm_i64 v = part * share + lane; v < v_end; v += FM_WARP) {
+            float acc[VEC];
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                acc[k] = 0.0f;
+            }
+            for (int i = 0; i < n; ++i) {
+                const fm_i64 r = list[i];
+                const float wr = w[r];
+                fm_vec16 in;
+                in.raw = reinterpret_cast<const int4*>(y + r * hidden)[v];
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    acc[k] = __fadd_rn(acc[k], __fmul_rn(wr, fm_lane_to_float<T>(in, k)));
+                }
+            }
+            fm_vec16 packed;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                fm_lane_from_float<T>(packed, k, acc[k]);
+            }
+            reinterpret_cast<int4*>(out)[v] = packed.raw;
+        }
+    } else {
+        const fm_i64 share = (hidden + split - 1) / split;
+        const fm_i64 h_end = (part + 1) * share < hidden ? (part + 1) * share : hidden;
+        for (fm_i64 h = part * share + lane; h < h_end; h += FM_WARP) {
+            float acc = 0.0f;
+            for (int i = 0; i < n; ++i) {
+                const fm_i64 r = list[i];
+                acc = __fadd_rn(acc, __fmul_rn(w[r], fm_to_float(y[r * hidden + h])));
+            }
+            out[h] = fm_from_float<T>(acc);
+        }
+    }
+}
+
+// A warp writes part `part` of `split` of a token's combined row: the float32 sum of the partial rows of
+// the expert ranks in `present` (bit e), in ascending rank order, cast. partials: row e * t_stride + t.
+template <typename T>
+__device__ __forceinline__ void fm_combine_reduce_part(const T* partials, fm_i64 t_stride, fm_i64 t,
+                                                       fm_i64 hidden, int world, fm_u64 present, T* out_row,
+                                                       int part, int split, int lane)
+{
+    constexpr int VEC = fm_vec_traits<T>::VEC;
+    if (fm_aligned16(partials) && fm_aligned16(out_row) && (hidden % VEC) == 0) {
+        const fm_i64 n_vec = hidden / VEC;
+        const fm_i64 share = (n_vec + split - 1) / split;
+        const fm_i64 v_end = (part + 1) * share < n_vec ? (part + 1) * share : n_vec;
+        for (fm_i64 v = part * share + lane; v < v_end; v += FM_WARP) {
+            float acc[VEC];
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                acc[k] = 0.0f;
+            }
+            for (int e = 0; e < world; ++e) {
+                if (!((present >> e) & 1ull)) {
+                    continue;
+                }
+                fm_vec16 in;
+                in.raw = reinterpret_cast<const int4*>(partials + (static_cast<fm_i64>(e) * t_stride + t) * hidden)[v];
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    acc[k] = __fadd_rn(acc[k], fm_lane_to_float<T>(in, k));
+                }
+            }
+            fm_vec16 packed;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                fm_lane_from_float<T>(packed, k, acc[k]);
+            }
+            reinterpret_cast<int4*>(out_row)[v] = packed.raw;
+        }
+    } else {
+        const fm_i64 share = (hidden + split - 1) / split;
+        const fm_i64 h_end = (part + 1) * share < hidden ? (part + 1) * share : hidden;
+        for (fm_i64 h = part * share + lane; h < h_end; h += FM_WARP) {
+            float acc = 0.0f;
+            for (int e = 0; e < world; ++e) {
+                if ((present >> e) & 1ull) {
+                    acc = __fadd_rn(acc, fm_to_float(partials[(static_cast<fm_i64>(e) * t_stride + t) * hidden + h]));
+                }
+            }
+            out_row[h] = fm_from_float<T>(acc);
+        }
+    }
+}
+
 // `split` warps per group g = s * t_stride + t: the float32 sum of w * y over the group's rows in row order, cast,
 // into row rank * t_stride + t of rank s's partial buffer, and that row's flag set to 1. counts [2]:
 // partial rows sent to other ranks (for traces).
@@ -789,75 +917,18 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
     int* list = rows_s[threadIdx.x / FM_WARP];
     const fm_i64 warp = (static_cast<fm_i64>(blockIdx.x) * blockDim.x + threadIdx.x) / FM_WARP;
     const fm_i64 n_warps = (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP;
-    constexpr int VEC = fm_vec_traits<T>::VEC;
-    const bool vectorized = fm_aligned16(y) && (hidden % VEC) == 0;
     // `split` warps per group (few groups: decode), each a contiguous share of the row's columns.
     for (fm_i64 job = warp; job < world * t_stride * split; job += n_warps) {
         const fm_i64 g = job / split;
         const int part = static_cast<int>(job % split);
-        int n = group_count[g];
-        if (n == 0) {
+        if (group_count[g] == 0) {
             continue;
         }
-        n = n < FM_GROUP_CAP ? n : FM_GROUP_CAP;
-        for (int i = lane; i < n; i += FM_WARP) {
-            list[i] = group_rows[g * FM_GROUP_CAP + i];
-        }
-        __syncwarp();
-        if (lane == 0) {  // insertion sort: a group holds a few rows
-            for (int i = 1; i < n; ++i) {
-                const int v = list[i];
-                int j = i - 1;
-                while (j >= 0 && list[j] > v) {
-                    list[j + 1] = list[j];
-                    --j;
-                }
-                list[j + 1] = v;
-            }
-        }
-        __syncwarp();
+        const int n = fm_combine_sorted_rows(group_count, group_rows, g, list, lane);
         const int s = static_cast<int>(g / t_stride);
         const fm_i64 t = g % t_stride;
         T* out = reinterpret_cast<T*>(part_ptrs[s]) + (static_cast<fm_i64>(rank) * t_stride + t) * hidden;
-        if (vectorized && fm_aligned16(out)) {
-            const fm_i64 n_vec = hidden / VEC;
-            const fm_i64 share = (n_vec + split - 1) / split;
-            const fm_i64 v_end = (part + 1) * share < n_vec ? (part + 1) * share : n_vec;
-            for (fm_i64 v = part * share + lane; v < v_end; v += FM_WARP) {
-                float acc[VEC];
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) {
-                    acc[k] = 0.0f;
-                }
-                for (int i = 0; i < n; ++i) {
-                    const fm_i64 r = list[i];
-                    const float wr = w[r];
-                    fm_vec16 in;
-                    in.raw = reinterpret_cast<const int4*>(y + r * hidden)[v];
-#pragma unroll
-                    for (int k = 0; k < VEC; ++k) {
-                        acc[k] = __fadd_rn(acc[k], __fmul_rn(wr, fm_lane_to_float<T>(in, k)));
-                    }
-                }
-                fm_vec16 packed;
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) {
-                    fm_lane_from_float<T>(packed, k, acc[k]);
-                }
-                reinterpret_cast<int4*>(out)[v] = packed.raw;
-            }
-        } else {
-            const fm_i64 share = (hidden + split - 1) / split;
-            const fm_i64 h_end = (part + 1) * share < hidden ? (part + 1) * share : hidden;
-            for (fm_i64 h = part * share + lane; h < h_end; h += FM_WARP) {
-                float acc = 0.0f;
-                for (int i = 0; i < n; ++i) {
-                    const fm_i64 r = list[i];
-                    acc = __fadd_rn(acc, __fmul_rn(w[r], fm_to_float(y[r * hidden + h])));
-                }
-                out[h] = fm_from_float<T>(acc);
-            }
-        }
+        fm_combine_partial_part<T>(y, hidden, w, list, n, out, part, split, lane);
         if (lane == 0 && part == 0) {
             reinterpret_cast<int*>(flag_ptrs[s])[static_cast<fm_i64>(rank) * t_stride + t] = 1;
             if (s != rank) {
@@ -892,8 +963,6 @@ __device__ __forceinline__ void fm_combine_reduce(const T* __restrict__ partials
     const int lane = threadIdx.x & (FM_WARP - 1);
     const fm_i64 warp = (static_cast<fm_i64>(blockIdx.x) * blockDim.x + threadIdx.x) / FM_WARP;
     const fm_i64 n_warps = (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP;
-    constexpr int VEC = fm_vec_traits<T>::VEC;
-    const bool vectorized = fm_aligned16(partials) && fm_aligned16(out) && (hidden % VEC) == 0;
     // Every token slot of the layout, so that no flag outlives the call (a row for a token past
     // num_tokens only comes from an unchecked bad input; it is dropped, not kept for the next call).
     for (fm_i64 t = warp; t < t_stride; t += n_warps) {
@@ -910,42 +979,7 @@ __device__ __forceinline__ void fm_combine_reduce(const T* __restrict__ partials
             }
         }
         __syncwarp();
-        if (vectorized) {
-            for (fm_i64 v = lane; v < hidden / VEC; v += FM_WARP) {
-                float acc[VEC];
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) {
-                    acc[k] = 0.0f;
-                }
-                for (int e = 0; e < world; ++e) {
-                    if (!((present >> e) & 1ull)) {
-                        continue;
-                    }
-                    fm_vec16 in;
-                    in.raw = reinterpret_cast<const int4*>(partials + (static_cast<fm_i64>(e) * t_stride + t) * hidden)[v];
-#pragma unroll
-                    for (int k = 0; k < VEC; ++k) {
-                        acc[k] = __fadd_rn(acc[k], fm_lane_to_float<T>(in, k));
-                    }
-                }
-                fm_vec16 packed;
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) {
-                    fm_lane_from_float<T>(packed, k, acc[k]);
-                }
-                reinterpret_cast<int4*>(out + t * hidden)[v] = packed.raw;
-            }
-        } else {
-            for (fm_i64 h = lane; h < hidden; h += FM_WARP) {
-                float acc = 0.0f;
-                for (int e = 0; e < world; ++e) {
-                    if ((present >> e) & 1ull) {
-                        acc = __fadd_rn(acc, fm_to_float(partials[(static_cast<fm_i64>(e) * t_stride + t) * hidden + h]));
-                    }
-                }
-                out[t * hidden + h] = fm_from_float<T>(acc);
-            }
-        }
+        fm_combine_reduce_part<T>(partials, t_stride, t, hidden, world, present, out + t * hidden, 0, 1, lane);
         for (int e = lane; e < world; e += FM_WARP) {
             if ((present >> e) & 1ull) {
                 flags[static_cast<fm_i64>(e) * t_stride + t] = 0;
@@ -967,3 +1001,148 @@ __device__ __forceinline__ void fm_combine_reduce(const T* __restrict__ partials
 FM_COMBINE_REDUCE(fuser_moe_combine_reduce_f32, float)
 FM_COMBINE_REDUCE(fuser_moe_combine_reduce_bf16, fm_bf16)
 FM_COMBINE_REDUCE(fuser_moe_combine_reduce_f16, fm_f16)
+
+// Streaming combine (the cuda backend, after group and the call's one barrier): send and reduce in one
+// kernel, with no barrier between them. A block takes a ticket when it starts; the first n_send tickets
+// send, the others reduce. Senders go over (token, source rank, part) jobs token-major, so every source
+// gets its first tokens' partials first; each job writes its part of the partial row (when the group has
+// rows) and then stamps it on the source: stamp 2g + 1 (a partial is there) or 2g (none), g the call's
+// generation. A reducing warp takes (token, part) jobs in token order, waits until every expert rank's
+// stamp of that part reads at least 2g, and sums the partials present in ascending expert-rank order, as
+// fm_combine_reduce does. Stamps only grow (generations start at 1 on zeroed buffers), so a stamp of an
+// earlier call, whatever its layout, is never taken for this one; the call's barrier keeps a fast rank
+// from stamping the next call before a slow source has read this one. A block that reduces waits only
+// for senders, which started before it or run on peers, so the kernel cannot deadlock.
+//   part_ptrs / stamp_ptrs [world]: every rank's partial rows [W * t_stride, H] and stamps
+//   [W * t_stride * split] int64 (row e * t_stride + t, part p at (e * t_stride + t) * split + p);
+//   partials / stamps: this rank's. words [3] int64: generation (calls done), start ticket, end ticket.
+//   errors[FM_ERR_COMBINE_TIMEOUT]: 1 + a token whose partial never came (then nobody waits again; the
+//   host raises a TimeoutError at its next check). counts [2]: partial rows sent to / received from peers.
+
+template <typename T>
+__device__ __forceinline__ void fm_combine_send_reduce(
+    const T* __restrict__ y, fm_i64 hidden, const float* __restrict__ w, int world, int rank, fm_i64 t_stride,
+    fm_i64 num_tokens, const int* __restrict__ group_count, const int* __restrict__ group_rows,
+    const fm_u64* __restrict__ part_ptrs, const fm_u64* __restrict__ stamp_ptrs, const T* partials,
+    const fm_i64* stamps, T* out, int* counts, int split, fm_i64 n_send, fm_i64* words, fm_i64* errors,
+    fm_i64 timeout_ns)
+{
+    __shared__ int rows_s[8][FM_GROUP_CAP];
+    __shared__ fm_i64 ticket_s;
+    if (threadIdx.x == 0) {
+        ticket_s = static_cast<fm_i64>(atomicAdd(reinterpret_cast<unsigned long long*>(&words[1]), 1ull));
+    }
+    __syncthreads();
+    const fm_i64 ticket = ticket_s;
+    const fm_i64 generation = words[0] + 1;
+    const int lane = threadIdx.x & (FM_WARP - 1);
+    const fm_i64 warps_per_block = blockDim.x / FM_WARP;
+    if (ticket < n_send) {
+        int* list = rows_s[threadIdx.x / FM_WARP];
+        const fm_i64 per_token = static_cast<fm_i64>(world) * split;
+        for (fm_i64 job = ticket * warps_per_block + threadIdx.x / FM_WARP; job < t_stride * per_token;
+             job += n_send * warps_per_block) {
+            const fm_i64 t = job / per_token;
+            const int s = static_cast<int>((job % per_token) / split + rank) % world;  // this rank's first
+            const int part = static_cast<int>(job % split);
+            const fm_i64 g = static_cast<fm_i64>(s) * t_stride + t;
+            const fm_i64 row = static_cast<fm_i64>(rank) * t_stride + t;
+            const bool present = group_count[g] != 0;
+            if (present) {
+                const int n = fm_combine_sorted_rows(group_count, group_rows, g, list, lane);
+                fm_combine_partial_part<T>(y, hidden, w, list, n, reinterpret_cast<T*>(part_ptrs[s]) + row * hidden,
+                                           part, split, lane);
+            }
+            __syncwarp();
+            if (lane == 0) {
+                if (present) {
+                    __threadfence_system();  // the warp's part (after __syncwarp) before its stamp
+                    if (part == 0 && s != rank) {
+                        atomicAdd(&counts[0], 1);
+                    }
+                }
+                fm_store_release_sys(reinterpret_cast<fm_i64*>(stamp_ptrs[s]) + row * split + part,
+                                     2 * generation + (present ? 1 : 0));
+            }
+            __syncwarp();
+        }
+    } else {
+        const fm_i64 n_reduce = static_cast<fm_i64>(gridDim.x) - n_send;
+        volatile fm_i64* timed_out = &errors[FM_ERR_COMBINE_TIMEOUT];
+        for (fm_i64 job = (ticket - n_send) * warps_per_block + threadIdx.x / FM_WARP; job < num_tokens * split;
+             job += n_reduce * warps_per_block) {
+            const fm_i64 t = job / split;
+            const int part = static_cast<int>(job % split);
+            // Lane e % 32 waits for expert rank e's stamp (every rank stamps every token, rows or not).
+            fm_u64 present = 0;
+            bool ok = true;
+            for (int e0 = 0; e0 < world; e0 += FM_WARP) {
+                const int e = e0 + lane;
+                fm_i64 stamp = 2 * generation;
+                if (e < world) {
+                    const fm_i64* at = stamps + (static_cast<fm_i64>(e) * t_stride + t) * split + part;
+                    stamp = fm_load_acquire_sys(at);
+                    const fm_u64 start = fm_globaltimer_ns();
+                    unsigned int polls = 0;
+                    while (stamp < 2 * generation) {
+                        if (*timed_out != 0) {
+                            break;
+                        }
+                        ++polls;
+                        if ((polls & 63u) == 0u && static_cast<fm_i64>(fm_globaltimer_ns() - start) > timeout_ns) {
+                            atomicCAS(reinterpret_cast<unsigned long long*>(&errors[FM_ERR_COMBINE_TIMEOUT]), 0ull,
+                                      static_cast<unsigned long long>(t + 1));
+                            break;
+                        }
+                        if (polls > 256u) {
+                            __nanosleep(64);
+                        }
+                        stamp = fm_load_acquire_sys(at);
+                    }
+                }
+                ok = __all_sync(0xffffffffu, stamp >= 2 * generation) && ok;
+                const unsigned int here = __ballot_sync(0xffffffffu, e < world && stamp == 2 * generation + 1);
+                present |= static_cast<fm_u64>(here) << e0;
+            }
+            __threadfence();  // every lane's loads of the partials after the acquires
+            if (!ok) {
+                continue;  // a peer never stamped: the output is garbage, the host raises
+            }
+            fm_combine_reduce_part<T>(partials, t_stride, t, hidden, world, present, out + t * hidden, part, split,
+                                      lane);
+            if (part == 0) {
+                for (int e = lane; e < world; e += FM_WARP) {
+                    if (e != rank && ((present >> e) & 1ull)) {
+                        atomicAdd(&counts[1], 1);
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        const unsigned long long done = atomicAdd(reinterpret_cast<unsigned long long*>(&words[2]), 1ull);
+        if (done == static_cast<unsigned long long>(gridDim.x) - 1ull) {
+            words[1] = 0;
+            words[2] = 0;
+            words[0] = generation;
+        }
+    }
+}
+
+#define FM_COMBINE_SEND_REDUCE(NAME, T)                                                                   \
+    extern "C" __global__ void NAME(const T* y, fm_i64 hidden, const float* w, int world, int rank,       \
+                                    fm_i64 t_stride, fm_i64 num_tokens, const int* group_count,           \
+                                    const int* group_rows, const fm_u64* part_ptrs, const fm_u64* stamp_ptrs, \
+                                    const T* partials, const fm_i64* stamps, T* out, int* counts, int split, \
+                                    fm_i64 n_send, fm_i64* words, fm_i64* errors, fm_i64 timeout_ns)      \
+    {                                                                                                     \
+        fm_combine_send_reduce<T>(y, hidden, w, world, rank, t_stride, num_tokens, group_count, group_rows, \
+                                  part_ptrs, stamp_ptrs, partials, stamps, out, counts, split, n_send, words, \
+                                  errors, timeout_ns);                                                    \
+    }
+
+FM_COMBINE_SEND_REDUCE(fuser_moe_combine_send_reduce_f32, float)
+FM_COMBINE_SEND_REDUCE(fuser_moe_combine_send_reduce_bf16, fm_bf16)
+FM_COMBINE_SEND_REDUCE(fuser_moe_combine_send_reduce_f16, fm_f16)

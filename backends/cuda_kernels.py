@@ -295,9 +295,10 @@ def _send_reduce(state, x, weights, src_idx, src_rank, stride: int, num_tokens: 
     tr.barrier()  # every source is done with its previous reduce: its partial rows are free
     sms, cap = sm_budget(device, stats)
     warps = _THREADS // 32
-    # Senders: up to three blocks an SM; reducers (they spin while partials are on their way): one an SM.
+    # Senders: up to FUSER_MOE_STREAM_SEND_PER_SM blocks an SM (default 3); reducers (they spin while
+    # partials are on their way): one an SM.
     n_reduce = max(1, min(-(-max(num_tokens, 1) * split // warps), sms))
-    n_send = max(1, min(-(-groups * split // warps), 3 * sms))
+    n_send = max(1, min(-(-groups * split // warps), int(os.environ.get("FUSER_MOE_STREAM_SEND_PER_SM", "3")) * sms))
     if n_send + n_reduce > cap:
         n_reduce = max(1, cap // 4)
         n_send = cap - n_reduce

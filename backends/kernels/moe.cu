@@ -1019,6 +1019,9 @@ FM_COMBINE_REDUCE(fuser_moe_combine_reduce_f16, fm_f16)
 //   errors[FM_ERR_COMBINE_TIMEOUT]: 1 + a token whose partial never came (then nobody waits again; the
 //   host raises a TimeoutError at its next check). counts [2]: partial rows sent to / received from peers.
 
+#ifndef FM_COMBINE_STAMP_FENCE
+#define FM_COMBINE_STAMP_FENCE 1  // 0: the stamp's release alone orders the warp's part (for timing)
+#endif
 template <typename T>
 __device__ __forceinline__ void fm_combine_send_reduce(
     const T* __restrict__ y, fm_i64 hidden, const float* __restrict__ w, int world, int rank, fm_i64 t_stride,
@@ -1056,7 +1059,9 @@ __device__ __forceinline__ void fm_combine_send_reduce(
             __syncwarp();
             if (lane == 0) {
                 if (present) {
+#if FM_COMBINE_STAMP_FENCE
                     __threadfence_system();  // the warp's part (after __syncwarp) before its stamp
+#endif
                     if (part == 0 && s != rank) {
                         atomicAdd(&counts[0], 1);
                     }

@@ -11,11 +11,11 @@ cuda_torch.py's. The steps are described in kernels/moe.cu's header:
     its stamp arrives, so the expansion overlaps the wire. The count matrices alternate by the parity
     of the call (a fast rank's next call cannot overwrite the counts a slow peer has yet to read).
   combine: group, barrier, send, barrier, reduce. Partial rows go to a dense [W, T_max] layout on the
-    source rank, with a flag per row, so no offsets need exchanging. It streams too (FUSER_MOE_STREAM=0
-    keeps the three kernels; the nccl backend uses them): group, barrier, then send and reduce in one
-    kernel, where every expert rank stamps each (token, part) of the layout on the source with the
-    call's generation (whether or not it has rows for it) and the source reduces a token as soon as
-    its stamps have landed, while the partial rows are still fresh in L2.
+    source rank, with a flag per row, so no offsets need exchanging. With FUSER_MOE_STREAM_COMBINE=1 it
+    streams (opt-in: on one H200 it is slower than the three kernels, see `streaming_combine`): group,
+    barrier, then send and reduce in one kernel, where every expert rank stamps each (token, part) of
+    the layout on the source with the call's generation (whether or not it has rows for it) and the
+    source reduces a token as soon as its stamps have landed.
 Exact mode sends into the wire buffer of earlier calls before it reads the counts, and sends again in
 the rare call that outgrows it (every rank reads the same largest receive count, so all grow together).
 """
@@ -223,10 +223,22 @@ def _dispatch_result(out: DispatchOutputs, summary: torch.Tensor, tokens: int, m
 
 
 def streaming() -> bool:
-    """Whether capacity-mode dispatch streams (send and expand in one kernel, no barrier between them)
-    and so does combine (send and reduce in one kernel); FUSER_MOE_STREAM=0 keeps the send, barrier,
-    expand and the send, barrier, reduce sequences (for comparison)."""
+    """Whether capacity-mode dispatch streams (send and expand in one kernel, no barrier between them);
+    FUSER_MOE_STREAM=0 keeps the send, barrier, expand sequence (for comparison)."""
     return os.environ.get("FUSER_MOE_STREAM", "1") != "0"
+
+
+def streaming_combine() -> bool:
+    """Whether combine streams (send and reduce in one kernel after one barrier, `_send_reduce`): only
+    with FUSER_MOE_STREAM_COMBINE=1 (and FUSER_MOE_STREAM not 0).
+
+    Opt-in because of what one H200 measured (W=1, T=4096, CUDA graph; docs/backend-cuda.md): 208.5 us
+    against 197.5 us for group, barrier, send, barrier, reduce, and slower still with more sending
+    blocks; and after a peer vanishes before the call, the reducers wait out their own timeout after
+    the barrier's, so the TimeoutError comes about twice the transport timeout late. Its bits are the
+    reference's (the GPU suite passed with it on).
+    """
+    return streaming() and os.environ.get("FUSER_MOE_STREAM_COMBINE", "0") == "1"
 
 
 def _stream_buffers(state, x: torch.Tensor, meta_width: int, capacity: int) -> tuple:
@@ -403,8 +415,8 @@ def launch_combine(x: torch.Tensor, weights: torch.Tensor, src_idx: torch.Tensor
 def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
                      src_idx: torch.Tensor, src_rank: torch.Tensor, num_tokens: int, max_tokens: int,
                      stats: CommStats) -> torch.Tensor:
-    """Combine with the kernels of moe.cu: group, barrier, send-reduce (streaming, `_send_reduce`), or
-    group, barrier, send, barrier, reduce (FUSER_MOE_STREAM=0, or an SM budget of one).
+    """Combine with the kernels of moe.cu: group, barrier, send, barrier, reduce; or group, barrier,
+    send-reduce (`streaming_combine()`, with an SM budget of at least two blocks).
 
     Partial rows land in row e * max_tokens + t of the source's buffer, so the layout is the same on
     every rank (max_tokens is) and nothing but the rows themselves travels.
@@ -420,7 +432,7 @@ def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
     group_count = torch.zeros(world * stride + 2, dtype=torch.int32, device=device)
     counters = group_count[world * stride:]
     group_rows = torch.empty(world * stride * GROUP_CAP, dtype=torch.int32, device=device)
-    if streaming() and sm_budget(device, stats)[1] >= 2:
+    if streaming_combine() and sm_budget(device, stats)[1] >= 2:
         out = _send_reduce(state, x, weights, src_idx, src_rank, stride, num_tokens, part_buf, group_count,
                            group_rows, stats)
         row_bytes = hidden * x.element_size() + 8

@@ -87,7 +87,7 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("num_sms", [None, 2])
 def test_both_backends_launch_the_combine_kernels_alike(monkeypatch, world, rank, rows, dtype, num_sms):
-    monkeypatch.setenv("FUSER_MOE_STREAM", "0")  # the cuda backend's three-kernel combine (the nccl one's)
+    monkeypatch.delenv("FUSER_MOE_STREAM_COMBINE", raising=False)  # the cuda backend's default combine
     num_tokens, max_tokens = 5, 6
     x = torch.randn(rows, HIDDEN).to(dtype)
     weights = torch.rand(rows)
@@ -158,6 +158,7 @@ def test_a_combine_of_more_tokens_than_agreed_names_the_counts(monkeypatch, back
 @pytest.mark.parametrize("num_sms", [None, 3])
 def test_the_cuda_backend_streams_its_combine_in_one_kernel_after_one_barrier(monkeypatch, world, rank, rows,
                                                                               num_sms):
+    monkeypatch.setenv("FUSER_MOE_STREAM_COMBINE", "1")
     num_tokens, max_tokens, dtype = 5, 6, torch.bfloat16
     x = torch.randn(rows, HIDDEN).to(dtype)
     args = (world, rank, x, torch.rand(rows), torch.randint(0, num_tokens, (rows,)), torch.randint(0, world, (rows,)),
@@ -180,8 +181,21 @@ def test_the_cuda_backend_streams_its_combine_in_one_kernel_after_one_barrier(mo
     assert stats.bytes_sent.factor == HIDDEN * x.element_size() + 8
 
 
+@pytest.mark.parametrize("env", [{}, {"FUSER_MOE_STREAM_COMBINE": "1", "FUSER_MOE_STREAM": "0"}])
+def test_the_three_kernel_combine_unless_streaming_is_asked_for(monkeypatch, env):
+    monkeypatch.delenv("FUSER_MOE_STREAM_COMBINE", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    x = torch.randn(4, HIDDEN).to(torch.bfloat16)
+    log, *_ = _run("cuda", monkeypatch, 2, 0, x, torch.rand(4), torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 1, 0]),
+                   3, 3, None)
+    assert [e[1] for e in log if e[0] == "launch"] == ["fuser_moe_combine_group", "fuser_moe_combine_send_bf16",
+                                                       "fuser_moe_combine_reduce_bf16"]
+
+
 def test_a_one_sm_budget_keeps_the_three_kernel_combine(monkeypatch):
     # A streaming combine needs a sending and a reducing block at once.
+    monkeypatch.setenv("FUSER_MOE_STREAM_COMBINE", "1")
     x = torch.randn(4, HIDDEN).to(torch.bfloat16)
     log, *_ = _run("cuda", monkeypatch, 2, 0, x, torch.rand(4), torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 1, 0]),
                    3, 3, 1)

@@ -312,8 +312,8 @@ VANISHINGS = {
 # all-to-alls (dispatch: counts, metadata, rows; combine: partial rows, token indices).
 _MIDDLE_CALL = {("cuda", "mid_dispatch"): 2, ("cuda", "mid_combine"): 4,
                 ("nccl", "mid_dispatch"): 2, ("nccl", "mid_combine"): 5}
-# On GPUs the CUDA backend's combine streams (backends/cuda_kernels.py): its one barrier is the third call.
-if TEST_DEVICE != "cpu" and cuda_kernels.streaming():
+# On GPUs a streaming combine (backends/cuda_kernels.py, opt-in) has one barrier: the third call.
+if TEST_DEVICE != "cpu" and cuda_kernels.streaming_combine():
     _MIDDLE_CALL["cuda", "mid_combine"] = 3
 
 

@@ -747,3 +747,15 @@ def test_check_kernels_script_passes():
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "check_kernels:" in result.stdout
+
+
+def test_kernel_defines_become_compile_options(monkeypatch):
+    from fuser_moe.backends.transport import nvrtc
+
+    monkeypatch.delenv("FUSER_MOE_KERNEL_DEFINES", raising=False)
+    assert nvrtc.compile_options() == nvrtc.COMPILE_OPTIONS
+    monkeypatch.setenv("FUSER_MOE_KERNEL_DEFINES", " FM_LL_COPY_BATCH=16  FM_COMBINE_STAMP_FENCE=0 ")
+    assert nvrtc.compile_options() == nvrtc.COMPILE_OPTIONS + ("-DFM_LL_COPY_BATCH=16", "-DFM_COMBINE_STAMP_FENCE=0")
+    monkeypatch.setenv("FUSER_MOE_KERNEL_DEFINES", "FM_OK -Dbad")
+    with pytest.raises(ValueError, match="'-Dbad' is not NAME or NAME=VALUE"):
+        nvrtc.compile_options()

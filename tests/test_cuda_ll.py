@@ -261,3 +261,4 @@ def test_python_mirrors_the_kernels_constants():
              "TIMEOUT_PHASE", "TIMEOUT_MISSING", "STATE_WORDS", "THREADS", "MAX_WORLD", "MAX_TOP_K")
     for name in names:
         assert consts[f"FM_LL_{name}"] == getattr(cuda_ll, name), name
+    assert consts["FM_LL_SLOTS"] == cuda_ll._SLOTS  # sizes the send kernel's shared memory

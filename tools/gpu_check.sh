@@ -26,7 +26,11 @@
 #          nccl reference computed on CPU copies) into bench_mps4.txt and bench_mps2.txt (tables),
 #          bench_mps{4,2}.err (progress), bench_mps{4,2}/bench.json, and the MPS server list into mps.txt;
 #          quits the daemon it started whatever happens (a trap). MPS_TIMEOUT bounds each run (default 240 s).
-# Usage: tools/gpu_check.sh [suite|bench|soak|compare|one-gpu|mps|all]    (default all = suite, bench, soak; PYTEST_ARGS
+#   combine: both combines of the cuda backend on the GPUs there are (ranks share cuda:0 where needed):
+#          conformance, the backend's GPU tests and its vanished-peer cases, first with the default
+#          three-kernel combine, then with the opt-in streaming one (FUSER_MOE_STREAM_COMBINE=1), then
+#          the W=1 standard workload under CUDA graphs with each (combine_three.txt, combine_stream.txt).
+# Usage: tools/gpu_check.sh [suite|bench|soak|compare|one-gpu|mps|combine|all]    (default all = suite, bench, soak; PYTEST_ARGS
 #        passes extra pytest options)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -131,6 +135,23 @@ if [ "$what" = mps ]; then
         echo "gpu_check: MPS servers during the runs: $(tr '\n' ' ' <"$OUT/mps.txt")"
     fi
     mps_quit
+fi
+if [ "$what" = combine ]; then
+    for variant in three stream; do
+        flag=0; [ "$variant" = stream ] && flag=1
+        FUSER_MOE_STREAM_COMBINE=$flag FUSER_MOE_TEST_DEVICE=cuda timeout "${SUITE_TIMEOUT:-240}" python3 -m pytest -q \
+            -p no:cacheprovider -rfE --tb=short tests/test_conformance.py tests/test_cuda_backend_gpu.py \
+            tests/test_combine_launch.py "tests/test_reliability.py::test_vanished_peer" ${PYTEST_ARGS:-} \
+            >"$OUT/combine_tests_$variant.log" 2>&1
+        [ $? -eq 0 ] || status=1
+        echo "== $variant combine: $(grep -E 'passed|failed' "$OUT/combine_tests_$variant.log" | tail -1)"
+        grep -E "^(FAILED|ERROR)" "$OUT/combine_tests_$variant.log" | head -10
+        FUSER_MOE_STREAM_COMBINE=$flag timeout -s INT -k 30 120 python3 -m fuser_moe bench --device cuda --world-size 1 \
+            --workloads standard --sweep none --backends cuda --modes graph --baselines none --no-fp8 --warmup 5 \
+            --reps 30 --out "$OUT/combine_$variant" --no-plot >"$OUT/combine_$variant.txt" 2>"$OUT/combine_$variant.err" \
+            || status=1
+        grep -E "^(dispatch|combine) +cuda" "$OUT/combine_$variant.txt"
+    done
 fi
 if [ "$what" = compare ]; then
     [ -n "${BEFORE:-}" ] && [ -d "$BEFORE" ] || { echo "gpu_check: compare needs BEFORE=<another checkout>"; exit 2; }

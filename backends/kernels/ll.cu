@@ -213,6 +213,26 @@ __device__ fm_i64 fm_ll_block_scan(fm_i64* data, int n)
     return total;
 }
 
+// The end of a send kernel: one system-scope fence per block orders the block's writes to peers (after
+// its barrier) before its ticket; the last block to arrive resets the ticket and releases `generation`
+// into this rank's flag word on every rank.
+__device__ __forceinline__ void fm_ll_finish_send(fm_i64* state, int ticket_word, const fm_u64* flag_ptrs,
+                                                  int world, int rank, fm_i64 generation)
+{
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        const unsigned long long old = atomicAdd(reinterpret_cast<unsigned long long*>(&state[ticket_word]), 1ull);
+        if (old == static_cast<unsigned long long>(gridDim.x) - 1ull) {
+            __threadfence();
+            state[ticket_word] = 0;
+            for (int d = 0; d < world; ++d) {
+                fm_store_release_sys(reinterpret_cast<fm_i64*>(flag_ptrs[d]) + rank, generation);
+            }
+        }
+    }
+}
+
 // The end of a receive kernel: the last block to arrive (a ticket) resets the ticket and advances the
 // generation, after every block has read the old one. Receivers write only local memory, so a GPU-scope
 // fence orders a block's reads and writes before its ticket.
@@ -474,19 +494,7 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
     }
 
     // Every block's rows (and block 0's headers) before the ticket; the last block stores the flags.
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        const unsigned long long old = atomicAdd(reinterpret_cast<unsigned long long*>(&state[FM_LL_TICKET_DSEND]),
-                                                 1ull);
-        if (old == static_cast<unsigned long long>(gridDim.x) - 1ull) {
-            __threadfence();
-            state[FM_LL_TICKET_DSEND] = 0;
-            for (int d = 0; d < world; ++d) {
-                fm_store_release_sys(reinterpret_cast<fm_i64*>(flag_ptrs[d]) + rank, generation);
-            }
-        }
-    }
+    fm_ll_finish_send(state, FM_LL_TICKET_DSEND, flag_ptrs, world, rank, generation);
 }
 
 #define FM_LL_DISPATCH_SEND(NAME, I)                                                                         \
@@ -763,19 +771,7 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
         __syncwarp();
     }
     // Every block's partials before the ticket; the last block stores the flags.
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        const unsigned long long old = atomicAdd(reinterpret_cast<unsigned long long*>(&state[FM_LL_TICKET_CSEND]),
-                                                 1ull);
-        if (old == static_cast<unsigned long long>(gridDim.x) - 1ull) {
-            __threadfence();
-            state[FM_LL_TICKET_CSEND] = 0;
-            for (int s = 0; s < world; ++s) {
-                fm_store_release_sys(reinterpret_cast<fm_i64*>(flag_ptrs[s]) + rank, generation);
-            }
-        }
-    }
+    fm_ll_finish_send(state, FM_LL_TICKET_CSEND, flag_ptrs, world, rank, generation);
 }
 
 // Source rank: out[t] = float32 sum over expert ranks e ascending of the partial in slot send_pos[t, e].

@@ -774,6 +774,14 @@ extern "C" __global__ void fuser_moe_combine_group(const fm_i64* __restrict__ sr
     }
 }
 
+// Elements [*begin, *end) of part `part` of `split` of n (contiguous shares, the last one shorter).
+__device__ __forceinline__ void fm_part_range(fm_i64 n, int part, int split, fm_i64* begin, fm_i64* end)
+{
+    const fm_i64 share = (n + split - 1) / split;
+    *begin = part * share;
+    *end = (part + 1) * share < n ? (part + 1) * share : n;
+}
+
 // A warp loads group g's rows into `list` (its per-warp shared array) and sorts them ascending (the
 // contract's summation order); returns how many (at most FM_GROUP_CAP).
 __device__ __forceinline__ int fm_combine_sorted_rows(const int* __restrict__ group_count,
@@ -810,10 +818,9 @@ __device__ __forceinline__ void fm_combine_partial_part(const T* __restrict__ y,
 {
     constexpr int VEC = fm_vec_traits<T>::VEC;
     if (fm_aligned16(y) && (hidden % VEC) == 0 && fm_aligned16(out)) {
-        const fm_i64 n_vec = hidden / VEC;
-        const fm_i64 share = (n_vec + split - 1) / split;
-        const fm_i64 v_end = (part + 1) * share < n_vec ? (part + 1) * share : n_vec;
-        for (fm_i64 v = part * share + lane; v < v_end; v += FM_WARP) {
+        fm_i64 v_begin, v_end;
+        fm_part_range(hidden / VEC, part, split, &v_begin, &v_end);
+        for (fm_i64 v = v_begin + lane; v < v_end; v += FM_WARP) {
             float acc[VEC];
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
@@ -837,9 +844,9 @@ __device__ __forceinline__ void fm_combine_partial_part(const T* __restrict__ y,
             reinterpret_cast<int4*>(out)[v] = packed.raw;
         }
     } else {
-        const fm_i64 share = (hidden + split - 1) / split;
-        const fm_i64 h_end = (part + 1) * share < hidden ? (part + 1) * share : hidden;
-        for (fm_i64 h = part * share + lane; h < h_end; h += FM_WARP) {
+        fm_i64 h_begin, h_end;
+        fm_part_range(hidden, part, split, &h_begin, &h_end);
+        for (fm_i64 h = h_begin + lane; h < h_end; h += FM_WARP) {
             float acc = 0.0f;
             for (int i = 0; i < n; ++i) {
                 const fm_i64 r = list[i];
@@ -859,10 +866,9 @@ __device__ __forceinline__ void fm_combine_reduce_part(const T* partials, fm_i64
 {
     constexpr int VEC = fm_vec_traits<T>::VEC;
     if (fm_aligned16(partials) && fm_aligned16(out_row) && (hidden % VEC) == 0) {
-        const fm_i64 n_vec = hidden / VEC;
-        const fm_i64 share = (n_vec + split - 1) / split;
-        const fm_i64 v_end = (part + 1) * share < n_vec ? (part + 1) * share : n_vec;
-        for (fm_i64 v = part * share + lane; v < v_end; v += FM_WARP) {
+        fm_i64 v_begin, v_end;
+        fm_part_range(hidden / VEC, part, split, &v_begin, &v_end);
+        for (fm_i64 v = v_begin + lane; v < v_end; v += FM_WARP) {
             float acc[VEC];
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
@@ -887,9 +893,9 @@ __device__ __forceinline__ void fm_combine_reduce_part(const T* partials, fm_i64
             reinterpret_cast<int4*>(out_row)[v] = packed.raw;
         }
     } else {
-        const fm_i64 share = (hidden + split - 1) / split;
-        const fm_i64 h_end = (part + 1) * share < hidden ? (part + 1) * share : hidden;
-        for (fm_i64 h = part * share + lane; h < h_end; h += FM_WARP) {
+        fm_i64 h_begin, h_end;
+        fm_part_range(hidden, part, split, &h_begin, &h_end);
+        for (fm_i64 h = h_begin + lane; h < h_end; h += FM_WARP) {
             float acc = 0.0f;
             for (int e = 0; e < world; ++e) {
                 if ((present >> e) & 1ull) {

@@ -427,7 +427,6 @@ def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
     x, weights, src_idx, src_rank, stride = combine_operands(rank, x, weights, src_idx, src_rank, num_tokens,
                                                              max_tokens)
     part_buf = tr.buffer("combine_partial_rows", x.dtype, (hidden,), world * stride)
-    flag_buf = tr.buffer("combine_partial_flags", torch.int32, (), world * stride)
     # Rows per (source rank, token), then two counters: partial rows sent to and received from peers.
     group_count = torch.zeros(world * stride + 2, dtype=torch.int32, device=device)
     counters = group_count[world * stride:]
@@ -435,17 +434,17 @@ def combine(comm: Communicator, state, x: torch.Tensor, weights: torch.Tensor,
     if streaming_combine() and sm_budget(device, stats)[1] >= 2:
         out = _send_reduce(state, x, weights, src_idx, src_rank, stride, num_tokens, part_buf, group_count,
                            group_rows, stats)
-        row_bytes = hidden * x.element_size() + 8
-        stats.bytes_sent = DeviceCount(counters[0], row_bytes)
-        stats.bytes_recv = DeviceCount(counters[1], row_bytes)
-        return out
-    out = launch_combine(
-        x, weights, src_idx, src_rank, world=world, rank=rank, stride=stride, num_tokens=num_tokens,
-        group_count=group_count, group_rows=group_rows, errors=state.errors, part_ptrs=part_buf.peer_ptrs,
-        flag_ptrs=flag_buf.peer_ptrs, part_rows=part_buf.local, part_flags=flag_buf.local,
-        # every source is done with its previous reduce: its partial rows and flags are free
-        after_group=tr.barrier, deliver=tr.barrier, stats=stats)
-    row_bytes = hidden * x.element_size() + 4
+        word_bytes = 8  # a stamp with each partial row
+    else:
+        flag_buf = tr.buffer("combine_partial_flags", torch.int32, (), world * stride)
+        out = launch_combine(
+            x, weights, src_idx, src_rank, world=world, rank=rank, stride=stride, num_tokens=num_tokens,
+            group_count=group_count, group_rows=group_rows, errors=state.errors, part_ptrs=part_buf.peer_ptrs,
+            flag_ptrs=flag_buf.peer_ptrs, part_rows=part_buf.local, part_flags=flag_buf.local,
+            # every source is done with its previous reduce: its partial rows and flags are free
+            after_group=tr.barrier, deliver=tr.barrier, stats=stats)
+        word_bytes = 4  # a flag with each partial row
+    row_bytes = hidden * x.element_size() + word_bytes
     stats.bytes_sent = DeviceCount(counters[0], row_bytes)
     stats.bytes_recv = DeviceCount(counters[1], row_bytes)
     return out

@@ -158,6 +158,7 @@ class CudaBackend:
             stats.sync("input checks")
         placement = routing.make_placement(num_experts, world, expert_to_rank, x.device)
         state = self._state(comm)
+        stats.device_share = state.transport.ranks_on_device
         ll_refusal = cuda_ll.unavailable_reason(x, topk_idx.shape[1], world, num_experts, max(placement.n_local),
                                                 max_recv_tokens)
         stats.path = "low-latency" if ll_refusal is None else "general"
@@ -230,6 +231,7 @@ class CudaBackend:
             # Buffer sizes must agree on every rank: a host-side exchange, no device synchronisation.
             tokens_of_rank = comm.exchange(num_tokens)
         state = self._state(comm)
+        stats.device_share = state.transport.ranks_on_device
         if ll_handle is not None:
             stats.path = "low-latency"
             out = cuda_ll.combine(comm, state, ll_handle, x, topk_weights, num_tokens, stats)

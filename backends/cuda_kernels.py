@@ -76,11 +76,18 @@ def sm_budget(device: torch.device, stats: CommStats) -> tuple:
     Without a budget every kernel may spread over the whole device; with `stats.num_sms = n` no kernel
     launches more than n blocks, so no kernel takes more than n SMs and the rest stay free for other
     work (a grouped GEMM beside the communication).
+
+    Ranks sharing one GPU (`stats.device_share = k > 1`) each get at most 1/k of its SMs, whatever the
+    budget says: a receiving kernel spins until its peers' rows land, and under MPS the peers' senders
+    run on the same SMs, so every rank's kernels must fit on the GPU at once or the receivers of some
+    ranks could keep the senders of the others off it until the timeout.
     """
     sms = _multiprocessors(device)
+    share = max(1, int(stats.device_share))
+    fair = max(1, sms // share)
     if stats.num_sms is None:
-        return sms, 1 << 30
-    budget = max(1, min(int(stats.num_sms), sms))
+        return fair, (1 << 30 if share == 1 else fair)
+    budget = max(1, min(int(stats.num_sms), fair))
     return budget, budget
 
 
@@ -282,7 +289,8 @@ def _send_expand(state, buffers: tuple, x, idx, weights, placement, chunk, n_chu
         ctypes.c_int32(rank), ctypes.c_int64(chunk), chunk_e, chunk_d, plan, x_buf.peer_ptrs, meta_buf.peer_ptrs,
         stamp_buf.peer_ptrs, ctypes.c_int64(wire_capacity), ctypes.c_int64(n_chunks), x_buf.local, meta_buf.local,
         stamp_buf.local, summary, ctypes.c_int64(capacity), recv_x, recv_idx, recv_w, src_idx, src_rank,
-        state.errors, gen_state, state.stream_words[1:3], ctypes.c_int64(int(tr.timeout_s * 1e9))],
+        state.errors, gen_state, state.stream_words[1:3], ctypes.c_int64(int(tr.timeout_s * 1e9)),
+        tr.barrier_gave_up],
         shared_mem=shared)
     return DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from, per_expert)
 
@@ -321,7 +329,7 @@ def _send_reduce(state, x, weights, src_idx, src_rank, stride: int, num_tokens: 
         x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
         ctypes.c_int64(num_tokens), group_count, group_rows, part_buf.peer_ptrs, stamp_buf.peer_ptrs, part_buf.local,
         stamp_buf.local, out, group_count[groups:], ctypes.c_int32(split), ctypes.c_int64(n_send),
-        state.stream_words[4:7], state.errors, ctypes.c_int64(int(tr.timeout_s * 1e9))])
+        state.stream_words[4:7], state.errors, ctypes.c_int64(int(tr.timeout_s * 1e9)), tr.barrier_gave_up])
     return out
 
 

@@ -39,6 +39,7 @@ class _Transport:
     def __init__(self, world, rank, log):
         self.world_size, self.rank, self.log, self.buffers = world, rank, log, {}
         self.timeout_s = 30.0
+        self.barrier_gave_up = torch.zeros(1, dtype=torch.int64)
 
     def buffer(self, name, dtype, row_shape, rows):
         return self.buffers.setdefault(name, _PeerBuffer(dtype, row_shape, rows, self.world_size))
@@ -72,7 +73,8 @@ def _run(backend, monkeypatch, world, rank, x, weights, src_idx, src_rank, num_t
         state.errors = torch.zeros(4, dtype=torch.int64)
         state.stream_words = torch.zeros(8, dtype=torch.int64)
         out = cuda_kernels.combine(comm, state, x, weights, src_idx, src_rank, num_tokens, max_tokens, stats)
-        return log, out, stats, dict(errors=state.errors, words=state.stream_words, **{
+        return log, out, stats, dict(errors=state.errors, words=state.stream_words,
+                                     gave_up=state.transport.barrier_gave_up, **{
             name: state.transport.buffers.get(f"combine_partial_{name}") for name in ("rows", "flags", "stamps")})
     out, errors = nccl_kernels.combine(comm, x, weights, src_idx, src_rank, num_tokens, max_tokens, stats)
     return log, out, stats, dict(errors=errors, buffers=nccl_kernels._buffers_of(comm))
@@ -177,6 +179,7 @@ def test_the_cuda_backend_streams_its_combine_in_one_kernel_after_one_barrier(mo
     assert kargs[11] is bufs["rows"].local and kargs[12] is bufs["stamps"].local and kargs[13] is out
     assert kargs[15].value == split and _same_view(kargs[17], bufs["words"][4:7]) and kargs[18] is bufs["errors"]
     assert _same_view(kargs[14], kargs[7][groups:])  # the counters after the group counts
+    assert kargs[20] is bufs["gave_up"]  # the reducers stop waiting once the call's barrier gave up
     assert (kargs[5].value, kargs[6].value) == (max_tokens, num_tokens) and out.shape == (num_tokens, HIDDEN)
     assert stats.bytes_sent.factor == HIDDEN * x.element_size() + 8
 

@@ -238,7 +238,11 @@ def sm_budget_body(comm, budget, capacity):
     _, _, _, _, ref_out = _reference(case, capacity)
     assert_same("combined_x", combined.cpu(), ref_out[r], r)
     events = [e for e in fd.last_trace.events if e.op in ("MoeDispatch", "MoeCombine")]
-    return [(e.op, e.path, e.sms) for e in events]
+    props = torch.cuda.get_device_properties(dev)
+    gpus = comm.exchange(str(props.uuid))
+    transport = get_backend("cuda")._state(comm).transport
+    return ([(e.op, e.path, e.sms) for e in events], transport.ranks_on_device, gpus.count(str(props.uuid)),
+            props.multi_processor_count)
 
 
 @on_gpu
@@ -246,10 +250,37 @@ def sm_budget_body(comm, budget, capacity):
 @pytest.mark.parametrize("world_size", GPU_WORLDS[-1:])
 def test_an_sm_budget_caps_every_kernel_and_the_trace_says_so(world_size, capacity):
     capacity = min(capacity, 4 * 40 * world_size) if capacity < 40000 else capacity
-    for rank_events in run_on_ranks(world_size, sm_budget_body, 6, capacity):
+    for rank_events, _, _, _ in run_on_ranks(world_size, sm_budget_body, 6, capacity):
         for op, path, sms in rank_events:
             assert path == ("low-latency" if capacity < 40000 else "general"), (op, path)
             assert sms is not None and 1 <= sms <= 6, (op, sms)
+
+
+@on_gpu
+@pytest.mark.parametrize("capacity", [4 * 40 * 4, 40000], ids=["low_latency", "general"])
+@pytest.mark.parametrize("world_size", GPU_WORLDS)
+def test_ranks_sharing_a_gpu_each_take_their_share_of_its_sms(world_size, capacity):
+    # Without a budget a rank's kernels take at most SMs / (ranks on its GPU): with more, the spinning
+    # receivers of some ranks could keep the others' senders off the GPU under MPS until the timeout.
+    capacity = min(capacity, 4 * 40 * world_size) if capacity < 40000 else capacity
+    for rank_events, on_device, sharing, sm_count in run_on_ranks(world_size, sm_budget_body, None, capacity):
+        assert on_device == sharing, (on_device, sharing)
+        for op, path, sms in rank_events:
+            assert 1 <= sms <= sm_count // sharing, (op, path, sms, sharing)
+
+
+def test_the_sm_budget_splits_a_shared_gpu(monkeypatch):
+    from fuser_moe.backends import cuda_kernels
+    from fuser_moe.backends.common import CommStats
+
+    monkeypatch.setitem(cuda_kernels._sm_counts, 0, 132)
+    gpu = torch.device("cuda", 0)
+    assert cuda_kernels.sm_budget(gpu, CommStats()) == (132, 1 << 30)
+    assert cuda_kernels.sm_budget(gpu, CommStats(num_sms=20)) == (20, 20)
+    assert cuda_kernels.sm_budget(gpu, CommStats(device_share=4)) == (33, 33)
+    assert cuda_kernels.sm_budget(gpu, CommStats(device_share=4, num_sms=100)) == (33, 33)
+    assert cuda_kernels.sm_budget(gpu, CommStats(device_share=4, num_sms=10)) == (10, 10)
+    assert cuda_kernels.sm_budget(gpu, CommStats(device_share=200)) == (1, 1)
 
 
 def test_python_mirrors_the_kernels_constants():

@@ -513,19 +513,22 @@ FM_DISPATCH_SEND(fuser_moe_dispatch_send_i32, int)
 //   errors: FM_ERR_NEEDED / FM_ERR_GIVEN raised when a pair's row is at or past out_rows
 //   stamps (streaming; null after a barrier): [wire_capacity] int64, a row is in place once its stamp is
 //   `generation`; a wait that outlasts timeout_ns records FM_ERR_TIMEOUT (1 + the row) and, from then
-//   on, nobody waits (the rows are garbage; the host raises a TimeoutError at its next check).
+//   on, nobody waits (the rows are garbage; the host raises a TimeoutError at its next check). Nor does
+//   anybody wait once the call's barrier gave up (barrier_gave_up: the transport's timeout_generation
+//   word, nonzero from then until the host has seen it): a peer that missed the barrier sends nothing.
 constexpr int FM_EXPAND_BATCH = 4;  // 16-byte vectors a lane loads before it stores them
 
 __device__ __forceinline__ bool fm_wait_stamp(const fm_i64* stamp, fm_i64 generation, fm_i64 row, fm_i64* errors,
-                                              fm_i64 timeout_ns, int lane)
+                                              fm_i64 timeout_ns, const fm_i64* barrier_gave_up, int lane)
 {
     int ok = 1;
     if (lane == 0) {
         volatile fm_i64* timed_out = &errors[FM_ERR_TIMEOUT];
+        const volatile fm_i64* barrier_out = barrier_gave_up;
         const fm_u64 start = fm_globaltimer_ns();
         unsigned int polls = 0;
         while (fm_load_acquire_sys(stamp) != generation) {
-            if (*timed_out != 0) {
+            if (*timed_out != 0 || *barrier_out != 0) {
                 ok = 0;
                 break;
             }
@@ -556,7 +559,7 @@ __device__ __forceinline__ void fm_dispatch_expand(const unsigned char* wire_x,
                                                    fm_i64* recv_idx, float* recv_w, fm_i64* recv_src_idx,
                                                    fm_i64* recv_src_rank, fm_i64* errors, fm_i64 warp,
                                                    fm_i64 n_warps, const fm_i64* stamps, fm_i64 generation,
-                                                   fm_i64 timeout_ns)
+                                                   fm_i64 timeout_ns, const fm_i64* barrier_gave_up)
 {
     __shared__ int targets_s[8][FM_MAX_TOP_K];
     const int lane = threadIdx.x & (FM_WARP - 1);
@@ -596,7 +599,7 @@ __device__ __forceinline__ void fm_dispatch_expand(const unsigned char* wire_x,
             }
             continue;
         }
-        if (stamps != nullptr && !fm_wait_stamp(stamps + item, generation, item, errors, timeout_ns, lane)) {
+        if (stamps != nullptr && !fm_wait_stamp(stamps + item, generation, item, errors, timeout_ns, barrier_gave_up, lane)) {
             continue;
         }
         const fm_i64* meta = wire_meta + item * meta_width;
@@ -676,7 +679,7 @@ extern "C" __global__ void fuser_moe_dispatch_expand(const unsigned char* __rest
     fm_dispatch_expand(wire_x, wire_meta, wire_capacity, row_bytes, top_k, summary, out_rows, recv_x, recv_idx,
                        recv_w, recv_src_idx, recv_src_rank, errors,
                        (static_cast<fm_i64>(blockIdx.x) * blockDim.x + threadIdx.x) / FM_WARP,
-                       (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP, nullptr, 0, 0);
+                       (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP, nullptr, 0, 0, nullptr);
 }
 
 // Streaming dispatch (capacity mode, after plan): send and expand in one kernel, with no barrier between
@@ -694,7 +697,7 @@ __device__ __forceinline__ void fm_dispatch_send_expand(
     const fm_u64* stamp_ptrs, fm_i64 wire_capacity, fm_i64 n_send, const unsigned char* wire_x,
     const fm_i64* wire_meta, const fm_i64* stamps, const fm_i64* summary, fm_i64 out_rows, unsigned char* recv_x,
     fm_i64* recv_idx, float* recv_w, fm_i64* recv_src_idx, fm_i64* recv_src_rank, fm_i64* errors,
-    const fm_i64* gen_state, fm_i64* tickets, fm_i64 timeout_ns)
+    const fm_i64* gen_state, fm_i64* tickets, fm_i64 timeout_ns, const fm_i64* barrier_gave_up)
 {
     __shared__ fm_i64 ticket_s;
     if (threadIdx.x == 0) {
@@ -713,7 +716,7 @@ __device__ __forceinline__ void fm_dispatch_send_expand(
                            recv_w, recv_src_idx, recv_src_rank, errors,
                            (ticket - n_send) * warps_per_block + threadIdx.x / FM_WARP,
                            (static_cast<fm_i64>(gridDim.x) - n_send) * warps_per_block, stamps, generation,
-                           timeout_ns);
+                           timeout_ns, barrier_gave_up);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -733,13 +736,14 @@ __device__ __forceinline__ void fm_dispatch_send_expand(
         const fm_u64* meta_ptrs, const fm_u64* stamp_ptrs, fm_i64 wire_capacity, fm_i64 n_send,           \
         const unsigned char* wire_x, const fm_i64* wire_meta, const fm_i64* stamps, const fm_i64* summary, \
         fm_i64 out_rows, unsigned char* recv_x, fm_i64* recv_idx, float* recv_w, fm_i64* recv_src_idx,    \
-        fm_i64* recv_src_rank, fm_i64* errors, const fm_i64* gen_state, fm_i64* tickets, fm_i64 timeout_ns) \
+        fm_i64* recv_src_rank, fm_i64* errors, const fm_i64* gen_state, fm_i64* tickets, fm_i64 timeout_ns, \
+        const fm_i64* barrier_gave_up)                                                                    \
     {                                                                                                     \
         fm_dispatch_send_expand<I>(x, row_bytes, topk_idx, topk_weights, tokens, top_k, expert_to_rank,   \
                                    num_experts, world, rank, chunk, chunk_e, chunk_d, plan, x_ptrs,       \
                                    meta_ptrs, stamp_ptrs, wire_capacity, n_send, wire_x, wire_meta,       \
                                    stamps, summary, out_rows, recv_x, recv_idx, recv_w, recv_src_idx,    \
-                                   recv_src_rank, errors, gen_state, tickets, timeout_ns);                \
+                                   recv_src_rank, errors, gen_state, tickets, timeout_ns, barrier_gave_up); \
     }
 
 FM_DISPATCH_SEND_EXPAND(fuser_moe_dispatch_send_expand_i64, fm_i64)
@@ -1023,7 +1027,8 @@ FM_COMBINE_REDUCE(fuser_moe_combine_reduce_f16, fm_f16)
 //   [W * t_stride * split] int64 (row e * t_stride + t, part p at (e * t_stride + t) * split + p);
 //   partials / stamps: this rank's. words [3] int64: generation (calls done), start ticket, end ticket.
 //   errors[FM_ERR_COMBINE_TIMEOUT]: 1 + a token whose partial never came (then nobody waits again; the
-//   host raises a TimeoutError at its next check). counts [2]: partial rows sent to / received from peers.
+//   host raises a TimeoutError at its next check). barrier_gave_up: the transport's timeout_generation
+//   word; once the call's barrier gave up (a peer missed it and sends nothing) nobody waits either. counts [2]: partial rows sent to / received from peers.
 
 #ifndef FM_COMBINE_STAMP_FENCE
 #define FM_COMBINE_STAMP_FENCE 1  // 0: the stamp's release alone orders the warp's part (for timing)
@@ -1034,7 +1039,7 @@ __device__ __forceinline__ void fm_combine_send_reduce(
     fm_i64 num_tokens, const int* __restrict__ group_count, const int* __restrict__ group_rows,
     const fm_u64* __restrict__ part_ptrs, const fm_u64* __restrict__ stamp_ptrs, const T* partials,
     const fm_i64* stamps, T* out, int* counts, int split, fm_i64 n_send, fm_i64* words, fm_i64* errors,
-    fm_i64 timeout_ns)
+    fm_i64 timeout_ns, const fm_i64* barrier_gave_up)
 {
     __shared__ int rows_s[8][FM_GROUP_CAP];
     __shared__ fm_i64 ticket_s;
@@ -1080,6 +1085,7 @@ __device__ __forceinline__ void fm_combine_send_reduce(
     } else {
         const fm_i64 n_reduce = static_cast<fm_i64>(gridDim.x) - n_send;
         volatile fm_i64* timed_out = &errors[FM_ERR_COMBINE_TIMEOUT];
+        const volatile fm_i64* barrier_out = barrier_gave_up;
         for (fm_i64 job = (ticket - n_send) * warps_per_block + threadIdx.x / FM_WARP; job < num_tokens * split;
              job += n_reduce * warps_per_block) {
             const fm_i64 t = job / split;
@@ -1096,7 +1102,7 @@ __device__ __forceinline__ void fm_combine_send_reduce(
                     const fm_u64 start = fm_globaltimer_ns();
                     unsigned int polls = 0;
                     while (stamp < 2 * generation) {
-                        if (*timed_out != 0) {
+                        if (*timed_out != 0 || *barrier_out != 0) {
                             break;
                         }
                         ++polls;
@@ -1147,11 +1153,12 @@ __device__ __forceinline__ void fm_combine_send_reduce(
                                     fm_i64 t_stride, fm_i64 num_tokens, const int* group_count,           \
                                     const int* group_rows, const fm_u64* part_ptrs, const fm_u64* stamp_ptrs, \
                                     const T* partials, const fm_i64* stamps, T* out, int* counts, int split, \
-                                    fm_i64 n_send, fm_i64* words, fm_i64* errors, fm_i64 timeout_ns)      \
+                                    fm_i64 n_send, fm_i64* words, fm_i64* errors, fm_i64 timeout_ns,      \
+                                    const fm_i64* barrier_gave_up)                                        \
     {                                                                                                     \
         fm_combine_send_reduce<T>(y, hidden, w, world, rank, t_stride, num_tokens, group_count, group_rows, \
                                   part_ptrs, stamp_ptrs, partials, stamps, out, counts, split, n_send, words, \
-                                  errors, timeout_ns);                                                    \
+                                  errors, timeout_ns, barrier_gave_up);                                   \
     }
 
 FM_COMBINE_SEND_REDUCE(fuser_moe_combine_send_reduce_f32, float)

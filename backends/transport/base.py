@@ -235,6 +235,12 @@ class Transport:
             self._retire(cached, fresh.allocation)
         return fresh
 
+    @property
+    def ranks_on_device(self) -> int:
+        """How many ranks of the group (this one included) run on this rank's device and so share its
+        processors: 1 where each rank has its own (CPU ranks share cores, but no kernel spins there)."""
+        return 1
+
     def push_rows(self, src: torch.Tensor, src_row: torch.Tensor, dst_rank: torch.Tensor,
                   dst_row: torch.Tensor, dst: SymmetricTensor) -> None:
         """For every i: `dst.peer(dst_rank[i])[dst_row[i]] = src[src_row[i]]` (whole rows).

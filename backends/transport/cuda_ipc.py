@@ -196,6 +196,16 @@ class _Mappings:
         self.close(list(self.open), quiet=True)
 
 
+def _gpu_identity(index: int) -> str:
+    """A name of the GPU that is the same in every process that uses it (its UUID; the PCI address where
+    torch gives none): ranks compare it to learn which of them share a GPU."""
+    props = torch.cuda.get_device_properties(index)
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        return str(uuid)
+    return f"pci:{props.pci_domain_id}:{props.pci_bus_id}:{props.pci_device_id}"
+
+
 class CudaIpcTransport(Transport):
     """`Transport` for CUDA tensors: buffers shared through CUDA IPC, NVRTC-compiled kernels.
 
@@ -219,6 +229,8 @@ class CudaIpcTransport(Transport):
         self._barrier_kernel = None
         self._reported_index = None
         self._max_push_blocks = 4 * _cuda.device_attribute(index, "CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT")
+        self._gpu = _gpu_identity(index)
+        self._ranks_on_device = 1 if self.world_size == 1 else None  # known after the first allocation
 
     # ------------------------------------------------------------------ allocation
     def _capturing(self) -> bool:
@@ -253,8 +265,10 @@ class CudaIpcTransport(Transport):
         mappings = []
         if self.world_size > 1:
             try:
-                records = self._rendezvous(f"a{allocation}/publish", {**spec, "handle": memory.ipc_handle().hex()}, what)
+                records = self._rendezvous(f"a{allocation}/publish",
+                                           {**spec, "handle": memory.ipc_handle().hex(), "gpu": self._gpu}, what)
                 self._check_agreement(records, spec)
+                self._ranks_on_device = sum(record.get("gpu") == self._gpu for record in records)
                 for peer, record in enumerate(records):
                     if peer != self.rank:
                         mapping = _PeerMapping(self._index, bytes.fromhex(record["handle"]), peer)
@@ -293,6 +307,23 @@ class CudaIpcTransport(Transport):
             self._fwd_capacity = ctypes.c_uint64(base + 8 * layout.array("fwd_capacity", 0))
             self._status = ctypes.c_uint64(base + 8 * layout.scalar("out_needed"))
         return self._control
+
+    @property
+    def ranks_on_device(self) -> int:
+        """How many ranks of the group (this one included) run on this rank's GPU. Collective the first
+        time in a group of several ranks (it makes the control block, whose rendezvous tells it)."""
+        if self._ranks_on_device is None:
+            self._ensure_control()
+        return self._ranks_on_device
+
+    @property
+    def barrier_gave_up(self) -> torch.Tensor:
+        """The control block's timeout_generation word (a one-element int64 view): nonzero once a barrier
+        of this rank gave up waiting for a peer, until `check()` reports it. Kernels that wait for peers'
+        rows after a barrier read it to stop waiting too (the peer that missed the barrier sends nothing)."""
+        control = self._ensure_control()
+        at = self.layout.scalar("timeout_generation")
+        return control.local[at:at + 1]
 
     # ------------------------------------------------------------------ data path
     def push_rows(self, src, src_row, dst_rank, dst_row, dst) -> None:

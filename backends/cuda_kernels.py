@@ -158,7 +158,7 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
                 x, ctypes.c_int64(row_bytes), idx, weights, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r,
                 ctypes.c_int64(num_experts), ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(chunk),
                 chunk_e, chunk_d, plan, x_buf.peer_ptrs, meta_buf.peer_ptrs,
-                ctypes.c_int64(min(x_buf.rows, meta_buf.rows))],
+                ctypes.c_int64(min(x_buf.rows, meta_buf.rows)), ctypes.c_int32(1)],  # own rows stay in x
                 shared_mem=shared)
         tr.barrier()
         return x_buf, meta_buf
@@ -206,7 +206,7 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
         grid(min(-(-warps // 8), 8 * sms), cap, stats), _THREADS, [
         x_buf.local, meta_buf.local, ctypes.c_int64(wire_capacity), ctypes.c_int64(row_bytes),
         ctypes.c_int32(top_k), summary, ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank,
-        state.errors])
+        state.errors, x, ctypes.c_int32(rank)])  # this rank's own rows come from x
     out = DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from, per_expert)
     return _dispatch_result(out, summary, tokens, max_tokens)
 
@@ -410,13 +410,14 @@ def launch_combine(x: torch.Tensor, weights: torch.Tensor, src_idx: torch.Tensor
         grid(min(-(-groups * split // 8), 16 * sms), cap, stats), _THREADS, [
             x, ctypes.c_int64(hidden), weights, ctypes.c_int32(world), ctypes.c_int32(rank),
             ctypes.c_int64(stride), group_count, group_rows, part_ptrs, flag_ptrs, counters,
-            ctypes.c_int32(split)])
+            ctypes.c_int32(split), ctypes.c_int32(1)])  # self-direct: this rank's own tokens wait for reduce
     deliver()
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=device)
+    # Reduce computes the term of this rank's own tokens from x (their partial was never written).
     _kernel(f"fuser_moe_combine_reduce_{suffix}", device).launch(
         grid(min(-(-stride // 8), 16 * sms), cap, stats), _THREADS, [
         part_rows, part_flags, ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(stride),
-        ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters])
+        ctypes.c_int64(num_tokens), ctypes.c_int64(hidden), out, counters, x, weights, group_count, group_rows])
     return out
 
 

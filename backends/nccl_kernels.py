@@ -169,7 +169,7 @@ def dispatch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_w
             x, ctypes.c_int64(row_bytes), idx, weights, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r,
             ctypes.c_int64(experts), ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(chunk),
             chunk_e, chunk_d, plan, buffers.pointers(send_x, row_bytes), buffers.pointers(send_meta, meta_width * 8),
-            ctypes.c_int64(_NO_LIMIT)], shared_mem=shared)
+            ctypes.c_int64(_NO_LIMIT), ctypes.c_int32(0)], shared_mem=shared)  # every row through NCCL
     host = rows_from.tolist()  # the device packs meanwhile
     stats.sync("count matrix to host")
     per_expert, pairs = agree(host)
@@ -194,7 +194,7 @@ def dispatch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_w
     _kernel("fuser_moe_dispatch_expand", device).launch(
         grid(min(-(-warps // 8), 8 * sms), cap, stats), _THREADS, [
         wire_x, wire_meta, ctypes.c_int64(n_in), ctypes.c_int64(row_bytes), ctypes.c_int32(top_k), summary,
-        ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank, errors])
+        ctypes.c_int64(out_rows), recv_x, recv_idx, recv_w, src_idx, src_rank, errors, None, ctypes.c_int32(rank)])
     out = DispatchOutputs(recv_x, recv_idx, recv_w, src_idx, src_rank, n_to, n_from_dev, per_expert_dev)
     return out, host, n_to_host, n_from_host, per_expert, pairs, meta_width
 

@@ -109,7 +109,7 @@ def test_both_backends_launch_the_combine_kernels_alike(monkeypatch, world, rank
     # The arguments in which the transports differ, by kernel: where the group counts and rows live, the
     # error words, where send writes, where reduce reads, the counters and the output.
     transport_args = {"fuser_moe_combine_group": {5, 6, 7}, f"fuser_moe_combine_send_{suffix}": {6, 7, 8, 9, 10},
-                      f"fuser_moe_combine_reduce_{suffix}": {0, 1, 7, 8}}
+                      f"fuser_moe_combine_reduce_{suffix}": {0, 1, 7, 8, 11, 12}}
     for (_, name, *geometry, c_args), (_, _, *n_geometry, n_args) in zip(cuda_launches, nccl_launches):
         assert geometry == n_geometry, name
         assert len(c_args) == len(n_args), name
@@ -131,6 +131,11 @@ def test_both_backends_launch_the_combine_kernels_alike(monkeypatch, world, rank
     assert n_send[5][8].tolist() == (sent_rows.data_ptr() + shift * row_bytes).tolist()
     assert n_send[5][9].tolist() == (sent_flags.data_ptr() + shift * 4).tolist()
     assert n_reduce[5][0] is recv_rows and n_reduce[5][1] is recv_flags
+    for send, reduce in ((c_send, c_reduce), (n_send, n_reduce)):
+        # self-direct: send leaves this rank's own tokens out (its last argument), and reduce computes their
+        # term from the same rows, weights and groups that send reads
+        assert send[5][12].value == 1
+        assert all(reduce[5][i] is send[5][j] for i, j in ((9, 0), (10, 2), (11, 6), (12, 7)))
     # The transports' steps between the kernels, in order.
     steps = lambda log: [e[0] if e[0] != "launch" else e[1] for e in log]  # noqa: E731
     assert steps(cuda_log) == kernels[:-2] + ["barrier", kernels[-2], "barrier", kernels[-1]]

@@ -227,9 +227,10 @@ def _ptrs(tensors):
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device="cuda")
 
 
-def _kernel_world(xs, idxs, ws, experts, out_rows_of=None):
+def _kernel_world(xs, idxs, ws, experts, out_rows_of=None, self_direct=0):
     """Dispatch with moe.cu's kernels for every virtual rank on one GPU; returns per rank its count
-    matrix, its receive buffers and its outputs. Launches run in order on one stream, so each phase of
+    matrix, its receive buffers and its outputs. self_direct=1: as the cuda backend does, a rank's rows to
+    itself skip the wire buffer and the expansion reads them from its x. Launches run in order on one stream, so each phase of
     every rank ends before the next begins (what the barriers do across GPUs)."""
     i32, i64, dev = torch.int32, torch.int64, torch.device("cuda")
     world, top_k, hidden = len(xs), idxs[0].shape[1], xs[0].shape[1]
@@ -274,7 +275,7 @@ def _kernel_world(xs, idxs, ws, experts, out_rows_of=None):
                 xs[r], ctypes.c_int64(hidden * xs[r].element_size()), idxs[r], ws[r], ctypes.c_int64(tokens),
                 ctypes.c_int32(top_k), plc.expert_to_rank, ctypes.c_int64(experts), ctypes.c_int32(world),
                 ctypes.c_int32(r), ctypes.c_int64(chunk), chunk_e, chunk_d, plans[r], _ptrs(x_bufs),
-                _ptrs(meta_bufs), ctypes.c_int64(capacity)], shared_mem=shared)
+                _ptrs(meta_bufs), ctypes.c_int64(capacity), ctypes.c_int32(self_direct)], shared_mem=shared)
     outs = []
     for d in range(world):
         pairs = int(summaries[d][cuda_kernels._SUM_PAIRS_IN])
@@ -285,7 +286,8 @@ def _kernel_world(xs, idxs, ws, experts, out_rows_of=None):
         errors = torch.zeros(4, dtype=i64, device=dev)
         _k("fuser_moe_dispatch_expand").launch(64, 256, [
             x_bufs[d], meta_bufs[d], ctypes.c_int64(capacity), ctypes.c_int64(hidden * xs[0].element_size()),
-            ctypes.c_int32(top_k), summaries[d], ctypes.c_int64(rows), *recv, errors])
+            ctypes.c_int32(top_k), summaries[d], ctypes.c_int64(rows), *recv, errors,
+            xs[d] if self_direct else None, ctypes.c_int32(d)])
         outs.append(recv)
     torch.cuda.synchronize()
     return counts, meta_bufs, summaries, n_froms, per_experts, outs
@@ -324,11 +326,13 @@ def test_plan_local_send_places_rows_in_the_senders_own_layout(world):
 @gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("top_k", [1, 4])
-def test_kernels_and_torch_twin_agree_stage_by_stage(top_k, dtype):
+@pytest.mark.parametrize("self_direct", [0, 1], ids=["own_rows_on_the_wire", "own_rows_from_x"])
+def test_kernels_and_torch_twin_agree_stage_by_stage(top_k, dtype, self_direct):
     world, experts = 2, 8
     xs, idxs, ws = make_world(world, top_k, experts, DTYPES[dtype], seed=top_k, empty=0.2, tokens=[37, 0 + 21])
     gx, gidx, gw = ([t.cuda() for t in ts] for ts in (xs, idxs, ws))
-    counts, meta_bufs, summaries, n_froms, per_experts, outs = _kernel_world(gx, gidx, gw, experts)
+    counts, meta_bufs, summaries, n_froms, per_experts, outs = _kernel_world(gx, gidx, gw, experts,
+                                                                             self_direct=self_direct)
     _, twin_counts, matrix, sends, received = twin_world(xs, idxs, ws, experts)
     for d in range(world):
         assert torch.equal(counts[d].cpu(), matrix), "count matrix"
@@ -356,6 +360,7 @@ def test_kernels_and_torch_twin_agree_stage_by_stage(top_k, dtype):
     suffix = cuda_kernels._DTYPE_SUFFIX[xs[0].dtype]
     parts = [torch.zeros(world * stride, hidden, dtype=xs[0].dtype, device=dev) for _ in range(world)]
     flags = [torch.zeros(world * stride, dtype=torch.int32, device=dev) for _ in range(world)]
+    groups, gys = [], [y.cuda() for y in ys]
     for r in range(world):
         exp = creceived[r][0]
         rows = exp.src_idx.numel()
@@ -367,9 +372,10 @@ def test_kernels_and_torch_twin_agree_stage_by_stage(top_k, dtype):
                 exp.src_idx, exp.src_rank, ctypes.c_int64(rows), ctypes.c_int32(world), ctypes.c_int64(stride),
                 group_count, group_rows, errors])
         _k(f"fuser_moe_combine_send_{suffix}").launch(16, 256, [
-            ys[r].cuda(), ctypes.c_int64(hidden), exp.topk_weights, ctypes.c_int32(world), ctypes.c_int32(r),
+            gys[r], ctypes.c_int64(hidden), exp.topk_weights, ctypes.c_int32(world), ctypes.c_int32(r),
             ctypes.c_int64(stride), group_count, group_rows, _ptrs(parts), _ptrs(flags),
-            group_count[world * stride:], ctypes.c_int32(1)])
+            group_count[world * stride:], ctypes.c_int32(1), ctypes.c_int32(self_direct)])
+        groups.append((exp.topk_weights, group_count, group_rows))
     torch.cuda.synchronize()
     for r in range(world):  # partials: kernel rows (source s, token t) == twin groups of expert rank r
         exp = received[r][0]
@@ -377,13 +383,17 @@ def test_kernels_and_torch_twin_agree_stage_by_stage(top_k, dtype):
         meta_in = received[r][1]
         for i in range(meta_in.shape[0]):
             s, t = int(meta_in[i, routing.META_SOURCE]), int(meta_in[i, routing.META_TOKEN])
+            if self_direct and s == r:  # left for the reduce to compute
+                assert int(flags[s][r * stride + t]) == 0 and not parts[s][r * stride + t].any(), "own partial"
+                continue
             assert same_bits(parts[s][r * stride + t].cpu(), twin[i]), "partials"
     for s in range(world):
         out = torch.empty(tokens[s], hidden, dtype=xs[0].dtype, device=dev)
         counters = torch.zeros(2, dtype=torch.int32, device=dev)
         _k(f"fuser_moe_combine_reduce_{suffix}").launch(8, 256, [
             parts[s], flags[s], ctypes.c_int32(world), ctypes.c_int32(s), ctypes.c_int64(stride),
-            ctypes.c_int64(tokens[s]), ctypes.c_int64(hidden), out, counters])
+            ctypes.c_int64(tokens[s]), ctypes.c_int64(hidden), out, counters,
+            *((gys[s], *groups[s]) if self_direct else (None, None, None, None))])
         torch.cuda.synchronize()
         assert same_bits(out, cpu_out[s]), "reduce"
 

@@ -357,6 +357,8 @@ extern "C" __global__ void fuser_moe_dispatch_plan(const fm_i64* __restrict__ ma
 // the chunk's tokens for e) on e's rank. base_d and start_e come from plan (its scratch).
 // Rows at or past wire_capacity are not written (exact mode sends again into a larger buffer; capacity
 // mode's receiver then finds more pairs than its capacity and reports the overflow).
+// self_direct: the rows this rank sends itself get their metadata only; the expansion reads their x rows
+// from x itself (fm_dispatch_expand's self_x), which saves a copy of them through the wire buffer.
 //   x_ptrs / meta_ptrs [world]: every rank's wire x buffer ([capacity, H]) and metadata buffer
 template <typename I>
 __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict__ x, fm_i64 row_bytes,
@@ -369,7 +371,7 @@ __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict
                                                  const fm_u64* __restrict__ x_ptrs,
                                                  const fm_u64* __restrict__ meta_ptrs, fm_i64 wire_capacity,
                                                  fm_i64 c, fm_i64 n_chunks, const fm_u64* __restrict__ stamp_ptrs,
-                                                 fm_i64 generation)
+                                                 fm_i64 generation, int self_direct)
 {
     extern __shared__ int fm_shared[];
     // [chunk * K] experts, [chunk * K] output rows, [chunk * W] wire rows, then [chunk] masks (8-aligned)
@@ -443,7 +445,7 @@ __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict
         }
         const fm_i64 t = t0 + i;
         const fm_i64 offset = part * slice;
-        if (offset < row_bytes) {
+        if (offset < row_bytes && !(self_direct && d == rank)) {
             const fm_i64 length = offset + slice < row_bytes ? slice : row_bytes - offset;
             fm_warp_copy_row(reinterpret_cast<unsigned char*>(x_ptrs[d]) + row * row_bytes + offset,
                              x + t * row_bytes + offset, length, lane);
@@ -496,11 +498,11 @@ __device__ __forceinline__ void fm_dispatch_send(const unsigned char* __restrict
                                     const fm_i64* expert_to_rank, fm_i64 num_experts, int world, int rank, \
                                     fm_i64 chunk, const int* chunk_e, const int* chunk_d,                 \
                                     const fm_i64* plan, const fm_u64* x_ptrs, const fm_u64* meta_ptrs,    \
-                                    fm_i64 wire_capacity)                                                 \
+                                    fm_i64 wire_capacity, int self_direct)                                \
     {                                                                                                     \
         fm_dispatch_send<I>(x, row_bytes, topk_idx, topk_weights, tokens, top_k, expert_to_rank,          \
                             num_experts, world, rank, chunk, chunk_e, chunk_d, plan, x_ptrs, meta_ptrs,   \
-                            wire_capacity, blockIdx.x, gridDim.x, nullptr, 0);                            \
+                            wire_capacity, blockIdx.x, gridDim.x, nullptr, 0, self_direct);               \
     }
 
 FM_DISPATCH_SEND(fuser_moe_dispatch_send_i64, fm_i64)
@@ -511,6 +513,8 @@ FM_DISPATCH_SEND(fuser_moe_dispatch_send_i32, int)
 //   wire_x [wire_capacity, H], wire_meta [wire_capacity, 2 + 3K]: this rank's wire buffers
 //   outputs: recv_x [out_rows, H], recv_idx, recv_src_idx, recv_src_rank [out_rows] int64, recv_w float
 //   errors: FM_ERR_NEEDED / FM_ERR_GIVEN raised when a pair's row is at or past out_rows
+//   self_x, rank: this rank's x [T, H]: the rows whose source is `rank` are read from it, not from the wire
+//   (their sender left them out: fm_dispatch_send's self_direct); null: every row from the wire
 //   stamps (streaming; null after a barrier): [wire_capacity] int64, a row is in place once its stamp is
 //   `generation`; a wait that outlasts timeout_ns records FM_ERR_TIMEOUT (1 + the row) and, from then
 //   on, nobody waits (the rows are garbage; the host raises a TimeoutError at its next check). Nor does
@@ -559,7 +563,8 @@ __device__ __forceinline__ void fm_dispatch_expand(const unsigned char* wire_x,
                                                    fm_i64* recv_idx, float* recv_w, fm_i64* recv_src_idx,
                                                    fm_i64* recv_src_rank, fm_i64* errors, fm_i64 warp,
                                                    fm_i64 n_warps, const fm_i64* stamps, fm_i64 generation,
-                                                   fm_i64 timeout_ns, const fm_i64* barrier_gave_up)
+                                                   fm_i64 timeout_ns, const fm_i64* barrier_gave_up,
+                                                   const unsigned char* self_x, int rank)
 {
     __shared__ int targets_s[8][FM_MAX_TOP_K];
     const int lane = threadIdx.x & (FM_WARP - 1);
@@ -629,7 +634,9 @@ __device__ __forceinline__ void fm_dispatch_expand(const unsigned char* wire_x,
             n_targets += __popc(ballot);
         }
         __syncwarp();
-        const unsigned char* src = wire_x + item * row_bytes;
+        // A row this rank sent itself comes from x when the sender left it out of the wire (self_direct).
+        const unsigned char* src = self_x != nullptr && source == rank ? self_x + token * row_bytes
+                                                                       : wire_x + item * row_bytes;
         fm_u64 alignment = reinterpret_cast<fm_u64>(src) | reinterpret_cast<fm_u64>(recv_x)
                            | static_cast<fm_u64>(row_bytes);
         if ((alignment & 15u) == 0u) {
@@ -674,12 +681,13 @@ extern "C" __global__ void fuser_moe_dispatch_expand(const unsigned char* __rest
                                                      const fm_i64* __restrict__ summary, fm_i64 out_rows,
                                                      unsigned char* __restrict__ recv_x, fm_i64* recv_idx,
                                                      float* recv_w, fm_i64* recv_src_idx, fm_i64* recv_src_rank,
-                                                     fm_i64* errors)
+                                                     fm_i64* errors, const unsigned char* self_x, int rank)
 {
     fm_dispatch_expand(wire_x, wire_meta, wire_capacity, row_bytes, top_k, summary, out_rows, recv_x, recv_idx,
                        recv_w, recv_src_idx, recv_src_rank, errors,
                        (static_cast<fm_i64>(blockIdx.x) * blockDim.x + threadIdx.x) / FM_WARP,
-                       (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP, nullptr, 0, 0, nullptr);
+                       (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP, nullptr, 0, 0, nullptr, self_x,
+                       rank);
 }
 
 // Streaming dispatch (capacity mode, after plan): send and expand in one kernel, with no barrier between
@@ -709,14 +717,14 @@ __device__ __forceinline__ void fm_dispatch_send_expand(
     if (ticket < n_send) {
         fm_dispatch_send<I>(x, row_bytes, topk_idx, topk_weights, tokens, top_k, expert_to_rank, num_experts, world,
                             rank, chunk, chunk_e, chunk_d, plan, x_ptrs, meta_ptrs, wire_capacity, ticket, n_send,
-                            stamp_ptrs, generation);
+                            stamp_ptrs, generation, 1);
     } else {
         const fm_i64 warps_per_block = blockDim.x / FM_WARP;
         fm_dispatch_expand(wire_x, wire_meta, wire_capacity, row_bytes, top_k, summary, out_rows, recv_x, recv_idx,
                            recv_w, recv_src_idx, recv_src_rank, errors,
                            (ticket - n_send) * warps_per_block + threadIdx.x / FM_WARP,
                            (static_cast<fm_i64>(gridDim.x) - n_send) * warps_per_block, stamps, generation,
-                           timeout_ns, barrier_gave_up);
+                           timeout_ns, barrier_gave_up, x, rank);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -861,15 +869,32 @@ __device__ __forceinline__ void fm_combine_partial_part(const T* __restrict__ y,
     }
 }
 
+// The combine's own partial (self-direct): the partial row of this rank's own tokens is not written to
+// the partial buffer and read back; the reduce computes it where it needs it, with the arithmetic of
+// fm_combine_partial_part (the float32 sum of w * y over the sorted rows, cast to T), so its bits are the
+// same. `self` says which rows: y and w (the expert outputs and weights), the group's sorted rows, their
+// count, and the expert rank whose term they are (-1: none, every partial comes from the buffer).
+template <typename T>
+struct fm_self_partial {
+    const T* y;
+    const float* w;
+    const int* list;
+    int n;
+    int rank;
+};
+
 // A warp writes part `part` of `split` of a token's combined row: the float32 sum of the partial rows of
-// the expert ranks in `present` (bit e), in ascending rank order, cast. partials: row e * t_stride + t.
+// the expert ranks in `present` (bit e), in ascending rank order, cast. partials: row e * t_stride + t;
+// the term of expert rank self.rank (when it is present) is computed from self's rows instead.
 template <typename T>
 __device__ __forceinline__ void fm_combine_reduce_part(const T* partials, fm_i64 t_stride, fm_i64 t,
                                                        fm_i64 hidden, int world, fm_u64 present, T* out_row,
-                                                       int part, int split, int lane)
+                                                       int part, int split, int lane,
+                                                       const fm_self_partial<T>& self)
 {
     constexpr int VEC = fm_vec_traits<T>::VEC;
-    if (fm_aligned16(partials) && fm_aligned16(out_row) && (hidden % VEC) == 0) {
+    if (fm_aligned16(partials) && fm_aligned16(out_row) && (hidden % VEC) == 0
+        && (self.rank < 0 || fm_aligned16(self.y))) {
         fm_i64 v_begin, v_end;
         fm_part_range(hidden / VEC, part, split, &v_begin, &v_end);
         for (fm_i64 v = v_begin + lane; v < v_end; v += FM_WARP) {
@@ -883,7 +908,29 @@ __device__ __forceinline__ void fm_combine_reduce_part(const T* partials, fm_i64
                     continue;
                 }
                 fm_vec16 in;
-                in.raw = reinterpret_cast<const int4*>(partials + (static_cast<fm_i64>(e) * t_stride + t) * hidden)[v];
+                if (e == self.rank) {
+                    float own[VEC];
+#pragma unroll
+                    for (int k = 0; k < VEC; ++k) {
+                        own[k] = 0.0f;
+                    }
+                    for (int i = 0; i < self.n; ++i) {
+                        const fm_i64 r = self.list[i];
+                        const float wr = self.w[r];
+                        fm_vec16 row;
+                        row.raw = reinterpret_cast<const int4*>(self.y + r * hidden)[v];
+#pragma unroll
+                        for (int k = 0; k < VEC; ++k) {
+                            own[k] = __fadd_rn(own[k], __fmul_rn(wr, fm_lane_to_float<T>(row, k)));
+                        }
+                    }
+#pragma unroll
+                    for (int k = 0; k < VEC; ++k) {
+                        fm_lane_from_float<T>(in, k, own[k]);  // cast as the partial buffer would hold it
+                    }
+                } else {
+                    in.raw = reinterpret_cast<const int4*>(partials + (static_cast<fm_i64>(e) * t_stride + t) * hidden)[v];
+                }
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
                     acc[k] = __fadd_rn(acc[k], fm_lane_to_float<T>(in, k));
@@ -902,7 +949,17 @@ __device__ __forceinline__ void fm_combine_reduce_part(const T* partials, fm_i64
         for (fm_i64 h = h_begin + lane; h < h_end; h += FM_WARP) {
             float acc = 0.0f;
             for (int e = 0; e < world; ++e) {
-                if ((present >> e) & 1ull) {
+                if (!((present >> e) & 1ull)) {
+                    continue;
+                }
+                if (e == self.rank) {
+                    float own = 0.0f;
+                    for (int i = 0; i < self.n; ++i) {
+                        const fm_i64 r = self.list[i];
+                        own = __fadd_rn(own, __fmul_rn(self.w[r], fm_to_float(self.y[r * hidden + h])));
+                    }
+                    acc = __fadd_rn(acc, fm_to_float(fm_from_float<T>(own)));
+                } else {
                     acc = __fadd_rn(acc, fm_to_float(partials[(static_cast<fm_i64>(e) * t_stride + t) * hidden + h]));
                 }
             }
@@ -920,7 +977,8 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
                                                 const int* __restrict__ group_count,
                                                 const int* __restrict__ group_rows,
                                                 const fm_u64* __restrict__ part_ptrs,
-                                                const fm_u64* __restrict__ flag_ptrs, int* counts, int split)
+                                                const fm_u64* __restrict__ flag_ptrs, int* counts, int split,
+                                                int self_direct)
 {
     __shared__ int rows_s[8][FM_GROUP_CAP];
     const int lane = threadIdx.x & (FM_WARP - 1);
@@ -931,8 +989,8 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
     for (fm_i64 job = warp; job < world * t_stride * split; job += n_warps) {
         const fm_i64 g = job / split;
         const int part = static_cast<int>(job % split);
-        if (group_count[g] == 0) {
-            continue;
+        if (group_count[g] == 0 || (self_direct && g / t_stride == rank)) {
+            continue;  // no rows; or this rank's own tokens, whose partial the reduce computes (self_direct)
         }
         const int n = fm_combine_sorted_rows(group_count, group_rows, g, list, lane);
         const int s = static_cast<int>(g / t_stride);
@@ -953,10 +1011,10 @@ __device__ __forceinline__ void fm_combine_send(const T* __restrict__ y, fm_i64 
     extern "C" __global__ void NAME(const T* y, fm_i64 hidden, const float* w, int world, int rank,       \
                                     fm_i64 t_stride, const int* group_count, const int* group_rows,       \
                                     const fm_u64* part_ptrs, const fm_u64* flag_ptrs, int* counts,        \
-                                    int split)                                                            \
+                                    int split, int self_direct)                                           \
     {                                                                                                     \
         fm_combine_send<T>(y, hidden, w, world, rank, t_stride, group_count, group_rows, part_ptrs,       \
-                           flag_ptrs, counts, split);                                                     \
+                           flag_ptrs, counts, split, self_direct);                                        \
     }
 
 FM_COMBINE_SEND(fuser_moe_combine_send_f32, float)
@@ -965,11 +1023,18 @@ FM_COMBINE_SEND(fuser_moe_combine_send_f16, fm_f16)
 
 // Warp per token t < t_stride: out[t] = float32 sum of the partials present for t, in ascending expert-rank order,
 // cast; a token with none gets zeros. Clears the flags it read. counts[1]: partial rows from other ranks.
+// self_y (self-direct; null: off): this rank's expert outputs [V, H] with self_w [V] and the group kernel's
+// group_count / group_rows: this rank's own term (expert rank `rank`) is computed from them, not read.
 template <typename T>
 __device__ __forceinline__ void fm_combine_reduce(const T* __restrict__ partials, int* flags, int world, int rank,
                                                   fm_i64 t_stride, fm_i64 num_tokens, fm_i64 hidden,
-                                                  T* __restrict__ out, int* counts)
+                                                  T* __restrict__ out, int* counts, const T* __restrict__ self_y,
+                                                  const float* __restrict__ self_w,
+                                                  const int* __restrict__ group_count,
+                                                  const int* __restrict__ group_rows)
 {
+    __shared__ int rows_s[8][FM_GROUP_CAP];
+    int* list = rows_s[(threadIdx.x / FM_WARP) & 7];
     const int lane = threadIdx.x & (FM_WARP - 1);
     const fm_i64 warp = (static_cast<fm_i64>(blockIdx.x) * blockDim.x + threadIdx.x) / FM_WARP;
     const fm_i64 n_warps = (static_cast<fm_i64>(gridDim.x) * blockDim.x) / FM_WARP;
@@ -988,8 +1053,19 @@ __device__ __forceinline__ void fm_combine_reduce(const T* __restrict__ partials
                 present |= 1ull << e;
             }
         }
+        fm_self_partial<T> self{nullptr, nullptr, list, 0, -1};
+        if (self_y != nullptr) {
+            const fm_i64 g = static_cast<fm_i64>(rank) * t_stride + t;
+            self = fm_self_partial<T>{self_y, self_w, list, 0, rank};
+            present &= ~(1ull << rank);  // the group says, not a flag (none is set for this rank's own term)
+            if (group_count[g] != 0) {
+                self.n = fm_combine_sorted_rows(group_count, group_rows, g, list, lane);
+                present |= 1ull << rank;
+            }
+        }
         __syncwarp();
-        fm_combine_reduce_part<T>(partials, t_stride, t, hidden, world, present, out + t * hidden, 0, 1, lane);
+        fm_combine_reduce_part<T>(partials, t_stride, t, hidden, world, present, out + t * hidden, 0, 1, lane,
+                                  self);
         for (int e = lane; e < world; e += FM_WARP) {
             if ((present >> e) & 1ull) {
                 flags[static_cast<fm_i64>(e) * t_stride + t] = 0;
@@ -998,14 +1074,18 @@ __device__ __forceinline__ void fm_combine_reduce(const T* __restrict__ partials
                 }
             }
         }
+        __syncwarp();  // `list` is read by every lane before the next token overwrites it
     }
 }
 
 #define FM_COMBINE_REDUCE(NAME, T)                                                                        \
     extern "C" __global__ void NAME(const T* partials, int* flags, int world, int rank, fm_i64 t_stride,  \
-                                    fm_i64 num_tokens, fm_i64 hidden, T* out, int* counts)                \
+                                    fm_i64 num_tokens, fm_i64 hidden, T* out, int* counts,                \
+                                    const T* self_y, const float* self_w, const int* group_count,         \
+                                    const int* group_rows)                                                \
     {                                                                                                     \
-        fm_combine_reduce<T>(partials, flags, world, rank, t_stride, num_tokens, hidden, out, counts);    \
+        fm_combine_reduce<T>(partials, flags, world, rank, t_stride, num_tokens, hidden, out, counts,     \
+                             self_y, self_w, group_count, group_rows);                                    \
     }
 
 FM_COMBINE_REDUCE(fuser_moe_combine_reduce_f32, float)
@@ -1059,6 +1139,9 @@ __device__ __forceinline__ void fm_combine_send_reduce(
             const fm_i64 t = job / per_token;
             const int s = static_cast<int>((job % per_token) / split + rank) % world;  // this rank's first
             const int part = static_cast<int>(job % split);
+            if (s == rank) {
+                continue;  // this rank's own tokens: the reducers compute their partial (self-direct)
+            }
             const fm_i64 g = static_cast<fm_i64>(s) * t_stride + t;
             const fm_i64 row = static_cast<fm_i64>(rank) * t_stride + t;
             const bool present = group_count[g] != 0;
@@ -1096,7 +1179,9 @@ __device__ __forceinline__ void fm_combine_send_reduce(
             for (int e0 = 0; e0 < world; e0 += FM_WARP) {
                 const int e = e0 + lane;
                 fm_i64 stamp = 2 * generation;
-                if (e < world) {
+                if (e == rank) {  // nobody stamps this rank's own term: its rows are here
+                    stamp = 2 * generation + (group_count[static_cast<fm_i64>(rank) * t_stride + t] != 0 ? 1 : 0);
+                } else if (e < world) {
                     const fm_i64* at = stamps + (static_cast<fm_i64>(e) * t_stride + t) * split + part;
                     stamp = fm_load_acquire_sys(at);
                     const fm_u64 start = fm_globaltimer_ns();
@@ -1125,8 +1210,14 @@ __device__ __forceinline__ void fm_combine_send_reduce(
             if (!ok) {
                 continue;  // a peer never stamped: the output is garbage, the host raises
             }
+            fm_self_partial<T> self{y, w, rows_s[threadIdx.x / FM_WARP], 0, rank};
+            if ((present >> rank) & 1ull) {
+                self.n = fm_combine_sorted_rows(group_count, group_rows, static_cast<fm_i64>(rank) * t_stride + t,
+                                                rows_s[threadIdx.x / FM_WARP], lane);
+            }
             fm_combine_reduce_part<T>(partials, t_stride, t, hidden, world, present, out + t * hidden, part, split,
-                                      lane);
+                                      lane, self);
+            __syncwarp();  // the rows list is read by every lane before the next job overwrites it
             if (part == 0) {
                 for (int e = lane; e < world; e += FM_WARP) {
                     if (e != rank && ((present >> e) & 1ull)) {

@@ -266,7 +266,8 @@ def test_ranks_sharing_a_gpu_each_take_their_share_of_its_sms(world_size, capaci
     for rank_events, on_device, sharing, sm_count in run_on_ranks(world_size, sm_budget_body, None, capacity):
         assert on_device == sharing, (on_device, sharing)
         for op, path, sms in rank_events:
-            assert 1 <= sms <= sm_count // sharing, (op, path, sms, sharing)
+            # (a rank alone on its GPU may launch more blocks than it has SMs: they queue)
+            assert sms >= 1 and (sharing == 1 or sms <= sm_count // sharing), (op, path, sms, sharing)
 
 
 def test_the_sm_budget_splits_a_shared_gpu(monkeypatch):

@@ -1139,9 +1139,6 @@ __device__ __forceinline__ void fm_combine_send_reduce(
             const fm_i64 t = job / per_token;
             const int s = static_cast<int>((job % per_token) / split + rank) % world;  // this rank's first
             const int part = static_cast<int>(job % split);
-            if (s == rank) {
-                continue;  // this rank's own tokens: the reducers compute their partial (self-direct)
-            }
             const fm_i64 g = static_cast<fm_i64>(s) * t_stride + t;
             const fm_i64 row = static_cast<fm_i64>(rank) * t_stride + t;
             const bool present = group_count[g] != 0;
@@ -1179,9 +1176,7 @@ __device__ __forceinline__ void fm_combine_send_reduce(
             for (int e0 = 0; e0 < world; e0 += FM_WARP) {
                 const int e = e0 + lane;
                 fm_i64 stamp = 2 * generation;
-                if (e == rank) {  // nobody stamps this rank's own term: its rows are here
-                    stamp = 2 * generation + (group_count[static_cast<fm_i64>(rank) * t_stride + t] != 0 ? 1 : 0);
-                } else if (e < world) {
+                if (e < world) {
                     const fm_i64* at = stamps + (static_cast<fm_i64>(e) * t_stride + t) * split + part;
                     stamp = fm_load_acquire_sys(at);
                     const fm_u64 start = fm_globaltimer_ns();
@@ -1210,14 +1205,11 @@ __device__ __forceinline__ void fm_combine_send_reduce(
             if (!ok) {
                 continue;  // a peer never stamped: the output is garbage, the host raises
             }
-            fm_self_partial<T> self{y, w, rows_s[threadIdx.x / FM_WARP], 0, rank};
-            if ((present >> rank) & 1ull) {
-                self.n = fm_combine_sorted_rows(group_count, group_rows, static_cast<fm_i64>(rank) * t_stride + t,
-                                                rows_s[threadIdx.x / FM_WARP], lane);
-            }
+            // Not self-direct: at W=1 it moved every sum onto the reducers (one block an SM) and took the
+            // combine from 208 to 446 us on one H200; this rank's own partials travel as the peers' do.
+            const fm_self_partial<T> self{nullptr, nullptr, nullptr, 0, -1};
             fm_combine_reduce_part<T>(partials, t_stride, t, hidden, world, present, out + t * hidden, part, split,
                                       lane, self);
-            __syncwarp();  // the rows list is read by every lane before the next job overwrites it
             if (part == 0) {
                 for (int e = lane; e < world; e += FM_WARP) {
                     if (e != rank && ((present >> e) & 1ull)) {

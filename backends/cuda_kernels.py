@@ -241,9 +241,9 @@ def streaming_combine() -> bool:
 
     Opt-in because of what one H200 measured (W=1, T=4096, CUDA graph; docs/backend-cuda.md): 208.5 us
     against 197.5 us for group, barrier, send, barrier, reduce, and slower still with more sending
-    blocks; and after a peer vanishes before the call, the reducers wait out their own timeout after
-    the barrier's, so the TimeoutError comes about twice the transport timeout late. Its bits are the
-    reference's (the GPU suite passed with it on).
+    blocks; the three-kernel combine, self-direct since, takes 152 us there. Its bits are the
+    reference's (the GPU suite passed with it on). Its reducers stop waiting once the call's barrier
+    has given up (a vanished peer), as the streaming dispatch's expanders do.
     """
     return streaming() and os.environ.get("FUSER_MOE_STREAM_COMBINE", "0") == "1"
 

@@ -521,6 +521,19 @@ FM_DISPATCH_SEND(fuser_moe_dispatch_send_i32, int)
 //   anybody wait once the call's barrier gave up (barrier_gave_up: the transport's timeout_generation
 //   word, nonzero from then until the host has seen it): a peer that missed the barrier sends nothing.
 constexpr int FM_EXPAND_BATCH = 4;  // 16-byte vectors a lane loads before it stores them
+#ifndef FM_STREAM_STORES
+#define FM_STREAM_STORES 0  // 1: the expansion's and the reduce's output rows are stored with st.global.cs
+#endif
+// An output row store that nobody in this kernel reads again: with FM_STREAM_STORES the evict-first
+// kind, so the outputs stream through L2 instead of pushing out what the kernel still reads.
+__device__ __forceinline__ void fm_store_out(int4* at, const int4& v)
+{
+#if FM_STREAM_STORES
+    __stcs(at, v);
+#else
+    *at = v;
+#endif
+}
 
 __device__ __forceinline__ bool fm_wait_stamp(const fm_i64* stamp, fm_i64 generation, fm_i64 row, fm_i64* errors,
                                               fm_i64 timeout_ns, const fm_i64* barrier_gave_up, int lane)
@@ -589,7 +602,7 @@ __device__ __forceinline__ void fm_dispatch_expand(const unsigned char* wire_x,
             if ((reinterpret_cast<fm_u64>(dst) & 15u) == 0u && (row_bytes & 15) == 0) {
                 const int4 zero = make_int4(0, 0, 0, 0);
                 for (fm_i64 k = lane; k < (row_bytes >> 4); k += FM_WARP) {
-                    reinterpret_cast<int4*>(dst)[k] = zero;
+                    fm_store_out(reinterpret_cast<int4*>(dst) + k, zero);
                 }
             } else {
                 for (fm_i64 k = lane; k < row_bytes; k += FM_WARP) {
@@ -658,7 +671,7 @@ __device__ __forceinline__ void fm_dispatch_expand(const unsigned char* wire_x,
                     for (int b = 0; b < FM_EXPAND_BATCH; ++b) {
                         const fm_i64 k = k0 + b * FM_WARP;
                         if (k < vectors) {
-                            dst4[k] = v[b];
+                            fm_store_out(dst4 + k, v[b]);
                         }
                     }
                 }
@@ -941,7 +954,7 @@ __device__ __forceinline__ void fm_combine_reduce_part(const T* partials, fm_i64
             for (int k = 0; k < VEC; ++k) {
                 fm_lane_from_float<T>(packed, k, acc[k]);
             }
-            reinterpret_cast<int4*>(out_row)[v] = packed.raw;
+            fm_store_out(reinterpret_cast<int4*>(out_row) + v, packed.raw);
         }
     } else {
         fm_i64 h_begin, h_end;

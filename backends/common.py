@@ -42,7 +42,7 @@ class CommStats:
     host_syncs: int = 0
     sync_reasons: list = field(default_factory=list)
     num_sms: Optional[int] = None  # the SM budget the caller gave this call (None: what the protocol wants)
-    sms: int = 0  # the most blocks (so at most the SMs) any kernel of the call launched
+    sms: int = 0  # the most blocks any kernel of the call launched (more than the SMs: the rest queue)
     path: str = ""  # which protocol served the call ("general", "low-latency"; "" where only one exists)
     device_share: int = 1  # ranks of the group on this rank's GPU: each gets 1/device_share of its SMs
 

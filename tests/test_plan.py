@@ -230,8 +230,8 @@ def _ptrs(tensors):
 def _kernel_world(xs, idxs, ws, experts, out_rows_of=None, self_direct=0):
     """Dispatch with moe.cu's kernels for every virtual rank on one GPU; returns per rank its count
     matrix, its receive buffers and its outputs. self_direct=1: as the cuda backend does, a rank's rows to
-    itself skip the wire buffer and the expansion reads them from its x. Launches run in order on one stream, so each phase of
-    every rank ends before the next begins (what the barriers do across GPUs)."""
+    itself skip the wire buffer and the expansion reads them from its x. Launches run in order on one
+    stream, so each phase of every rank ends before the next begins (what the barriers do across GPUs)."""
     i32, i64, dev = torch.int32, torch.int64, torch.device("cuda")
     world, top_k, hidden = len(xs), idxs[0].shape[1], xs[0].shape[1]
     plc = routing.make_placement(experts, world, None, dev)

@@ -619,7 +619,8 @@ __device__ __forceinline__ void fm_dispatch_expand(const unsigned char* wire_x,
             }
             continue;
         }
-        if (stamps != nullptr && !fm_wait_stamp(stamps + item, generation, item, errors, timeout_ns, barrier_gave_up, lane)) {
+        if (stamps != nullptr
+            && !fm_wait_stamp(stamps + item, generation, item, errors, timeout_ns, barrier_gave_up, lane)) {
             continue;
         }
         const fm_i64* meta = wire_meta + item * meta_width;
@@ -944,7 +945,8 @@ __device__ __forceinline__ void fm_combine_reduce_part(const T* partials, fm_i64
                         fm_lane_from_float<T>(in, k, own[k]);  // cast as the partial buffer would hold it
                     }
                 } else {
-                    in.raw = reinterpret_cast<const int4*>(partials + (static_cast<fm_i64>(e) * t_stride + t) * hidden)[v];
+                    const T* row = partials + (static_cast<fm_i64>(e) * t_stride + t) * hidden;
+                    in.raw = reinterpret_cast<const int4*>(row)[v];
                 }
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {
@@ -1123,7 +1125,8 @@ FM_COMBINE_REDUCE(fuser_moe_combine_reduce_f16, fm_f16)
 //   partials / stamps: this rank's. words [3] int64: generation (calls done), start ticket, end ticket.
 //   errors[FM_ERR_COMBINE_TIMEOUT]: 1 + a token whose partial never came (then nobody waits again; the
 //   host raises a TimeoutError at its next check). barrier_gave_up: the transport's timeout_generation
-//   word; once the call's barrier gave up (a peer missed it and sends nothing) nobody waits either. counts [2]: partial rows sent to / received from peers.
+//   word; once the call's barrier gave up (a peer missed it and sends nothing) nobody waits either.
+//   counts [2]: partial rows sent to / received from peers.
 
 #ifndef FM_COMBINE_STAMP_FENCE
 #define FM_COMBINE_STAMP_FENCE 1  // 0: the stamp's release alone orders the warp's part (for timing)

@@ -837,6 +837,49 @@ __device__ __forceinline__ int fm_combine_sorted_rows(const int* __restrict__ gr
     return n;
 }
 
+// The partial's arithmetic, in one place (the sender writes it; a self-direct reduce computes it where it
+// needs it, so both must be these): the float32 sum, in the order of `list`, of w * y over its n rows, cast
+// to T. fm_partial_vector: 16-byte vector v of the row into `packed` (the caller checked the alignment);
+// fm_partial_element: element h.
+template <typename T>
+__device__ __forceinline__ void fm_partial_vector(const T* __restrict__ y, fm_i64 hidden,
+                                                  const float* __restrict__ w, const int* list, int n, fm_i64 v,
+                                                  fm_vec16& packed)
+{
+    constexpr int VEC = fm_vec_traits<T>::VEC;
+    float acc[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        acc[k] = 0.0f;
+    }
+    for (int i = 0; i < n; ++i) {
+        const fm_i64 r = list[i];
+        const float wr = w[r];
+        fm_vec16 in;
+        in.raw = reinterpret_cast<const int4*>(y + r * hidden)[v];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            acc[k] = __fadd_rn(acc[k], __fmul_rn(wr, fm_lane_to_float<T>(in, k)));
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        fm_lane_from_float<T>(packed, k, acc[k]);
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ T fm_partial_element(const T* __restrict__ y, fm_i64 hidden, const float* __restrict__ w,
+                                                const int* list, int n, fm_i64 h)
+{
+    float acc = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        const fm_i64 r = list[i];
+        acc = __fadd_rn(acc, __fmul_rn(w[r], fm_to_float(y[r * hidden + h])));
+    }
+    return fm_from_float<T>(acc);
+}
+
 // A warp writes part `part` of `split` (a contiguous share of the columns) of a partial row: the float32
 // sum of w * y over the n rows of `list` in that order, cast.
 template <typename T>
@@ -849,47 +892,24 @@ __device__ __forceinline__ void fm_combine_partial_part(const T* __restrict__ y,
         fm_i64 v_begin, v_end;
         fm_part_range(hidden / VEC, part, split, &v_begin, &v_end);
         for (fm_i64 v = v_begin + lane; v < v_end; v += FM_WARP) {
-            float acc[VEC];
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                acc[k] = 0.0f;
-            }
-            for (int i = 0; i < n; ++i) {
-                const fm_i64 r = list[i];
-                const float wr = w[r];
-                fm_vec16 in;
-                in.raw = reinterpret_cast<const int4*>(y + r * hidden)[v];
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) {
-                    acc[k] = __fadd_rn(acc[k], __fmul_rn(wr, fm_lane_to_float<T>(in, k)));
-                }
-            }
             fm_vec16 packed;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                fm_lane_from_float<T>(packed, k, acc[k]);
-            }
+            fm_partial_vector<T>(y, hidden, w, list, n, v, packed);
             reinterpret_cast<int4*>(out)[v] = packed.raw;
         }
     } else {
         fm_i64 h_begin, h_end;
         fm_part_range(hidden, part, split, &h_begin, &h_end);
         for (fm_i64 h = h_begin + lane; h < h_end; h += FM_WARP) {
-            float acc = 0.0f;
-            for (int i = 0; i < n; ++i) {
-                const fm_i64 r = list[i];
-                acc = __fadd_rn(acc, __fmul_rn(w[r], fm_to_float(y[r * hidden + h])));
-            }
-            out[h] = fm_from_float<T>(acc);
+            out[h] = fm_partial_element<T>(y, hidden, w, list, n, h);
         }
     }
 }
 
 // The combine's own partial (self-direct): the partial row of this rank's own tokens is not written to
-// the partial buffer and read back; the reduce computes it where it needs it, with the arithmetic of
-// fm_combine_partial_part (the float32 sum of w * y over the sorted rows, cast to T), so its bits are the
-// same. `self` says which rows: y and w (the expert outputs and weights), the group's sorted rows, their
-// count, and the expert rank whose term they are (-1: none, every partial comes from the buffer).
+// the partial buffer and read back; the reduce computes it where it needs it, with the sender's helpers
+// (fm_partial_vector / fm_partial_element), so its bits are the same. `self` says which rows: y and w
+// (the expert outputs and weights), the group's sorted rows, their count, and the expert rank whose term
+// they are (-1: none, every partial comes from the buffer).
 template <typename T>
 struct fm_self_partial {
     const T* y;
@@ -924,26 +944,8 @@ __device__ __forceinline__ void fm_combine_reduce_part(const T* partials, fm_i64
                     continue;
                 }
                 fm_vec16 in;
-                if (e == self.rank) {
-                    float own[VEC];
-#pragma unroll
-                    for (int k = 0; k < VEC; ++k) {
-                        own[k] = 0.0f;
-                    }
-                    for (int i = 0; i < self.n; ++i) {
-                        const fm_i64 r = self.list[i];
-                        const float wr = self.w[r];
-                        fm_vec16 row;
-                        row.raw = reinterpret_cast<const int4*>(self.y + r * hidden)[v];
-#pragma unroll
-                        for (int k = 0; k < VEC; ++k) {
-                            own[k] = __fadd_rn(own[k], __fmul_rn(wr, fm_lane_to_float<T>(row, k)));
-                        }
-                    }
-#pragma unroll
-                    for (int k = 0; k < VEC; ++k) {
-                        fm_lane_from_float<T>(in, k, own[k]);  // cast as the partial buffer would hold it
-                    }
+                if (e == self.rank) {  // the partial as the buffer would hold it
+                    fm_partial_vector<T>(self.y, hidden, self.w, self.list, self.n, v, in);
                 } else {
                     const T* row = partials + (static_cast<fm_i64>(e) * t_stride + t) * hidden;
                     in.raw = reinterpret_cast<const int4*>(row)[v];
@@ -970,12 +972,8 @@ __device__ __forceinline__ void fm_combine_reduce_part(const T* partials, fm_i64
                     continue;
                 }
                 if (e == self.rank) {
-                    float own = 0.0f;
-                    for (int i = 0; i < self.n; ++i) {
-                        const fm_i64 r = self.list[i];
-                        own = __fadd_rn(own, __fmul_rn(self.w[r], fm_to_float(self.y[r * hidden + h])));
-                    }
-                    acc = __fadd_rn(acc, fm_to_float(fm_from_float<T>(own)));
+                    acc = __fadd_rn(acc, fm_to_float(fm_partial_element<T>(self.y, hidden, self.w, self.list,
+                                                                           self.n, h)));
                 } else {
                     acc = __fadd_rn(acc, fm_to_float(partials[(static_cast<fm_i64>(e) * t_stride + t) * hidden + h]));
                 }

@@ -203,12 +203,12 @@ def dispatch(comm, group_state, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
     blocks = max(1, min(num_sms, -(-capacity * split_recv // WARPS)))
     timeout_ns = int(tr.timeout_s * 1e9)
     _kernel("fuser_moe_ll_dispatch_recv", device).launch(grid(blocks, cap, stats), THREADS, [
-        x_buf.local, meta_buf.local, head_buf.local, flag_buf.local, ctypes.c_int64(row_bytes),
+        x_buf.local, meta_buf.local, head_buf.local, flag_buf.local, x, ctypes.c_int64(row_bytes),
         ctypes.c_int32(top_k), ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(slots),
         ctypes.c_int32(head_width), ctypes.c_int32(n_local), ctypes.c_int64(capacity),
         recv_x, recv_idx, recv_w, src_idx, src_rank, n_from, per_expert, summary, wire_rows, ll.words,
         group_state.errors, ctypes.c_int64(timeout_ns), ctypes.c_int32(split_recv)],
-        shared_mem=8 * (world * n_local + n_local + 1))
+        shared_mem=8 * (world * n_local + n_local + 1), overlap_previous=True)
 
     handle = Handle(wire_rows, send_pos, n_from, summary, sent_remote, slots, tokens, top_k, capacity,
                     weakref.ref(src_rank))
@@ -255,8 +255,9 @@ def combine(comm, group_state, handle: Handle, x: torch.Tensor, topk_weights: to
     blocks_recv = max(1, min(num_sms, -(-max(num_tokens, 1) * split_recv // WARPS)))
     _kernel(f"fuser_moe_ll_combine_recv_{suffix}", device).launch(grid(blocks_recv, cap, stats), THREADS, [
         part_buf.local, flag_buf.local, handle.send_pos, ctypes.c_int64(num_tokens), ctypes.c_int64(hidden),
-        ctypes.c_int32(world), ctypes.c_int64(slots), out, ll.words, ctypes.c_int64(int(tr.timeout_s * 1e9)),
-        ctypes.c_int32(split_recv)])
+        ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(slots), x, weights, handle.wire_rows,
+        ctypes.c_int32(handle.top_k), out, ll.words, ctypes.c_int64(int(tr.timeout_s * 1e9)),
+        ctypes.c_int32(split_recv)], overlap_previous=True)
     stats.bytes_sent = DeviceCount(handle.summary[2], row_bytes)
     stats.bytes_recv = DeviceCount(handle.sent_remote[0], row_bytes)
     return out

@@ -140,3 +140,15 @@ __device__ __forceinline__ fm_u64 fm_globaltimer_ns()
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
     return now;
 }
+
+// ------------------------------------------------------------------ programmatic dependent launch
+// Lets the next kernel of the stream start (when it was launched with programmatic stream serialisation,
+// backends/transport/nvrtc.py `overlap_previous`) once every block of this one has called this or ended.
+// That kernel must order itself after this one by flags of its own. A no-op before compute capability 9.0
+// and when the next kernel was launched normally.
+__device__ __forceinline__ void fm_launch_dependents()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}

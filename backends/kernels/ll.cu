@@ -11,10 +11,11 @@
 // g + 1, which waited for this rank's send of g + 1, which this rank issued after its receive of g.
 //
 // Dispatch, on source rank r:
-//   send  (a block per chunk of tokens)  each token's row of x goes once to each destination rank d that
-//         one of its experts lives on, into slot (parity, r, position of the token among r's tokens for
-//         d) of d's wire buffer, with a metadata row [token, K x (expert or -1, position of the token
-//         among r's tokens for that expert, weight bits)]. Every block counts all T tokens' slots, so
+//   send  (a block per chunk of tokens)  each token's row of x goes once to each other destination rank d
+//         that one of its experts lives on, into slot (parity, r, position of the token among r's tokens
+//         for d) of d's wire buffer, with a metadata row [token, K x (expert or -1, position of the token
+//         among r's tokens for that expert, weight bits)]; for d = r only the metadata row is written
+//         (self-direct: r's receive kernel reads its own rows from x). Every block counts all T tokens' slots, so
 //         each knows the totals; block 0 writes, for every d, the header [tokens for d, T, pairs for
 //         each of d's local experts] beside its rows, and the last block to finish (a ticket) stores
 //         every d's flag.
@@ -25,10 +26,14 @@
 // Combine, on expert rank r, with the handle the low-latency dispatch left (each wire row's output
 // rows; each of the source's tokens' slot on each expert rank):
 //   send  (warps over wire rows)  float32 sum of w * y over the wire row's output rows in ascending row
-//         order, cast, written to slot (parity, r, slot) of the source's partial buffer; the last block
-//         sets the flags.
+//         order, cast, written to slot (parity, r, slot) of the source's partial buffer, for every source
+//         but r itself; the last block sets the flags.
 //   recv  (warps over tokens)  waits for every expert rank's flag and adds a token's partials in
-//         ascending expert-rank order, in float32 from +0.0.
+//         ascending expert-rank order, in float32 from +0.0; its own rank's partial it computes itself
+//         from y with the send's arithmetic (self-direct).
+// Each receive kernel is launched with programmatic stream serialisation where the device has it (it
+// may start while its send kernel runs, which lets it go at once: fm_launch_dependents); it orders
+// itself after every send, its own included, by the flags alone.
 //
 // Rounding is the contract's (docs/contract.md section 4): products and sums are rounded one by one
 // (__fmul_rn, __fadd_rn), casts round to nearest even. Compiles under nvcc and NVRTC: no system headers
@@ -288,6 +293,7 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
 
     const fm_i64 generation = state[FM_LL_GEN_DISPATCH] + 1;
     const fm_i64 parity = generation & 1;
+    fm_launch_dependents();  // the receive kernel may start now: it waits for the flags this kernel stores
     const fm_i64 t0 = blockIdx.x * chunk;
     const fm_i64 t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
     const fm_i64 n = t1 > t0 ? t1 - t0 : 0;
@@ -302,7 +308,7 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
     int4 first[FM_LL_COPY_BATCH];
     fm_i64 first_begin = 0, first_end = 0;
     bool prefetched = false;
-    if (warp < items) {
+    if (warp < items && static_cast<int>((warp / split) % world) != rank) {
         fm_ll_part(row_bytes, static_cast<int>(warp % split), split, &first_begin, &first_end);
         const unsigned char* src = x + (t0 + warp / split / world) * row_bytes + first_begin;
         prefetched = fm_aligned16(src);
@@ -459,7 +465,9 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
         }
         const fm_i64 row = (parity * world + rank) * slots + p;
         unsigned char* dst = reinterpret_cast<unsigned char*>(x_ptrs[d]) + row * row_bytes;
-        if (q == warp && prefetched) {
+        if (d == rank) {
+            // Self-direct: this rank's receive kernel reads its own rows from x; only the metadata goes.
+        } else if (q == warp && prefetched) {
             const fm_i64 n4 = (first_end - first_begin) >> 4;
             int4* dst4 = reinterpret_cast<int4*>(dst + first_begin);
 #pragma unroll
@@ -520,8 +528,8 @@ FM_LL_DISPATCH_SEND(fuser_moe_ll_dispatch_send_i32, int)
 // Dynamic shared memory: fm_i64 base[world * n_local], tot[n_local + 1].
 extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatch_recv(
     const unsigned char* __restrict__ x_buf, const int* __restrict__ meta_buf, const fm_i64* __restrict__ head_buf,
-    const fm_i64* flag_buf, fm_i64 row_bytes, int top_k, int world, int rank, fm_i64 slots, int head_width,
-    int n_local, fm_i64 capacity, unsigned char* recv_x, fm_i64* recv_idx,
+    const fm_i64* flag_buf, const unsigned char* __restrict__ x, fm_i64 row_bytes, int top_k, int world, int rank,
+    fm_i64 slots, int head_width, int n_local, fm_i64 capacity, unsigned char* recv_x, fm_i64* recv_idx,
     float* recv_w, fm_i64* src_idx, fm_i64* src_rank, fm_i64* n_from, fm_i64* per_expert, fm_i64* summary,
     int* wire_rows, fm_i64* state, fm_i64* errors, fm_i64 timeout_ns, int split)
 {
@@ -617,8 +625,12 @@ extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatc
             const fm_i64 row = (parity * world + s) * slots + i;
             const int* meta = meta_buf + row * meta_width;
             // The part's first vectors are loaded together with the metadata that says where they go
-            // (one memory round trip for both; the host checks that rows are 16-byte multiples).
-            const int4* src4 = reinterpret_cast<const int4*>(x_buf + row * row_bytes + begin);
+            // (one memory round trip for both; the host checks that rows are 16-byte multiples). This
+            // rank's own rows were not sent (self-direct): they are read from x, at the token the
+            // metadata names.
+            const unsigned char* src_row = s == rank ? x + static_cast<fm_i64>(meta[0]) * row_bytes
+                                                     : x_buf + row * row_bytes;
+            const int4* src4 = reinterpret_cast<const int4*>(src_row + begin);
             const fm_i64 n4 = (end - begin) >> 4;
             int4 v[FM_LL_COPY_BATCH];
 #pragma unroll
@@ -654,7 +666,7 @@ extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatc
                 }
                 const fm_i64 done = static_cast<fm_i64>(FM_LL_COPY_BATCH) * FM_LL_WARP * 16;
                 if (begin + done < end) {
-                    fm_ll_warp_copy(recv_x + out * row_bytes, x_buf + row * row_bytes, begin + done, end, lane);
+                    fm_ll_warp_copy(recv_x + out * row_bytes, src_row, begin + done, end, lane);
                 }
             }
         } else {
@@ -672,6 +684,66 @@ extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatc
 }
 
 // ------------------------------------------------------------------------------------------ combine
+// The partial's arithmetic, in one place for this path (the send writes it for its peers; the receive
+// computes its own rank's term with it, self-direct): vector v of the float32 sum, in the order given, of
+// w * y over `count` rows (rows[i], weight w[i]), cast to T. The loads go FM_LL_BATCH rows at a time.
+template <typename T>
+__device__ __forceinline__ void fm_ll_partial_vector(const T* __restrict__ y, fm_i64 hidden, const int* rows,
+                                                     const float* w, int count, fm_i64 v, fm_vec16& packed)
+{
+    constexpr int VEC = 16 / sizeof(T);
+    float sum[VEC];
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) {
+        sum[c] = 0.0f;
+    }
+    for (int r0 = 0; r0 < count; r0 += FM_LL_BATCH) {
+        fm_vec16 in[FM_LL_BATCH];
+#pragma unroll
+        for (int b = 0; b < FM_LL_BATCH; ++b) {
+            if (r0 + b < count) {
+                in[b].raw = reinterpret_cast<const int4*>(y + static_cast<fm_i64>(rows[r0 + b]) * hidden)[v];
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < FM_LL_BATCH; ++b) {
+            if (r0 + b < count) {
+                const float wb = w[r0 + b];
+#pragma unroll
+                for (int c = 0; c < VEC; ++c) {
+                    sum[c] = __fadd_rn(sum[c], __fmul_rn(wb, fm_lane_to_float<T>(in[b], c)));
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < VEC; ++c) {
+        fm_lane_from_float<T>(packed, c, sum[c]);
+    }
+}
+
+// A warp's list of a wire row's output rows in ascending order (the contract's row order) with their
+// weights, into rows_out / w_out; returns how many. `wire` points at the row's K entries of the handle
+// (-1: none). A lane's place is the number of lanes with a smaller row (the rows are distinct).
+__device__ __forceinline__ int fm_ll_sorted_rows(const int* wire, const float* __restrict__ weights, int top_k,
+                                                 int lane, int* rows_out, float* w_out)
+{
+    const int mine = lane < top_k ? wire[lane] : -1;
+    const float mine_w = mine >= 0 ? weights[mine] : 0.0f;
+    const int key = mine >= 0 ? mine : 0x7fffffff;
+    int place = 0;
+    for (int k2 = 0; k2 < top_k; ++k2) {
+        place += __shfl_sync(0xffffffffu, key, k2) < key;
+    }
+    const int count = __popc(__ballot_sync(0xffffffffu, mine >= 0));
+    if (mine >= 0) {
+        rows_out[place] = mine;
+        w_out[place] = mine_w;
+    }
+    __syncwarp();
+    return count;
+}
+
 // Expert rank: one partial row per wire row (source s, slot i) of the dispatch whose handle this is.
 //   wire_rows int32 [world * slots * K], n_from int64 [world] (the dispatch's n_tokens_from_rank)
 //   part_ptrs[s]: every rank's partial buffer, rows (parity * world + expert rank) * slots + slot
@@ -689,8 +761,10 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
 
     const fm_i64 generation = state[FM_LL_GEN_COMBINE] + 1;
     const fm_i64 parity = generation & 1;
+    fm_launch_dependents();  // the receive kernel may start now: it waits for the flags this kernel stores
     for (int s = threadIdx.x; s < world; s += blockDim.x) {  // the loads at once, then the sums
-        const fm_i64 in = n_from[s];
+        // This rank's own rows are not sent: its receive kernel computes their term (self-direct).
+        const fm_i64 in = s == rank ? 0 : n_from[s];
         wire_base[s + 1] = in < slots ? in : slots;
     }
     __syncthreads();
@@ -717,55 +791,14 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
             ++s;
         }
         const fm_i64 i = g - wire_base[s];
-        // The wire row's output rows in ascending order (the contract's row order): a lane's place is the
-        // number of lanes with a smaller row (the rows are distinct), its weight loads meanwhile.
-        const int mine = lane < top_k ? wire_rows[(s * slots + i) * top_k + lane] : -1;
-        const float mine_w = mine >= 0 ? weights[mine] : 0.0f;
-        const int key = mine >= 0 ? mine : 0x7fffffff;
-        int place = 0;
-        for (int k2 = 0; k2 < top_k; ++k2) {
-            place += __shfl_sync(0xffffffffu, key, k2) < key;
-        }
-        const int count = __popc(__ballot_sync(0xffffffffu, mine >= 0));
-        if (mine >= 0) {
-            rows_of[warp][place] = mine;
-            weight_of[warp][place] = mine_w;
-        }
-        __syncwarp();
+        const int count = fm_ll_sorted_rows(wire_rows + (s * slots + i) * top_k, weights, top_k, lane,
+                                            rows_of[warp], weight_of[warp]);
         T* dst = reinterpret_cast<T*>(part_ptrs[s]) + ((parity * world + rank) * slots + i) * hidden;
         const fm_i64 v0 = part * per_part;
         const fm_i64 v1 = v0 + per_part < vectors ? v0 + per_part : vectors;
         for (fm_i64 v = v0 + lane; v < v1; v += FM_LL_WARP) {
-            float sum[VEC];
-#pragma unroll
-            for (int c = 0; c < VEC; ++c) {
-                sum[c] = 0.0f;
-            }
-            for (int r0 = 0; r0 < count; r0 += FM_LL_BATCH) {
-                fm_vec16 y[FM_LL_BATCH];
-#pragma unroll
-                for (int b = 0; b < FM_LL_BATCH; ++b) {
-                    if (r0 + b < count) {
-                        y[b].raw = reinterpret_cast<const int4*>(
-                            x + static_cast<fm_i64>(rows_of[warp][r0 + b]) * hidden)[v];
-                    }
-                }
-#pragma unroll
-                for (int b = 0; b < FM_LL_BATCH; ++b) {
-                    if (r0 + b < count) {
-                        const float w = weight_of[warp][r0 + b];
-#pragma unroll
-                        for (int c = 0; c < VEC; ++c) {
-                            sum[c] = __fadd_rn(sum[c], __fmul_rn(w, fm_lane_to_float<T>(y[b], c)));
-                        }
-                    }
-                }
-            }
             fm_vec16 out;
-#pragma unroll
-            for (int c = 0; c < VEC; ++c) {
-                fm_lane_from_float<T>(out, c, sum[c]);
-            }
+            fm_ll_partial_vector<T>(x, hidden, rows_of[warp], weight_of[warp], count, v, out);
             reinterpret_cast<int4*>(dst)[v] = out.raw;
         }
         __syncwarp();
@@ -774,25 +807,75 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
     fm_ll_finish_send(state, FM_LL_TICKET_CSEND, flag_ptrs, world, rank, generation);
 }
 
-// Source rank: out[t] = float32 sum over expert ranks e ascending of the partial in slot send_pos[t, e].
+// sum += the partials (vector v) of expert ranks [e_begin, e_end) in ascending order, from the slots in
+// `slot_of` (-1 or >= slots: none); loads FM_LL_BATCH ranks at a time. None after a timeout.
+template <typename T>
+__device__ __forceinline__ void fm_ll_add_partials(float* sum, const T* __restrict__ part_buf, const int* slot_of,
+                                                   int e_begin, int e_end, int world, fm_i64 parity, fm_i64 slots,
+                                                   fm_i64 hidden, fm_i64 v, bool timed_out)
+{
+    constexpr int VEC = 16 / sizeof(T);
+    for (int e0 = e_begin; e0 < e_end; e0 += FM_LL_BATCH) {
+        fm_vec16 in[FM_LL_BATCH];
+        bool have[FM_LL_BATCH];
+#pragma unroll
+        for (int b = 0; b < FM_LL_BATCH; ++b) {
+            const int e = e0 + b;
+            const int p = e < e_end ? slot_of[e] : -1;
+            have[b] = p >= 0 && p < slots && !timed_out;
+            if (have[b]) {
+                in[b].raw = reinterpret_cast<const int4*>(part_buf + ((parity * world + e) * slots + p) * hidden)[v];
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < FM_LL_BATCH; ++b) {
+            if (have[b]) {
+#pragma unroll
+                for (int c = 0; c < VEC; ++c) {
+                    sum[c] = __fadd_rn(sum[c], fm_lane_to_float<T>(in[b], c));
+                }
+            }
+        }
+    }
+}
+
+// Source rank: out[t] = float32 sum over expert ranks e ascending of the partial in slot send_pos[t, e];
+// this rank's own term (self-direct: its send kernel skipped it) is computed here from y, weights and the
+// handle's wire rows, with the send's arithmetic (fm_ll_partial_vector), so its bits are the same.
 template <typename T>
 __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64* flag_buf,
                                    const int* __restrict__ send_pos, fm_i64 tokens, fm_i64 hidden, int world,
-                                   fm_i64 slots, T* out, fm_i64* state, fm_i64 timeout_ns, int split)
+                                   int rank, fm_i64 slots, const T* __restrict__ y, const float* __restrict__ weights,
+                                   const int* __restrict__ wire_rows, int top_k, T* out, fm_i64* state,
+                                   fm_i64 timeout_ns, int split)
 {
     constexpr int VEC = 16 / sizeof(T);
     __shared__ int slot_of[FM_LL_WARPS][FM_LL_MAX_WORLD];  // a warp's token's slot on each expert rank
+    __shared__ int rows_of[FM_LL_WARPS][FM_LL_MAX_TOP_K];  // its own rows here, ascending, and their weights
+    __shared__ float weight_of[FM_LL_WARPS][FM_LL_MAX_TOP_K];
     const fm_i64 generation = state[FM_LL_GEN_COMBINE] + 1;
     const fm_i64 parity = generation & 1;
     const int lane = threadIdx.x & (FM_LL_WARP - 1);
     const int warp = threadIdx.x / FM_LL_WARP;
     const fm_i64 warps = static_cast<fm_i64>(gridDim.x) * (blockDim.x / FM_LL_WARP);
     const fm_i64 first = blockIdx.x * (blockDim.x / FM_LL_WARP) + warp;
-    // The first token's slots are local (the dispatch wrote them): loaded before the wait.
-    if (first < tokens * split) {
+    // A token's slots on every rank, and the rows of its own term: -1 when the token has none here.
+    auto load_token = [&](fm_i64 t) -> int {
         for (int e = lane; e < world; e += FM_LL_WARP) {
-            slot_of[warp][e] = send_pos[(first / split) * world + e];
+            slot_of[warp][e] = send_pos[t * world + e];
         }
+        __syncwarp();
+        const int p = slot_of[warp][rank];
+        if (p < 0 || p >= slots) {
+            return -1;
+        }
+        return fm_ll_sorted_rows(wire_rows + (static_cast<fm_i64>(rank) * slots + p) * top_k, weights, top_k, lane,
+                                 rows_of[warp], weight_of[warp]);
+    };
+    // The first token's slots and own rows are local (this rank's dispatch wrote them): read before the wait.
+    int own = -1;
+    if (first < tokens * split) {
+        own = load_token(first / split);
     }
     const bool timed_out = fm_ll_wait_flags(flag_buf, world, generation, state, 2, timeout_ns);
     const fm_i64 vectors = hidden / VEC;
@@ -802,11 +885,8 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
         const fm_i64 t = q / split;
         if (q != first) {
             __syncwarp();
-            for (int e = lane; e < world; e += FM_LL_WARP) {
-                slot_of[warp][e] = send_pos[t * world + e];
-            }
+            own = load_token(t);
         }
-        __syncwarp();
         const fm_i64 v0 = part * per_part;
         const fm_i64 v1 = v0 + per_part < vectors ? v0 + per_part : vectors;
         for (fm_i64 v = v0 + lane; v < v1; v += FM_LL_WARP) {
@@ -815,29 +895,18 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
             for (int c = 0; c < VEC; ++c) {
                 sum[c] = 0.0f;
             }
-            for (int e0 = 0; e0 < world; e0 += FM_LL_BATCH) {
-                fm_vec16 y[FM_LL_BATCH];
-                bool have[FM_LL_BATCH];
+            // Ascending expert rank: the peers below this rank, its own term, the peers above.
+            fm_ll_add_partials<T>(sum, part_buf, slot_of[warp], 0, rank, world, parity, slots, hidden, v, timed_out);
+            if (own >= 0) {
+                fm_vec16 mine;
+                fm_ll_partial_vector<T>(y, hidden, rows_of[warp], weight_of[warp], own, v, mine);
 #pragma unroll
-                for (int b = 0; b < FM_LL_BATCH; ++b) {
-                    const int e = e0 + b;
-                    const int p = e < world ? slot_of[warp][e] : -1;
-                    have[b] = p >= 0 && p < slots && !timed_out;
-                    if (have[b]) {
-                        y[b].raw = reinterpret_cast<const int4*>(
-                            part_buf + ((parity * world + e) * slots + p) * hidden)[v];
-                    }
-                }
-#pragma unroll
-                for (int b = 0; b < FM_LL_BATCH; ++b) {
-                    if (have[b]) {
-#pragma unroll
-                        for (int c = 0; c < VEC; ++c) {
-                            sum[c] = __fadd_rn(sum[c], fm_lane_to_float<T>(y[b], c));
-                        }
-                    }
+                for (int c = 0; c < VEC; ++c) {
+                    sum[c] = __fadd_rn(sum[c], fm_lane_to_float<T>(mine, c));
                 }
             }
+            fm_ll_add_partials<T>(sum, part_buf, slot_of[warp], rank + 1, world, world, parity, slots, hidden, v,
+                                  timed_out);
             fm_vec16 o;
 #pragma unroll
             for (int c = 0; c < VEC; ++c) {
@@ -858,12 +927,13 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
         fm_ll_combine_send<T>(x, hidden, weights, wire_rows, n_from, top_k, world, rank, slots, part_ptrs,     \
                               flag_ptrs, state, split);                                                       \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_combine_recv_##SUFFIX(                                            \
+    extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_combine_recv_##SUFFIX(            \
         const T* part_buf, const fm_i64* flag_buf, const int* send_pos, fm_i64 tokens, fm_i64 hidden, int world, \
-        fm_i64 slots, T* out, fm_i64* state, fm_i64 timeout_ns, int split)                                    \
+        int rank, fm_i64 slots, const T* y, const float* weights, const int* wire_rows, int top_k, T* out,     \
+        fm_i64* state, fm_i64 timeout_ns, int split)                                                           \
     {                                                                                                         \
-        fm_ll_combine_recv<T>(part_buf, flag_buf, send_pos, tokens, hidden, world, slots, out, state,          \
-                              timeout_ns, split);                                                             \
+        fm_ll_combine_recv<T>(part_buf, flag_buf, send_pos, tokens, hidden, world, rank, slots, y, weights,    \
+                              wire_rows, top_k, out, state, timeout_ns, split);                               \
     }
 
 FM_LL_COMBINE(f32, float)

@@ -30,7 +30,12 @@ against the kernel's parameters before the first launch.
 
 Launches go through `cuLaunchKernel` on the given stream (by default torch's current stream of the
 kernel's device), never synchronise and never allocate, so they are stream-ordered and can be
-captured in a CUDA graph.
+captured in a CUDA graph. A launch with `overlap_previous=True` goes through `cuLaunchKernelEx` with
+programmatic stream serialisation (on compute capability 9.0 and newer, unless `FUSER_MOE_PDL=0`): the
+kernel may start while the kernel before it in the stream is still running, once every block of that one
+has executed `griddepcontrol.launch_dependents` (or exited). Only a kernel that orders itself after its
+predecessor by other means (flags it acquires) may ask for it; work after it in the stream is ordered
+as usual.
 """
 from __future__ import annotations
 
@@ -253,7 +258,8 @@ class Kernel:
         pointers = (ctypes.c_void_p * max(len(values), 1))(*[ctypes.addressof(v) for v in values])
         return values, pointers
 
-    def launch(self, grid: Dim, block: Dim, args: Sequence, stream=None, shared_mem: int = 0) -> None:
+    def launch(self, grid: Dim, block: Dim, args: Sequence, stream=None, shared_mem: int = 0,
+               overlap_previous: bool = False) -> None:
         """Enqueues the kernel; returns at once (no host synchronisation, no allocation).
 
         Args:
@@ -263,6 +269,9 @@ class Kernel:
             stream: a `torch.cuda.Stream`, a raw `cudaStream_t` as an int, or None for torch's current
                 stream on the kernel's device.
             shared_mem: bytes of dynamic shared memory per block.
+            overlap_previous: let the kernel start before the previous kernel of the stream has ended
+                (programmatic dependent launch, where `programmatic_launch(device)` allows it); only for
+                kernels that order themselves after it by flags of their own.
         """
         d = _cuda.driver()
         grid3, block3 = _dims(grid, "grid"), _dims(block, "block")
@@ -274,10 +283,45 @@ class Kernel:
             handle = int(stream)
         values, pointers = self._pack(args)
         with _cuda.on_device(self.device.index):
-            result = d.cuLaunchKernel(self.function, *grid3, *block3, shared_mem, d.CUstream(handle),
-                                      ctypes.addressof(pointers), 0)
+            if overlap_previous and programmatic_launch(self.device):
+                config = d.CUlaunchConfig()
+                config.gridDimX, config.gridDimY, config.gridDimZ = grid3
+                config.blockDimX, config.blockDimY, config.blockDimZ = block3
+                config.sharedMemBytes = shared_mem
+                config.hStream = d.CUstream(handle)
+                config.attrs = [_programmatic_attribute(d)]
+                config.numAttrs = 1
+                result = d.cuLaunchKernelEx(config, self.function, ctypes.addressof(pointers), 0)
+                api = "cuLaunchKernelEx"
+            else:
+                result = d.cuLaunchKernel(self.function, *grid3, *block3, shared_mem, d.CUstream(handle),
+                                          ctypes.addressof(pointers), 0)
+                api = "cuLaunchKernel"
         del values  # kept alive until the driver has copied the parameters
-        _cuda.call(result, f"cuLaunchKernel({self.name}, grid={grid3}, block={block3}) on {self.device}")
+        _cuda.call(result, f"{api}({self.name}, grid={grid3}, block={block3}) on {self.device}")
+
+
+_programmatic: dict = {}  # device index -> whether programmatic dependent launch is used there
+
+
+def programmatic_launch(device) -> bool:
+    """Whether launches with `overlap_previous=True` use programmatic dependent launch on this device:
+    compute capability 9.0 or newer, a driver binding with `cuLaunchKernelEx`, and `FUSER_MOE_PDL` not 0."""
+    if os.environ.get("FUSER_MOE_PDL", "1") == "0":
+        return False
+    index = _device_index(device)
+    allowed = _programmatic.get(index)
+    if allowed is None:
+        allowed = torch.cuda.get_device_capability(index)[0] >= 9 and hasattr(_cuda.driver(), "cuLaunchKernelEx")
+        _programmatic[index] = allowed
+    return allowed
+
+
+def _programmatic_attribute(d):
+    attribute = d.CUlaunchAttribute()
+    attribute.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attribute.value.programmaticStreamSerializationAllowed = 1
+    return attribute
 
 
 def _device_index(device) -> int:

@@ -64,6 +64,27 @@ constexpr int FM_LL_ERR_NEEDED = 0;
 constexpr int FM_LL_ERR_GIVEN = 1;
 
 // ------------------------------------------------------------------------------------------ helpers
+// Phase stamps, for kernel work only (FUSER_MOE_KERNEL_DEFINES="FM_LL_STAMPS"; tools/ll_stamps.py reads
+// them): for stamp i, the first and the last %globaltimer at which a block's thread 0 passed point i.
+// Compiled out by default.
+#ifdef FM_LL_STAMPS
+constexpr int FM_LL_STAMP_COUNT = 32;
+__device__ fm_u64 fm_ll_stamp_first[FM_LL_STAMP_COUNT];
+__device__ fm_u64 fm_ll_stamp_last[FM_LL_STAMP_COUNT];
+#define FM_LL_STAMP(i)                                                          \
+    do {                                                                        \
+        if (threadIdx.x == 0) {                                                 \
+            const fm_u64 stamp_now = fm_globaltimer_ns();                       \
+            atomicMin(&fm_ll_stamp_first[i], static_cast<unsigned long long>(stamp_now)); \
+            atomicMax(&fm_ll_stamp_last[i], static_cast<unsigned long long>(stamp_now));  \
+        }                                                                       \
+    } while (0)
+#else
+#define FM_LL_STAMP(i) \
+    do {               \
+    } while (0)
+#endif
+
 extern __shared__ fm_u64 fm_ll_shared[];  // dynamic shared memory of every kernel here
 static_assert(FM_LL_TIMEOUT_MISSING < FM_LL_STATE_WORDS, "the state block holds every word");
 
@@ -295,6 +316,7 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
     const fm_i64 parity = generation & 1;
     fm_launch_dependents();  // the receive kernel may start now: it waits for the flags this kernel stores
     const fm_i64 t0 = blockIdx.x * chunk;
+    FM_LL_STAMP(0);
     const fm_i64 t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
     const fm_i64 n = t1 > t0 ? t1 - t0 : 0;
     const int meta_width = 1 + 4 * top_k;
@@ -336,6 +358,7 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
         mask[i] = 0;
     }
     __syncthreads();
+    FM_LL_STAMP(1);
     // Slots of all T tokens in tiles of whole tokens, FM_LL_SLOTS slots a thread (their loads at once):
     // pairs of each expert and tokens for each rank before the chunk and in all (counts only, so the
     // order of the atomics does not matter), and the chunk's own experts, ranks, weights and rank sets.
@@ -402,6 +425,7 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
         }
         __syncthreads();
     }
+    FM_LL_STAMP(2);
     // Positions inside the chunk: count the chunk's earlier tokens with the same expert / rank.
     for (fm_i64 q = threadIdx.x; q < n * top_k; q += blockDim.x) {
         const fm_i64 i = q / top_k;
@@ -429,6 +453,7 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
         send_pos[(t0 + i) * world + d] = p;
     }
     __syncthreads();
+    FM_LL_STAMP(3);
     if (blockIdx.x == 0) {
         // Headers and this rank's n_tokens_to_rank, from the totals every block has (the last block's
         // ticket orders them before the flags, as it does every block's rows).
@@ -502,7 +527,9 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
     }
 
     // Every block's rows (and block 0's headers) before the ticket; the last block stores the flags.
+    FM_LL_STAMP(4);
     fm_ll_finish_send(state, FM_LL_TICKET_DSEND, flag_ptrs, world, rank, generation);
+    FM_LL_STAMP(5);
 }
 
 #define FM_LL_DISPATCH_SEND(NAME, I)                                                                         \
@@ -540,7 +567,9 @@ extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatc
 
     const fm_i64 generation = state[FM_LL_GEN_DISPATCH] + 1;
     const fm_i64 parity = generation & 1;
+    FM_LL_STAMP(8);
     const bool timed_out = fm_ll_wait_flags(flag_buf, world, generation, state, 1, timeout_ns);
+    FM_LL_STAMP(9);
 
     const fm_i64* heads = head_buf + parity * world * head_width;
     for (int s = threadIdx.x; s < world; s += blockDim.x) {
@@ -606,6 +635,7 @@ extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatc
     const int lane = threadIdx.x & (FM_LL_WARP - 1);
     const fm_i64 warps = static_cast<fm_i64>(gridDim.x) * (blockDim.x / FM_LL_WARP);
     const fm_i64 slot_items = wire_base[world] * top_k * split;
+    FM_LL_STAMP(10);
     const fm_i64 pad_items = (capacity - kept) * split;
     const int meta_width = 1 + 4 * top_k;
     for (fm_i64 q = blockIdx.x * (blockDim.x / FM_LL_WARP) + threadIdx.x / FM_LL_WARP; q < slot_items + pad_items;
@@ -680,7 +710,9 @@ extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatc
             }
         }
     }
+    FM_LL_STAMP(11);
     fm_ll_finish_receive(state, FM_LL_TICKET_DRECV, FM_LL_GEN_DISPATCH, generation);
+    FM_LL_STAMP(12);
 }
 
 // ------------------------------------------------------------------------------------------ combine
@@ -762,6 +794,7 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
     const fm_i64 generation = state[FM_LL_GEN_COMBINE] + 1;
     const fm_i64 parity = generation & 1;
     fm_launch_dependents();  // the receive kernel may start now: it waits for the flags this kernel stores
+    FM_LL_STAMP(16);
     for (int s = threadIdx.x; s < world; s += blockDim.x) {  // the loads at once, then the sums
         // This rank's own rows are not sent: its receive kernel computes their term (self-direct).
         const fm_i64 in = s == rank ? 0 : n_from[s];
@@ -804,7 +837,9 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
         __syncwarp();
     }
     // Every block's partials before the ticket; the last block stores the flags.
+    FM_LL_STAMP(17);
     fm_ll_finish_send(state, FM_LL_TICKET_CSEND, flag_ptrs, world, rank, generation);
+    FM_LL_STAMP(18);
 }
 
 // sum += the partials (vector v) of expert ranks [e_begin, e_end) in ascending order, from the slots in
@@ -877,7 +912,9 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
     if (first < tokens * split) {
         own = load_token(first / split);
     }
+    FM_LL_STAMP(20);
     const bool timed_out = fm_ll_wait_flags(flag_buf, world, generation, state, 2, timeout_ns);
+    FM_LL_STAMP(21);
     const fm_i64 vectors = hidden / VEC;
     const fm_i64 per_part = (vectors + split - 1) / split;
     for (fm_i64 q = first; q < tokens * split; q += warps) {
@@ -915,7 +952,9 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
             reinterpret_cast<int4*>(out + t * hidden)[v] = o.raw;
         }
     }
+    FM_LL_STAMP(22);
     fm_ll_finish_receive(state, FM_LL_TICKET_CRECV, FM_LL_GEN_COMBINE, generation);
+    FM_LL_STAMP(23);
 }
 
 #define FM_LL_COMBINE(SUFFIX, T)                                                                              \

@@ -1,0 +1,111 @@
+"""A timeline of the low-latency path's kernels: when each phase starts and ends, on one GPU.
+
+Compiles kernels/ll.cu with FM_LL_STAMPS (its phase stamps: for each point, the first and the last
+%globaltimer at which a block passed it), runs capacity-mode dispatch + combine on the cuda backend
+(W ranks, every rank on cuda:0 when --shared, else one GPU a rank), and prints rank 0's median over the
+repetitions of each stamp's first and last time, in microseconds from the dispatch send's first stamp.
+The stamps cost a few atomics a block, so the figures are a little above the uninstrumented kernels';
+%globaltimer's resolution on the GPU sets their grain.
+
+Usage: python3 tools/ll_stamps.py [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256] [--reps 20]
+       [--world-size 1] [--shared]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The stamp points of kernels/ll.cu (FM_LL_STAMP(i)), by number.
+POINTS = {
+    0: "dispatch send: start", 1: "dispatch send: tables set", 2: "dispatch send: slots counted",
+    3: "dispatch send: positions known", 4: "dispatch send: rows written", 5: "dispatch send: ticket taken",
+    8: "dispatch recv: start", 9: "dispatch recv: flags seen", 10: "dispatch recv: offsets known",
+    11: "dispatch recv: rows expanded", 12: "dispatch recv: ticket taken",
+    16: "combine send: start", 17: "combine send: partials written", 18: "combine send: ticket taken",
+    20: "combine recv: start", 21: "combine recv: flags seen", 22: "combine recv: rows reduced",
+    23: "combine recv: ticket taken",
+}
+COUNT = 32  # kernels/ll.cu FM_LL_STAMP_COUNT
+
+
+def body(comm, args):
+    import torch
+
+    from fuser_moe.backends.transport import _cuda, nvrtc
+    from fuser_moe.executors import get_backend
+
+    gen = torch.Generator().manual_seed(comm.rank)
+    x = torch.randn(args.tokens, args.hidden, generator=gen).to(torch.bfloat16).to(comm.device)
+    idx = torch.rand(args.tokens, args.experts, generator=gen).argsort(dim=1)[:, :args.topk].to(comm.device)
+    w = torch.softmax(torch.randn(args.tokens, args.topk, generator=gen), dim=1).to(comm.device)
+    capacity = args.capacity or -(-5 * args.tokens * args.topk // 4)
+    backend = get_backend("cuda")
+
+    def step():
+        d = backend.dispatch(comm, x, idx, w, num_experts=args.experts, max_recv_tokens=capacity,
+                             check_inputs=False)
+        backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank, d.n_tokens_to_rank,
+                        d.n_tokens_from_rank, args.tokens, check_inputs=False)
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    d = _cuda.driver()
+    path = str(nvrtc.resolve_source("ll.cu"))
+    module = nvrtc._modules[(path, comm.device.index)]
+    first_ptr, first_size = _cuda.call(d.cuModuleGetGlobal(module, b"fm_ll_stamp_first"), "cuModuleGetGlobal")
+    last_ptr, last_size = _cuda.call(d.cuModuleGetGlobal(module, b"fm_ll_stamp_last"), "cuModuleGetGlobal")
+    host = torch.empty(2, COUNT, dtype=torch.int64, device=comm.device)
+    runs = []
+    for _ in range(args.reps):
+        comm.barrier()
+        torch.cuda.synchronize()
+        _cuda.call(d.cuMemsetD8(first_ptr, 0xFF, first_size), "cuMemsetD8")
+        _cuda.call(d.cuMemsetD8(last_ptr, 0, last_size), "cuMemsetD8")
+        torch.cuda.synchronize()
+        comm.barrier()
+        step()
+        torch.cuda.synchronize()
+        _cuda.call(d.cuMemcpyDtoD(host[0].data_ptr(), first_ptr, first_size), "cuMemcpyDtoD")
+        _cuda.call(d.cuMemcpyDtoD(host[1].data_ptr(), last_ptr, last_size), "cuMemcpyDtoD")
+        torch.cuda.synchronize()
+        runs.append(host.cpu().tolist())
+    if comm.rank != 0:
+        return None
+    lines = [f"low-latency path stamps, rank 0 of {comm.world_size}: T={args.tokens} H={args.hidden} "
+             f"K={args.topk} E={args.experts} C={capacity} bf16; median of {args.reps} (us from the first stamp)",
+             f"{'point':36s} {'first':>8s} {'last':>8s}"]
+    for i, name in POINTS.items():
+        firsts = [(r[0][i] - r[0][0]) / 1e3 for r in runs if r[0][i] != -1 and r[1][i] != 0]
+        lasts = [(r[1][i] - r[0][0]) / 1e3 for r in runs if r[0][i] != -1 and r[1][i] != 0]
+        if firsts:
+            lines.append(f"{name:36s} {statistics.median(firsts):8.2f} {statistics.median(lasts):8.2f}")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--capacity", type=int, default=None, help="max_recv_tokens (default 1.25 T K, as the bench)")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--shared", action="store_true", help="every rank on cuda:0")
+    args = p.parse_args()
+    defines = os.environ.get("FUSER_MOE_KERNEL_DEFINES", "").split()
+    os.environ["FUSER_MOE_KERNEL_DEFINES"] = " ".join(defines + ["FM_LL_STAMPS"])
+    os.environ.setdefault("FUSER_MOE_LL", "1")
+    from fuser_moe.launch import spawn
+
+    reports = spawn(body, args.world_size, (args,), device="cuda:0" if args.shared else "cuda", timeout_s=300)
+    print(reports[0])
+
+
+if __name__ == "__main__":
+    main()

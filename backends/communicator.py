@@ -195,21 +195,29 @@ class Communicator:
 
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor,
                           output_split_sizes: Optional[Sequence[int]] = None,
-                          input_split_sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
-        """Variable-split all-to-all; on one rank it is a copy."""
+                          input_split_sizes: Optional[Sequence[int]] = None, async_op: bool = False):
+        """Variable-split all-to-all; on one rank it is a copy.
+
+        Args:
+            output, input: the received and the sent rows (dim 0 split by the sizes, or evenly).
+            output_split_sizes, input_split_sizes: rows from / to each rank (host ints), or None.
+            async_op: return at once with a `PendingCollective` (the caller works meanwhile, touching
+                neither tensor, and calls its `wait()` before reading output or issuing another
+                collective).
+        Returns: output, or with async_op a `PendingCollective` whose `wait()` returns output.
+        """
         if not self.is_distributed:
             output.copy_(input)
-            return output
+            return PendingCollective(self, None, output, "all_to_all_single") if async_op else output
         watched = self._watch_collectives(output)
         work = self._call(
             "all_to_all_single", dist.all_to_all_single, output, input,
             output_split_sizes=None if output_split_sizes is None else list(output_split_sizes),
             input_split_sizes=None if input_split_sizes is None else list(input_split_sizes),
-            group=self.group, async_op=watched,
+            group=self.group, async_op=watched or async_op,
         )
-        if watched:
-            self._wait_within_timeout(work, "all_to_all_single")
-        return output
+        pending = PendingCollective(self, work, output, "all_to_all_single", watched)
+        return pending if async_op else pending.wait()
 
     def _watch_collectives(self, tensor: torch.Tensor) -> bool:
         """Whether a collective on `tensor` must be waited for here, within `timeout_s`.
@@ -372,6 +380,25 @@ class Communicator:
 
     def __repr__(self) -> str:
         return f"Communicator(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+
+class PendingCollective:
+    """A collective started with `async_op=True`: `wait()` blocks until it has completed and returns its
+    output. A peer that does not answer makes `wait()` raise TimeoutError, as the blocking call would:
+    within the communicator's `timeout_s` for a watched NCCL collective (`Communicator._watch_collectives`),
+    else within the group's own timeout (Gloo's, the user's for a group passed in)."""
+
+    def __init__(self, comm: Communicator, work, output: torch.Tensor, what: str, watched: bool = False):
+        self._comm, self._work, self._output, self._what, self._watched = comm, work, output, what, watched
+
+    def wait(self) -> torch.Tensor:
+        work, self._work = self._work, None
+        if work is not None:
+            if self._watched:
+                self._comm._wait_within_timeout(work, self._what)
+            else:
+                self._comm._call(self._what, work.wait)
+        return self._output
 
 
 def _check_contexts(contexts: list) -> None:

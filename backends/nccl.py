@@ -137,22 +137,25 @@ class NcclBackend:
         counts = routing.count_row(topk_idx, placement)
 
         # 1. The count matrix: every rank's count row to every rank, in one all-to-all, then on the host.
+        # While it travels, what needs only this rank's routing is done: the wire rows (x rows gathered
+        # straight into them), their metadata but the output rows, each pair's rank within its expert.
         row_to = torch.cat([counts.row, checks]).unsqueeze(0).expand(world, -1).contiguous()
         rows_from = torch.empty_like(row_to)
-        comm.all_to_all_single(rows_from, row_to)
-        host = rows_from.tolist()
+        pending = comm.all_to_all_single(rows_from, row_to, async_op=True)
+        send = routing.send_rows(counts)
+        wire, meta_out = routing.wire_buffer(x, send.token, routing.meta_width(top_k))
+        meta = routing.wire_meta(topk_idx, topk_weights, counts, None, send, rank, out=meta_out)
+        within = routing.pair_ranks(counts, placement)
+        host = pending.wait().tolist()
         stats.sync("count matrix to host")
         per_expert, pairs = agree(host)
         matrix = rows_from[:, :counts.row.numel()]
         n_to = host[rank][:world]
         n_from = [host[s][rank] for s in range(world)]
 
-        # 2. Where every pair lands, the wire rows (x rows gathered straight into them) and their
-        # metadata beside the x rows; then the rows travel, packed.
-        out_rows = routing.place_pairs(topk_idx, counts, matrix, placement, rank)
-        send = routing.send_rows(counts)
-        wire, meta_out = routing.wire_buffer(x, send.token, routing.meta_width(top_k))
-        meta = routing.wire_meta(topk_idx, topk_weights, counts, out_rows, send, rank, out=meta_out)
+        # 2. Where every pair lands (the metadata's output rows); then the rows travel, packed.
+        out_rows = routing.place_pairs(topk_idx, counts, matrix, placement, rank, within=within)
+        routing.wire_meta_rows(meta, counts, out_rows, send)
         wire_in = routing.scratch("wire_rows_in", (sum(n_from), wire.shape[1]), wire.dtype, x.device)
         comm.all_to_all_single(wire_in, wire, n_from, n_to)
         x_in, meta_in = routing.unpack_wire_rows(wire_in, x.dtype, hidden, meta.shape[1])

@@ -246,17 +246,24 @@ def expert_starts(matrix: torch.Tensor, placement: Placement, rank: int) -> torc
     return starts + pairs[:rank].sum(0)
 
 
+def pair_ranks(counts: CountRow, placement: Placement) -> torch.Tensor:
+    """[T * K] int64: for each slot, the earlier pairs of its expert on this rank (in (token, slot) order).
+    Needs only this rank's routing, so it can run while the count matrix travels."""
+    return _rank_within_value(counts.slot_expert, placement.num_experts)
+
+
 def place_pairs(topk_idx: torch.Tensor, counts: CountRow, matrix: torch.Tensor, placement: Placement,
-                rank: int) -> torch.Tensor:
+                rank: int, within: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[T, K] int64: the output row of pair (t, k) on its expert's rank, -1 for an empty slot.
 
     Pairs of one expert from this rank are ordered by (token, slot), as the contract orders rows.
+    within: `pair_ranks(counts, placement)` when the caller has it already.
     """
     experts = placement.num_experts
     slot_expert = counts.slot_expert
     starts = torch.cat([expert_starts(matrix, placement, rank),
                         torch.full((1,), -1, dtype=torch.int64, device=matrix.device)])
-    rows = starts[slot_expert] + _rank_within_value(slot_expert, experts)
+    rows = starts[slot_expert] + (pair_ranks(counts, placement) if within is None else within)
     return rows.masked_fill_(slot_expert == experts, -1).view(topk_idx.shape)
 
 
@@ -282,13 +289,15 @@ def send_rows(counts: CountRow) -> SendRows:
     return SendRows(token, dest_rank, position)
 
 
-def wire_meta(topk_idx: torch.Tensor, topk_weights: torch.Tensor, counts: CountRow, out_rows: torch.Tensor,
+def wire_meta(topk_idx: torch.Tensor, topk_weights: torch.Tensor, counts: CountRow, out_rows: Optional[torch.Tensor],
               rows: SendRows, rank: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[N, 2 + 3K] int64: the metadata of every wire row, in the layout above.
 
     Args: topk_idx [T, K], topk_weights [T, K] float32, counts (`count_row`), out_rows [T, K] int64
-        (`place_pairs`), rows (`send_rows`), rank: this rank; out: an [N, 2 + 3K] int64 tensor (a
-        strided view is fine, such as the metadata columns of `wire_buffer`) to write into.
+        (`place_pairs`), or None to leave the K output-row words for `wire_meta_rows` (which needs the
+        count matrix: the rest can be written while it travels), rows (`send_rows`), rank: this rank;
+        out: an [N, 2 + 3K] int64 tensor (a strided view is fine, such as the metadata columns of
+        `wire_buffer`) to write into.
     Returns: out, or a new tensor.
     """
     top_k = topk_idx.shape[1]
@@ -296,14 +305,31 @@ def wire_meta(topk_idx: torch.Tensor, topk_weights: torch.Tensor, counts: CountR
     n = token.numel()
     # Per token: its K output rows, K expert ids and K weight bits; each wire row copies its token's,
     # then hides (-1) the rows and ids of slots whose expert lives on another rank.
-    per_token = torch.cat([out_rows, topk_idx.long(), pack_weights(topk_weights)], dim=1)
+    first = META_ROWS if out_rows is not None else META_ROWS + top_k
+    parts = [topk_idx.long(), pack_weights(topk_weights)]
+    per_token = torch.cat(parts if out_rows is None else [out_rows] + parts, dim=1)
     meta = torch.empty(n, meta_width(top_k), dtype=torch.int64, device=token.device) if out is None else out
     meta[:, META_TOKEN] = token
     meta[:, META_SOURCE] = rank
-    torch.index_select(per_token, 0, token, out=meta[:, META_ROWS:])
-    elsewhere = (counts.dest[token] != rows.rank.unsqueeze(1)).unsqueeze(1)  # [N, 1, K]
-    meta[:, META_ROWS:META_ROWS + 2 * top_k].view(n, 2, top_k).masked_fill_(elsewhere, -1)
+    torch.index_select(per_token, 0, token, out=meta[:, first:])
+    elsewhere = _elsewhere(counts, rows)
+    meta[:, first:META_ROWS + 2 * top_k].view(n, (META_ROWS + 2 * top_k - first) // top_k, top_k).masked_fill_(
+        elsewhere, -1)
     return meta
+
+
+def wire_meta_rows(meta: torch.Tensor, counts: CountRow, out_rows: torch.Tensor, rows: SendRows) -> torch.Tensor:
+    """Writes the K output-row words of `wire_meta(..., out_rows=None, ...)`'s metadata; returns meta."""
+    top_k = out_rows.shape[1]
+    words = meta[:, META_ROWS:META_ROWS + top_k]
+    torch.index_select(out_rows, 0, rows.token, out=words)
+    words.masked_fill_(_elsewhere(counts, rows).squeeze(1), -1)
+    return meta
+
+
+def _elsewhere(counts: CountRow, rows: SendRows) -> torch.Tensor:
+    """[N, 1, K] bool: does slot k of wire row n name an expert of another rank than the row's."""
+    return (counts.dest[rows.token] != rows.rank.unsqueeze(1)).unsqueeze(1)
 
 
 def wire_buffer(x: torch.Tensor, token: torch.Tensor, width: int) -> tuple:

@@ -25,7 +25,8 @@ The stages, each a function here and a kernel there:
 Sums keep the contract's order on every device: on the CPU `index_add_` along dim 0 adds source rows
 serially in index order; on CUDA (where `index_add_` uses atomics) the rows of a group are laid out
 densely and summed with a scan along the group, which runs sequentially in float32, and step 2 adds
-one source rank at a time. No Python loop here runs more than W times.
+one source rank at a time. No Python loop here runs more than W times, or `_CPU_MAX_BLOCKS` times (the CPU
+reductions work through their rows in blocks that stay in the cache).
 """
 from __future__ import annotations
 
@@ -465,6 +466,28 @@ def group_rows(src_rank: torch.Tensor, src_idx: torch.Tensor) -> CombineGroups:
     return CombineGroups(torch.where(real, inverse, -1), unique >> 32, unique & (KEY_STRIDE - 1))
 
 
+# CPU reductions work through their rows in blocks of about _CPU_BLOCK_BYTES of float32 (half a core's
+# L2 on the machines measured), in at most _CPU_MAX_BLOCKS blocks (so the loop does not grow with T).
+_CPU_BLOCK_BYTES = 1 << 20
+_CPU_MAX_BLOCKS = 16
+
+
+def _cpu_blocks(rows: int, row_bytes: int) -> list:
+    """[(first, last)] consecutive row ranges covering [0, rows), each about _CPU_BLOCK_BYTES."""
+    n_blocks = max(1, min(_CPU_MAX_BLOCKS, -(-rows * row_bytes // _CPU_BLOCK_BYTES)))
+    step = -(-rows // n_blocks) if rows else 1
+    return [(first, min(first + step, rows)) for first in range(0, rows, step)]
+
+
+def _weighted_rows(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """float32(w) * float32(y) per row, each product rounded once; a scratch buffer on CPUs."""
+    product = scratch("partials_product", tuple(y.shape), torch.float32, y.device)
+    if y.dtype == torch.float32:
+        return torch.mul(y, weights.unsqueeze(1), out=product)
+    # a float32 copy first: mixed-dtype products are slow on CPUs
+    return product.copy_(y).mul_(weights.unsqueeze(1))
+
+
 def weighted_sums(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tensor, n_groups: int) -> torch.Tensor:
     """Step 1 of docs/contract.md section 4 before its cast: per group, the float32 sum of w * y over
     its rows in row order, starting from +0.0.
@@ -476,17 +499,17 @@ def weighted_sums(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tenso
     Returns: [G, H] float32; on the CPU a view of a scratch buffer, valid until the next call on this thread.
     """
     hidden = y.shape[1]
-    # float32(w) * float32(y), rounded once (a float32 copy first: mixed-dtype products are slow on CPUs)
-    product = scratch("partials_product", tuple(y.shape), torch.float32, y.device)
-    if y.dtype == torch.float32:
-        torch.mul(y, weights.unsqueeze(1), out=product)
-    else:
-        product.copy_(y).mul_(weights.unsqueeze(1))
     if y.device.type == "cpu":
-        # index_add_ along dim 0 adds source rows serially in index order on the CPU.
+        # index_add_ along dim 0 adds source rows serially in index order on the CPU, so consecutive
+        # blocks of rows added in order give the sums of one pass; each block's float32 products stay
+        # in the cache until index_add_ reads them.
         acc = scratch("partials_sum", (n_groups + 1, hidden), torch.float32, y.device).zero_()
-        acc.index_add_(0, torch.where(row_group >= 0, row_group, n_groups), product)  # row -1 into row G
+        index = torch.where(row_group >= 0, row_group, n_groups)  # row -1 into row G
+        for first, last in _cpu_blocks(y.shape[0], hidden * 4):  # at most _CPU_MAX_BLOCKS blocks
+            product = _weighted_rows(y[first:last], weights[first:last])
+            acc.index_add_(0, index[first:last], product)
         return acc[:n_groups]
+    product = _weighted_rows(y, weights)
     # CUDA: index_add_ adds with atomics (any order). Lay each group's rows out densely after a column
     # of +0.0 and scan along the group: the scan of a non-innermost dimension runs sequentially in float32.
     keep = (row_group >= 0).nonzero().squeeze(1)
@@ -526,8 +549,10 @@ def sum_partials(partials: torch.Tensor, token: torch.Tensor, num_tokens: int, s
     """
     acc = scratch("combined_sum", (num_tokens, partials.shape[1]), torch.float32, partials.device).zero_()
     if partials.device.type == "cpu":
-        wide = scratch("combined_rows", tuple(partials.shape), torch.float32, partials.device).copy_(partials)
-        acc.index_add_(0, token, wide)  # serial, in row order: ascending expert rank
+        # serial, in row order (ascending expert rank), a block of rows at a time (see weighted_sums)
+        for first, last in _cpu_blocks(partials.shape[0], partials.shape[1] * 4):
+            wide = scratch("combined_rows", (last - first, partials.shape[1]), torch.float32, partials.device)
+            acc.index_add_(0, token[first:last], wide.copy_(partials[first:last]))
     else:
         start = 0
         for n in splits:  # one expert rank at a time: each element gets one add per pass

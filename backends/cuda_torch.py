@@ -58,6 +58,11 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
             count_buf.peer(peer)[rank].copy_(counts.row)
     else:
         push_to_all(state, counts.row.view(1, row_len), count_buf)
+    # While the peers write their count rows: what needs only this rank's routing (the wire rows, their
+    # metadata but the output rows, each pair's rank within its expert).
+    send = routing.send_rows(counts)
+    meta = routing.wire_meta(topk_idx, topk_weights, counts, None, send, rank)
+    within = routing.pair_ranks(counts, placement)
     tr.barrier()
     matrix = count_buf.local[:world].clone()
     host = matrix.tolist()
@@ -71,9 +76,8 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
     wire_in = [sum(host[s][d] for s in range(world)) for d in range(world)]
 
     # 2. data
-    out_rows = routing.place_pairs(topk_idx, counts, matrix, placement, rank)
-    send = routing.send_rows(counts)
-    meta = routing.wire_meta(topk_idx, topk_weights, counts, out_rows, send, rank)
+    out_rows = routing.place_pairs(topk_idx, counts, matrix, placement, rank, within=within)
+    routing.wire_meta_rows(meta, counts, out_rows, send)
     capacity = max(wire_in)  # the same on every rank: every rank read the same matrix
     x_buf = tr.buffer("dispatch_wire_rows", x.dtype, (hidden,), capacity)
     meta_buf = tr.buffer("dispatch_wire_meta", torch.int64, (meta.shape[1],), capacity)

@@ -2,9 +2,9 @@
 
 For small batches (decode) the fixed costs of the general protocol (count, notify, barrier, plan, send,
 barrier, expand; group, barrier, send, barrier, reduce) outweigh the bytes. This path (kernels/ll.cu,
-whose header describes the protocol) needs no group barrier: each source announces its rows with one
-flag word per (source, generation) on each receiver, and receivers start the moment every flag has
-landed. Two kernel launches per op, no host work, capturable in a CUDA graph.
+whose header describes the protocol) needs no group barrier: each block of a source's send kernel adds
+its arrival to one flag word per source on each receiver, and receivers start the moment every source's
+arrivals have landed. Two kernel launches per op, no host work, capturable in a CUDA graph.
 
 It serves a capacity-mode dispatch (`max_recv_tokens=C`) when every rank can decide so alike from what
 the ranks agree on (world size, top-k, hidden size, dtype, experts, placement, C): C at most

@@ -187,6 +187,55 @@ def test_low_latency_path_replays_in_a_cuda_graph(world_size):
     run_on_ranks(world_size, ll_graph_body)
 
 
+def ll_wrap_body(comm):
+    os.environ["FUSER_MOE_LL"] = "1"
+    try:
+        backend = get_backend("cuda")
+        r, dev, world = comm.rank, comm.device, comm.world_size
+        case = Case(world, 4, num_experts=8 * world, hidden=64, tokens=[12] * world)
+        capacity = 4 * 12 * world
+
+        def round_trip(seed):
+            case.seed = seed
+            _, _, _, ref, ref_out = _reference(case, capacity)
+            xs, idxs, ws = make_inputs(case)
+            d = backend.dispatch(comm, xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev), num_experts=case.num_experts,
+                                 max_recv_tokens=capacity, check_inputs=False)
+            out = backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
+                                  d.n_tokens_to_rank, d.n_tokens_from_rank, xs[r].shape[0], check_inputs=False)
+            torch.cuda.synchronize()
+            for name, got, want in zip(ref[r]._fields, d, ref[r]):
+                assert_same(name, got.cpu(), want, r)
+            assert_same("combined_x", out.cpu(), ref_out[r], r)
+
+        round_trip(0)  # allocates the buffers and the state words
+        # Jump both generations to 2^31 - 1: the next call's flag target, generation * 2^32, leaves int64.
+        state = backend._state(comm)
+        tr = state.transport
+        last = 2 ** 31 - 1
+        arrived = ((last << 32) + 2 ** 63) % 2 ** 64 - 2 ** 63
+        state.ll.words[cuda_ll.GEN_DISPATCH] = last
+        state.ll.words[cuda_ll.GEN_COMBINE] = last
+        for purpose in ("ll_dispatch_flag", "ll_combine_flag"):
+            tr.buffer(purpose, torch.int64, (), world).local.fill_(arrived)
+        torch.cuda.synchronize()
+        comm.barrier()
+        for seed in range(1, 4):
+            round_trip(seed)
+        assert state.ll.words[cuda_ll.GEN_DISPATCH].item() == last + 3
+        backend.check(comm)
+    finally:
+        os.environ.pop("FUSER_MOE_LL", None)
+    return "ok"
+
+
+@on_gpu
+@pytest.mark.parametrize("world_size", GPU_WORLDS)
+def test_low_latency_flags_survive_the_int64_wrap(world_size):
+    """Flags count 2^32 a call; past 2^31 calls the target wraps, and receivers still wait for their rows."""
+    run_on_ranks(world_size, ll_wrap_body)
+
+
 # ---------------------------------------------------------------------------------------- SM budget
 def test_num_sms_is_an_attribute_of_both_nodes_and_prints():
     from fuser_moe import DataType, FusionDefinition

@@ -30,7 +30,13 @@
 #          conformance, the backend's GPU tests and its vanished-peer cases, first with the default
 #          three-kernel combine, then with the opt-in streaming one (FUSER_MOE_STREAM_COMBINE=1), then
 #          the W=1 standard workload under CUDA graphs with each (combine_three.txt, combine_stream.txt).
-# Usage: tools/gpu_check.sh [suite|bench|soak|compare|one-gpu|mps|combine|all]    (default all = suite, bench, soak; PYTEST_ARGS
+#   ll:    the low-latency path on one GPU: its tests with conformance and the plan's (ranks share cuda:0
+#          for W > 1) into ll_tests.log, the vanished-peer cases into ll_vanished.log; the decode workload (T=128) under CUDA graphs, cuda backend, at
+#          W=1 and then with 4 ranks on cuda:0 under MPS, alternating with the checkout at $BEFORE when it
+#          is set (LL_ROUNDS rounds of each, default 2; ll_<w1|mps4>_<before|after>_<round>.txt); then the
+#          phase-stamp timeline of tools/ll_stamps.py at W=1 and shared W=4 (ll_stamps_w1.txt, _w4.txt),
+#          and tools/ll_floor.py, the same bytes moved by torch in a graph (ll_floor.txt).
+# Usage: tools/gpu_check.sh [suite|bench|soak|compare|one-gpu|mps|combine|ll|all]    (default all = suite, bench, soak; PYTEST_ARGS
 #        passes extra pytest options)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -166,6 +172,49 @@ if [ "$what" = compare ]; then
         cat "$OUT/compare_$side.txt"
         [ "$rc" -eq 0 ] || { grep -v '^bench \[' "$OUT/compare_${side}_progress.log" | tail -20; status=1; }
     done
+fi
+if [ "$what" = ll ]; then
+    FUSER_MOE_TEST_DEVICE=cuda timeout "${LL_TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -rs \
+        tests/test_cuda_ll.py tests/test_conformance.py tests/test_plan.py >"$OUT/ll_tests.log" 2>&1 || status=1
+    tail -3 "$OUT/ll_tests.log"
+    FUSER_MOE_TEST_DEVICE=cuda timeout "${LL_TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -rs \
+        tests/test_reliability.py -k "vanished and cuda" >"$OUT/ll_vanished.log" 2>&1 || status=1
+    tail -3 "$OUT/ll_vanished.log"
+    sides="after"; [ -n "${BEFORE:-}" ] && [ -d "$BEFORE" ] && sides="before after"
+    ll_bench() {  # tree, world size, label
+        (cd "$1" && PYTHONPATH="$1" timeout -s INT -k 20 "${LL_BENCH_TIMEOUT:-150}" python3 -m fuser_moe bench \
+            --device cuda:0 --world-size "$2" --workloads decode --sweep none --backends cuda --modes graph \
+            --baselines none --no-fp8 --warmup 5 --reps "${LL_REPS:-30}" --out "$OUT/ll_$3" --no-plot \
+            >"$OUT/ll_$3.txt" 2>"$OUT/ll_$3.err") || { status=1; tail -5 "$OUT/ll_$3.err"; }
+        echo "== $3 ($1)"; grep -E "^(dispatch|combine) +cuda" "$OUT/ll_$3.txt"
+    }
+    for round in $(seq "${LL_ROUNDS:-2}"); do
+        for side in $sides; do
+            tree="$PWD"; [ "$side" = before ] && tree="$(cd "$BEFORE" && pwd)"
+            ll_bench "$tree" 1 "w1_${side}_$round"
+        done
+    done
+    python3 tools/ll_stamps.py >"$OUT/ll_stamps_w1.txt" 2>&1 || status=1
+    python3 tools/ll_floor.py >"$OUT/ll_floor.txt" 2>&1 || status=1
+    cat "$OUT/ll_floor.txt"
+    ll_mps=0
+    if command -v nvidia-cuda-mps-control >/dev/null 2>&1 && nvidia-cuda-mps-control -d >"$OUT/mps_start.log" 2>&1; then
+        ll_mps=1
+        trap '[ "$ll_mps" -eq 1 ] && echo quit | nvidia-cuda-mps-control' EXIT
+    else
+        echo "gpu_check: no MPS daemon (see mps_start.log): the 4 ranks time-slice cuda:0"
+    fi
+    for round in $(seq "${LL_ROUNDS:-2}"); do
+        for side in $sides; do
+            tree="$PWD"; [ "$side" = before ] && tree="$(cd "$BEFORE" && pwd)"
+            ll_bench "$tree" 4 "mps4_${side}_$round"
+        done
+    done
+    python3 tools/ll_stamps.py --world-size 4 --shared >"$OUT/ll_stamps_w4.txt" 2>&1 || status=1
+    if [ "$ll_mps" -eq 1 ]; then
+        echo quit | nvidia-cuda-mps-control && echo "gpu_check: MPS daemon stopped"
+        ll_mps=0
+    fi
 fi
 echo "gpu_check: exit $status"
 exit "$status"

@@ -22,10 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The stamp points of kernels/ll.cu (FM_LL_STAMP(i)), by number.
 POINTS = {
     0: "dispatch send: start", 1: "dispatch send: tables set", 2: "dispatch send: slots counted",
-    3: "dispatch send: positions known", 4: "dispatch send: rows written", 5: "dispatch send: ticket taken",
+    3: "dispatch send: positions known", 4: "dispatch send: rows written", 5: "dispatch send: arrival added",
     8: "dispatch recv: start", 9: "dispatch recv: flags seen", 10: "dispatch recv: offsets known",
     11: "dispatch recv: rows expanded", 12: "dispatch recv: ticket taken",
-    16: "combine send: start", 17: "combine send: partials written", 18: "combine send: ticket taken",
+    16: "combine send: start", 17: "combine send: partials written", 18: "combine send: arrival added",
     20: "combine recv: start", 21: "combine recv: flags seen", 22: "combine recv: rows reduced",
     23: "combine recv: ticket taken",
 }

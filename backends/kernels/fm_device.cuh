@@ -134,6 +134,12 @@ __device__ __forceinline__ void fm_store_release_sys(fm_i64* address, fm_i64 val
     asm volatile("st.release.sys.global.b64 [%0], %1;" : : "l"(address), "l"(value) : "memory");
 }
 
+// Adds `value` to a peer's word with release semantics (a reduction: nothing comes back to wait for).
+__device__ __forceinline__ void fm_red_add_release_sys(fm_i64* address, fm_i64 value)
+{
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" : : "l"(address), "l"(value) : "memory");
+}
+
 __device__ __forceinline__ fm_u64 fm_globaltimer_ns()
 {
     fm_u64 now;

@@ -5,8 +5,9 @@
 // slot is a token's position among the tokens that its source sends to this rank (so at most the
 // capacity C of slots per source are ever needed), and one flag word per source rank. A call's
 // generation g (a device-resident counter, so a replayed CUDA graph gets a fresh one) picks the parity
-// g & 1 of the buffers, and a source announces that its rows for generation g are in place by storing g
-// into its flag word on the receiver (release); the receiver waits for flag >= g (acquire). Double
+// g & 1 of the buffers, and a source announces that its rows for generation g are in place through its
+// flag word on the receiver: each of its send blocks adds its arrival there (release; the arrivals of one
+// call sum to FM_LL_ARRIVAL), and the receiver waits for flag >= g * FM_LL_ARRIVAL (acquire). Double
 // buffering is enough: a source can only start writing generation g + 2 after its own receive kernel of
 // g + 1, which waited for this rank's send of g + 1, which this rank issued after its receive of g.
 //
@@ -17,8 +18,8 @@
 //         among r's tokens for that expert, weight bits)]; for d = r only the metadata row is written
 //         (self-direct: r's receive kernel reads its own rows from x). Every block counts all T tokens' slots, so
 //         each knows the totals; block 0 writes, for every d, the header [tokens for d, T, pairs for
-//         each of d's local experts] beside its rows, and the last block to finish (a ticket) stores
-//         every d's flag.
+//         each of d's local experts] beside its rows, and every block adds its arrival to every d's
+//         flag once its rows are out.
 //   recv  (warps over (wire row, slot))  waits for every source's flag; from the headers, expert j's
 //         rows from source s start at (rows of experts < j) + (rows of j from sources < s), so each
 //         pair's output row is that plus the position the sender wrote: the contract's order (local
@@ -50,10 +51,10 @@ constexpr int FM_LL_BATCH = 8;       // rows whose vectors are loaded before the
 
 // Words of the path's own state block (int64, local to each rank).
 constexpr int FM_LL_GEN_DISPATCH = 0;    // dispatch calls completed by this rank's receive kernel
-constexpr int FM_LL_TICKET_DSEND = 1;    // blocks of the dispatch send kernel that finished
+constexpr int FM_LL_TICKET_DSEND = 1;    // unused (the send kernels count arrivals in the flags)
 constexpr int FM_LL_TICKET_DRECV = 2;
 constexpr int FM_LL_GEN_COMBINE = 3;
-constexpr int FM_LL_TICKET_CSEND = 4;
+constexpr int FM_LL_TICKET_CSEND = 4;    // unused
 constexpr int FM_LL_TICKET_CRECV = 5;
 constexpr int FM_LL_TIMEOUT_PHASE = 6;   // 1 dispatch, 2 combine: a wait that gave up (sticky until checked)
 constexpr int FM_LL_TIMEOUT_MISSING = 7; // bit s set: source s never announced its rows
@@ -87,6 +88,7 @@ __device__ fm_u64 fm_ll_stamp_last[FM_LL_STAMP_COUNT];
 
 extern __shared__ fm_u64 fm_ll_shared[];  // dynamic shared memory of every kernel here
 static_assert(FM_LL_TIMEOUT_MISSING < FM_LL_STATE_WORDS, "the state block holds every word");
+static_assert(FM_LL_TICKET_DSEND != FM_LL_TICKET_CSEND, "words 1 and 4 stay reserved (the layout Python mirrors)");
 
 // A warp copies bytes [begin, end) of a row (16-byte vectors when everything is 16-byte aligned). Each
 // lane issues up to FM_LL_COPY_BATCH loads before its stores, the tail included (predicated), so a part
@@ -151,8 +153,30 @@ __device__ __forceinline__ void fm_ll_part(fm_i64 row_bytes, int part, int parts
     *end = *begin + seg < row_bytes ? *begin + seg : row_bytes;
 }
 
-// Waits (threads s < world of the block, one source each) until every flag[s] >= generation, or gives up
-// after timeout_ns and records which sources never came. After a recorded timeout nobody waits again
+// Flags count arrivals: every block of a send kernel adds to this rank's flag word on every receiver,
+// block 0 FM_LL_ARRIVAL - (blocks - 1) and each other block 1, so a call adds exactly FM_LL_ARRIVAL
+// and the word reaches generation * FM_LL_ARRIVAL when, and only when, the call's last block has
+// arrived (before block 0 arrives the others add at most blocks - 1 < FM_LL_ARRIVAL; after it, the sum
+// stays short until the last). No block waits for another (no ticket): the receiver sees the last
+// block's rows one reduction after they are written.
+constexpr fm_i64 FM_LL_ARRIVAL = fm_i64(1) << 32;
+
+// The flag value that says a call of `generation` has fully arrived, and whether `flag` is still short
+// of `target`. Both in modular (unsigned) arithmetic: generation * FM_LL_ARRIVAL leaves int64 after 2^31
+// calls (half a day of decode at 20 us a call), and a flag is never more than one call away from the
+// target, so the signed difference orders them across the wrap.
+__device__ __forceinline__ fm_i64 fm_ll_arrived(fm_i64 generation)
+{
+    return static_cast<fm_i64>(static_cast<fm_u64>(generation) * static_cast<fm_u64>(FM_LL_ARRIVAL));
+}
+
+__device__ __forceinline__ bool fm_ll_behind(fm_i64 flag, fm_i64 target)
+{
+    return static_cast<fm_i64>(static_cast<fm_u64>(flag) - static_cast<fm_u64>(target)) < 0;
+}
+
+// Waits (threads s < world of the block, one source each) until no flag[s] is behind `generation`
+// (fm_ll_behind), or gives up after timeout_ns and records which sources never came. After a recorded timeout nobody waits again
 // until the host has seen it. Ends with a block-wide barrier and a fence; returns true when this block
 // gave up or found an earlier timeout (then the caller reads no peer's rows).
 __device__ bool fm_ll_wait_flags(const fm_i64* flags, int world, fm_i64 generation, fm_i64* state, int phase,
@@ -173,7 +197,7 @@ __device__ bool fm_ll_wait_flags(const fm_i64* flags, int world, fm_i64 generati
         }
         const fm_u64 start = fm_globaltimer_ns();
         unsigned int polls = 0;
-        while (flag < generation) {
+        while (fm_ll_behind(flag, generation)) {
             ++polls;
             if ((polls & 63u) == 0u && static_cast<fm_i64>(fm_globaltimer_ns() - start) > timeout_ns) {
                 atomicOr(reinterpret_cast<unsigned long long*>(&state[FM_LL_TIMEOUT_MISSING]), 1ull << s);
@@ -239,23 +263,16 @@ __device__ fm_i64 fm_ll_block_scan(fm_i64* data, int n)
     return total;
 }
 
-// The end of a send kernel: one system-scope fence per block orders the block's writes to peers (after
-// its barrier) before its ticket; the last block to arrive resets the ticket and releases `generation`
-// into this rank's flag word on every rank.
-__device__ __forceinline__ void fm_ll_finish_send(fm_i64* state, int ticket_word, const fm_u64* flag_ptrs,
-                                                  int world, int rank, fm_i64 generation)
+// The end of a send kernel: after the block's barrier, threads d < world each add the block's arrival
+// to this rank's flag word on rank d with a system-scope release reduction. The release is cumulative
+// over the barrier, so it orders every thread's writes of the block before the arrival (one fence; a
+// __threadfence_system before it would be a second).
+__device__ __forceinline__ void fm_ll_finish_send(const fm_u64* flag_ptrs, int world, int rank)
 {
     __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence_system();
-        const unsigned long long old = atomicAdd(reinterpret_cast<unsigned long long*>(&state[ticket_word]), 1ull);
-        if (old == static_cast<unsigned long long>(gridDim.x) - 1ull) {
-            __threadfence();
-            state[ticket_word] = 0;
-            for (int d = 0; d < world; ++d) {
-                fm_store_release_sys(reinterpret_cast<fm_i64*>(flag_ptrs[d]) + rank, generation);
-            }
-        }
+    const fm_i64 arrival = blockIdx.x == 0 ? FM_LL_ARRIVAL - static_cast<fm_i64>(gridDim.x - 1) : fm_i64(1);
+    for (int d = threadIdx.x; d < world; d += blockDim.x) {
+        fm_red_add_release_sys(reinterpret_cast<fm_i64*>(flag_ptrs[d]) + rank, arrival);
     }
 }
 
@@ -345,6 +362,26 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
         }
     }
 
+    // The first tile's slots (below) are loaded before the tables: both loads in one memory round trip.
+    const int tile = (FM_LL_SLOTS * static_cast<int>(blockDim.x) / top_k) * top_k;
+    fm_i64 e[FM_LL_SLOTS];
+    float w[FM_LL_SLOTS];
+    auto load_tile = [&](fm_i64 base) {
+#pragma unroll
+        for (int j = 0; j < FM_LL_SLOTS; ++j) {
+            const int at = j * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
+            const fm_i64 p = base + at;
+            e[j] = -1;
+            w[j] = 0.0f;
+            if (at < tile && p < tokens * top_k) {
+                e[j] = fm_expert(topk_idx, p / top_k, top_k, static_cast<int>(p % top_k), num_experts);
+                if (p >= t0 * top_k && p < t1 * top_k) {
+                    w[j] = weights[p];
+                }
+            }
+        }
+    };
+    load_tile(0);
     for (fm_i64 i = threadIdx.x; i < num_experts; i += blockDim.x) {
         before_e[i] = 0;
         all_e[i] = 0;
@@ -362,22 +399,9 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
     // Slots of all T tokens in tiles of whole tokens, FM_LL_SLOTS slots a thread (their loads at once):
     // pairs of each expert and tokens for each rank before the chunk and in all (counts only, so the
     // order of the atomics does not matter), and the chunk's own experts, ranks, weights and rank sets.
-    const int tile = (FM_LL_SLOTS * static_cast<int>(blockDim.x) / top_k) * top_k;
     for (fm_i64 base = 0; base < tokens * top_k; base += tile) {
-        fm_i64 e[FM_LL_SLOTS];
-        float w[FM_LL_SLOTS];
-#pragma unroll
-        for (int j = 0; j < FM_LL_SLOTS; ++j) {
-            const int at = j * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
-            const fm_i64 p = base + at;
-            e[j] = -1;
-            w[j] = 0.0f;
-            if (at < tile && p < tokens * top_k) {
-                e[j] = fm_expert(topk_idx, p / top_k, top_k, static_cast<int>(p % top_k), num_experts);
-                if (p >= t0 * top_k && p < t1 * top_k) {
-                    w[j] = weights[p];
-                }
-            }
+        if (base > 0) {
+            load_tile(base);
         }
 #pragma unroll
         for (int j = 0; j < FM_LL_SLOTS; ++j) {
@@ -455,8 +479,8 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
     __syncthreads();
     FM_LL_STAMP(3);
     if (blockIdx.x == 0) {
-        // Headers and this rank's n_tokens_to_rank, from the totals every block has (the last block's
-        // ticket orders them before the flags, as it does every block's rows).
+        // Headers and this rank's n_tokens_to_rank, from the totals every block has (block 0's
+        // arrival, which every flag needs, orders them before the flags as it does the block's rows).
         if (threadIdx.x == 0) {
             fm_i64 remote = 0;
             for (int d = 0; d < world; ++d) {
@@ -526,9 +550,9 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
         }
     }
 
-    // Every block's rows (and block 0's headers) before the ticket; the last block stores the flags.
+    // Every block's rows (and block 0's headers) before its arrival.
     FM_LL_STAMP(4);
-    fm_ll_finish_send(state, FM_LL_TICKET_DSEND, flag_ptrs, world, rank, generation);
+    fm_ll_finish_send(flag_ptrs, world, rank);
     FM_LL_STAMP(5);
 }
 
@@ -568,7 +592,7 @@ extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatc
     const fm_i64 generation = state[FM_LL_GEN_DISPATCH] + 1;
     const fm_i64 parity = generation & 1;
     FM_LL_STAMP(8);
-    const bool timed_out = fm_ll_wait_flags(flag_buf, world, generation, state, 1, timeout_ns);
+    const bool timed_out = fm_ll_wait_flags(flag_buf, world, fm_ll_arrived(generation), state, 1, timeout_ns);
     FM_LL_STAMP(9);
 
     const fm_i64* heads = head_buf + parity * world * head_width;
@@ -836,9 +860,9 @@ __device__ void fm_ll_combine_send(const T* __restrict__ x, fm_i64 hidden, const
         }
         __syncwarp();
     }
-    // Every block's partials before the ticket; the last block stores the flags.
+    // Every block's partials before its arrival.
     FM_LL_STAMP(17);
-    fm_ll_finish_send(state, FM_LL_TICKET_CSEND, flag_ptrs, world, rank, generation);
+    fm_ll_finish_send(flag_ptrs, world, rank);
     FM_LL_STAMP(18);
 }
 
@@ -913,7 +937,7 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
         own = load_token(first / split);
     }
     FM_LL_STAMP(20);
-    const bool timed_out = fm_ll_wait_flags(flag_buf, world, generation, state, 2, timeout_ns);
+    const bool timed_out = fm_ll_wait_flags(flag_buf, world, fm_ll_arrived(generation), state, 2, timeout_ns);
     FM_LL_STAMP(21);
     const fm_i64 vectors = hidden / VEC;
     const fm_i64 per_part = (vectors + split - 1) / split;

@@ -136,13 +136,14 @@ def combine(comm: Communicator, state, x: torch.Tensor, topk_weights: torch.Tens
         if device.type == "cpu":
             # Shared memory: each source's partials are cast straight into its rows of that source's
             # buffer (its groups are consecutive here and there), with no partial tensor in between.
-            sums = routing.weighted_sums(x[:handle.pairs], topk_weights[:handle.pairs], handle.wire_row, groups)
-            first = 0
-            for s, n in enumerate(n_from):  # at most W copies
+            pieces, first = [], 0
+            for s, n in enumerate(n_from):  # at most W pieces
                 if n:
                     base = handle.partial_base[s]
-                    part_buf.peer(s)[base:base + n].copy_(sums[first:first + n])
+                    pieces.append((first, part_buf.peer(s)[base:base + n]))
                 first += n
+            routing.weighted_partials(x[:handle.pairs], topk_weights[:handle.pairs], handle.wire_row, groups,
+                                      pieces=pieces)
         elif groups:
             partials = routing.weighted_partials(x[:handle.pairs], topk_weights[:handle.pairs], handle.wire_row,
                                                  groups)

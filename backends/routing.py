@@ -25,7 +25,9 @@ The stages, each a function here and a kernel there:
 Sums keep the contract's order on every device: on the CPU `index_add_` along dim 0 adds source rows
 serially in index order; on CUDA (where `index_add_` uses atomics) the rows of a group are laid out
 densely and summed with a scan along the group, which runs sequentially in float32, and step 2 adds
-one source rank at a time. No Python loop here runs more than W times, or `_CPU_MAX_BLOCKS` times (the CPU
+one source rank at a time. Where Numba is installed, CPU reductions of more than a few rows take one
+fused pass instead (backends/cpu_reduce.py: the same operations on the same rows in the same order).
+No Python loop here runs more than W times, or `_CPU_MAX_BLOCKS` times (the CPU
 reductions work through their rows in blocks that stay in the cache).
 """
 from __future__ import annotations
@@ -36,6 +38,8 @@ from dataclasses import InitVar, dataclass
 from typing import Optional, Sequence
 
 import torch
+
+from . import cpu_reduce
 
 # Padding rows of capacity mode sort after every real row: src_rank < 2**31 and src_idx < 2**32.
 KEY_STRIDE = 1 << 32
@@ -500,6 +504,10 @@ def weighted_sums(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tenso
     """
     hidden = y.shape[1]
     if y.device.type == "cpu":
+        if cpu_reduce.reason_unused(y, weights) is None:
+            sums = scratch("partials_sum", (n_groups, hidden), torch.float32, y.device)
+            cpu_reduce.grouped_sums(y, weights, row_group, n_groups, [(0, sums)])
+            return sums
         # index_add_ along dim 0 adds source rows serially in index order on the CPU, so consecutive
         # blocks of rows added in order give the sums of one pass; each block's float32 products stay
         # in the cache until index_add_ reads them.
@@ -522,7 +530,7 @@ def weighted_sums(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tenso
 
 
 def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.Tensor, n_groups: int,
-                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      out: Optional[torch.Tensor] = None, pieces: Optional[Sequence[tuple]] = None):
     """Step 1 of docs/contract.md section 4: per group, the float32 sum of w * y over its rows in row
     order (starting at +0.0), cast to y's dtype.
 
@@ -531,9 +539,27 @@ def weighted_partials(y: torch.Tensor, weights: torch.Tensor, row_group: torch.T
         row_group: [V] int64 group of each row in [0, n_groups), -1 for a row that belongs to none.
         n_groups: G.
         out: optional [G, H] tensor of y's dtype to write the partials into.
-    Returns: [G, H] in y's dtype: out, or a new tensor.
+        pieces: instead of out, (first group, [n, H] tensor of y's dtype) pairs: groups first .. first + n
+            go into that tensor (the cuda backend writes each source's groups into its shared buffer).
+    Returns: [G, H] in y's dtype: out, or a new tensor; None when pieces were given.
     """
+    if y.device.type == "cpu" and cpu_reduce.reason_unused(y, weights) is None:
+        # one pass: each group's row summed in float32 and written once, cast (backends/cpu_reduce.py)
+        if pieces is None:
+            if out is None or not out.is_contiguous():
+                target = torch.empty(n_groups, y.shape[1], dtype=y.dtype)
+                cpu_reduce.grouped_sums(y, weights, row_group, n_groups, [(0, target)])
+                return target if out is None else out.copy_(target)
+            cpu_reduce.grouped_sums(y, weights, row_group, n_groups, [(0, out)])
+            return out
+        if all(t.is_contiguous() for _, t in pieces):
+            cpu_reduce.grouped_sums(y, weights, row_group, n_groups, pieces)
+            return None
     sums = weighted_sums(y, weights, row_group, n_groups)
+    if pieces is not None:
+        for first, target in pieces:  # at most W copies
+            target.copy_(sums[first:first + target.shape[0]])
+        return None
     return sums.to(y.dtype, copy=True) if out is None else out.copy_(sums)
 
 
@@ -547,6 +573,10 @@ def sum_partials(partials: torch.Tensor, token: torch.Tensor, num_tokens: int, s
         splits: [W] rows from each expert rank (host ints).
     Returns: [T, H] in partials' dtype.
     """
+    if partials.device.type == "cpu" and cpu_reduce.reason_unused(partials) is None:
+        combined = torch.empty(num_tokens, partials.shape[1], dtype=partials.dtype)
+        cpu_reduce.grouped_sums(partials, None, token, num_tokens, [(0, combined)])
+        return combined
     acc = scratch("combined_sum", (num_tokens, partials.shape[1]), torch.float32, partials.device).zero_()
     if partials.device.type == "cpu":
         # serial, in row order (ascending expert rank), a block of rows at a time (see weighted_sums)

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 _DEFAULT_MIN_ELEMENTS = 1 << 16
-_kernel = None  # the compiled loop, once imported
+_kernel = None  # the compiled loops (grouped_sums, group_rows), once imported
 _unavailable: Optional[str] = None  # why the fused path cannot run here (set at first use)
 _nan_bits: Optional[int] = None  # the bfloat16 bits torch's cast gives a float32 NaN, None if it varies
 
@@ -54,7 +54,7 @@ def reason_unused(rows: torch.Tensor, weights: Optional[torch.Tensor] = None) ->
 
 
 def _load():
-    """The compiled loop (compiled at the first call, cached on disk by Numba), or None without Numba."""
+    """The compiled loops (compiled at the first call, cached on disk by Numba), or None without Numba."""
     global _kernel, _unavailable, _nan_bits
     if _kernel is not None or _unavailable is not None:
         return _kernel
@@ -131,7 +131,26 @@ def _compile():
                 for h in range(hidden):
                     out[i, h] = acc[h]
 
-    return grouped_sums
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def group_rows(index, n, order, starts):  # pragma: no cover
+        # A stable counting sort: the rows of group g at order[starts[g]:starts[g + 1]], ascending; rows
+        # whose index is outside [0, n) belong to none.
+        for g in range(n + 1):
+            starts[g] = 0
+        for r in range(index.shape[0]):
+            g = index[r]
+            if g >= 0 and g < n:
+                starts[g + 1] += 1
+        for g in range(n):
+            starts[g + 1] += starts[g]
+        fill = starts[:n].copy()
+        for r in range(index.shape[0]):
+            g = index[r]
+            if g >= 0 and g < n:
+                order[fill[g]] = r
+                fill[g] += 1
+
+    return grouped_sums, group_rows
 
 
 def _bits(t: torch.Tensor):
@@ -144,13 +163,17 @@ def _bits(t: torch.Tensor):
 
 
 def csr(index: torch.Tensor, n: int):
-    """Rows by group: (order, starts) with order the rows of group g at order[starts[g]:starts[g + 1]],
-    in ascending row order (a stable sort); rows whose index is < 0 belong to none."""
-    key = torch.where(index >= 0, index, n)
-    order = torch.argsort(key, stable=True)
-    starts = torch.zeros(n + 2, dtype=torch.int64)
-    torch.cumsum(torch.bincount(key, minlength=n + 1)[:n + 1], 0, out=starts[1:])
-    return order, starts[:n + 1]
+    """Rows by group, as numpy arrays: (order, starts), the rows of group g at order[starts[g]:starts[g + 1]]
+    in ascending row order; rows whose index is outside [0, n) belong to none."""
+    import numpy as np
+
+    index_np = index.contiguous().numpy()
+    if index_np.dtype != np.int64:
+        index_np = index_np.astype(np.int64)
+    order = np.empty(index_np.shape[0], dtype=np.int64)
+    starts = np.empty(n + 1, dtype=np.int64)
+    _load()[1](index_np, n, order, starts)
+    return order, starts
 
 
 def grouped_sums(rows: torch.Tensor, weights: Optional[torch.Tensor], index: torch.Tensor, n_groups: int,
@@ -162,11 +185,10 @@ def grouped_sums(rows: torch.Tensor, weights: Optional[torch.Tensor], index: tor
     index: [V] int64 group of each row, -1 for none. outs: (first group, [n, H] contiguous tensor of
     rows' dtype or float32).
     """
-    kernel = _load()
-    order, starts = csr(index, n_groups)
+    kernel = _load()[0]
+    order_np, starts_np = csr(index, n_groups)
     y = _bits(rows)
     w = weights.contiguous().numpy() if weights is not None else _bits(torch.zeros(1, dtype=torch.float32))
-    order_np, starts_np = order.numpy(), starts.numpy()
     for first, out in outs:
         if out.shape[0] == 0:
             continue

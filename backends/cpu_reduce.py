@@ -33,6 +33,9 @@ _nan_bits: Optional[int] = None  # the bfloat16 bits torch's cast gives a float3
 def reason_unused(rows: torch.Tensor, weights: Optional[torch.Tensor] = None) -> Optional[str]:
     """None when the fused loop serves this reduction of `rows` (times `weights`); else why not."""
     mode = os.environ.get("FUSER_MOE_CPU_REDUCE", "")
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"FUSER_MOE_CPU_REDUCE must be 0 (torch passes), 1 (the fused loop) or unset "
+                         f"(by size), got {mode!r}")
     if mode == "0":
         return "FUSER_MOE_CPU_REDUCE=0"
     if rows.device.type != "cpu":
@@ -45,7 +48,13 @@ def reason_unused(rows: torch.Tensor, weights: Optional[torch.Tensor] = None) ->
         return f"{weights.dtype} weights (the contract's products are float32)"
     elements = rows.numel()
     if mode != "1":
-        threshold = int(os.environ.get("FUSER_MOE_CPU_REDUCE_MIN", _DEFAULT_MIN_ELEMENTS))
+        text = os.environ.get("FUSER_MOE_CPU_REDUCE_MIN", str(_DEFAULT_MIN_ELEMENTS))
+        try:
+            threshold = int(text)
+        except ValueError:
+            threshold = -1
+        if threshold < 0:
+            raise ValueError(f"FUSER_MOE_CPU_REDUCE_MIN must be a non-negative int (elements), got {text!r}")
         if elements < threshold:
             return f"{elements} elements < FUSER_MOE_CPU_REDUCE_MIN ({threshold})"
     if _load() is None:

@@ -103,6 +103,14 @@ def test_when_the_fused_loop_is_not_used_the_reason_is_named(monkeypatch):
         assert cpu_reduce.reason_unused(small) is None
 
 
+@pytest.mark.parametrize("name, value", [("FUSER_MOE_CPU_REDUCE", "yes"), ("FUSER_MOE_CPU_REDUCE_MIN", "-1"),
+                                         ("FUSER_MOE_CPU_REDUCE_MIN", "lots")])
+def test_a_bad_setting_is_named(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=name):
+        cpu_reduce.reason_unused(torch.zeros(4, 8))
+
+
 @needs_numba
 def test_the_nan_probe_agrees_with_torchs_cast():
     cpu_reduce._load()

@@ -10,7 +10,7 @@ arithmetic is the same operation for operation: each product w * y rounded to fl
 the running float32 sum (Numba compiles without fast-math, so nothing is contracted into a fused
 multiply-add or reordered), and the cast to bfloat16 rounds to nearest even as torch does, NaN
 becoming the very bits that torch's own cast gives on this machine (probed once). So the bits are
-torch's; tests/test_plan.py checks both ways against each other and the reference.
+torch's; tests/test_cpu_reduce.py checks both ways against each other and the reference.
 
 Used when Numba is installed (`pip install 'fuser_moe[cpu]'`), the rows are bfloat16 or float32 and
 contiguous, and a call has at least `FUSER_MOE_CPU_REDUCE_MIN` elements (default 65536: below that the
@@ -194,19 +194,29 @@ def grouped_sums(rows: torch.Tensor, weights: Optional[torch.Tensor], index: tor
     index: [V] int64 group of each row, -1 for none. outs: (first group, [n, H] contiguous tensor of
     rows' dtype or float32).
     """
+    # The loop does not check its bounds: the shapes are checked here.
+    n_rows, hidden = rows.shape
+    if index.numel() != n_rows or (weights is not None and weights.numel() != n_rows):
+        raise ValueError(f"grouped_sums: {n_rows} rows, {index.numel()} group indices and "
+                         f"{None if weights is None else weights.numel()} weights")
+    for first, out in outs:
+        if out.dim() != 2 or out.shape[1] != hidden or first < 0 or first + out.shape[0] > n_groups:
+            raise ValueError(f"grouped_sums: an output of shape {tuple(out.shape)} for groups from {first} "
+                             f"of {n_groups}, rows of {hidden}")
     kernel = _load()[0]
     order_np, starts_np = csr(index, n_groups)
     y = _bits(rows)
     w = weights.contiguous().numpy() if weights is not None else _bits(torch.zeros(1, dtype=torch.float32))
+    y_bf16, weighted = rows.dtype == torch.bfloat16, weights is not None
     for first, out in outs:
         if out.shape[0] == 0:
             continue
-        out_bf16 = out.dtype == torch.bfloat16
-        if out_bf16 and _nan_bits is None:
+        direct = out.is_contiguous() and (out.dtype == torch.float32
+                                          or (out.dtype == torch.bfloat16 and _nan_bits is not None))
+        if direct:
+            kernel(y, y_bf16, w, weighted, order_np, starts_np, first, _bits(out), out.dtype == torch.bfloat16,
+                   _nan_bits or 0)
+        else:  # float32 sums, cast by torch
             wide = torch.empty(out.shape, dtype=torch.float32)
-            kernel(y, rows.dtype == torch.bfloat16, w, weights is not None, order_np, starts_np, first,
-                   wide.numpy(), False, 0)
+            kernel(y, y_bf16, w, weighted, order_np, starts_np, first, wide.numpy(), False, 0)
             out.copy_(wide)
-            continue
-        kernel(y, rows.dtype == torch.bfloat16, w, weights is not None, order_np, starts_np, first,
-               _bits(out), out_bf16, _nan_bits or 0)

@@ -112,6 +112,21 @@ def test_a_bad_setting_is_named(monkeypatch, name, value):
 
 
 @needs_numba
+def test_shapes_that_do_not_fit_are_refused_before_the_loop_runs():
+    rows = torch.zeros(6, 4)
+    with pytest.raises(ValueError, match="6 rows, 5 group indices"):
+        cpu_reduce.grouped_sums(rows, None, torch.zeros(5, dtype=torch.int64), 2, [(0, torch.empty(2, 4))])
+    with pytest.raises(ValueError, match="weights"):
+        cpu_reduce.grouped_sums(rows, torch.ones(3), torch.zeros(6, dtype=torch.int64), 2, [(0, torch.empty(2, 4))])
+    with pytest.raises(ValueError, match="groups from 1 of 2"):
+        cpu_reduce.grouped_sums(rows, None, torch.zeros(6, dtype=torch.int64), 2, [(1, torch.empty(2, 4))])
+    # an output of another dtype gets torch's cast of the float32 sums
+    half = torch.empty(2, 4, dtype=torch.float16)
+    cpu_reduce.grouped_sums(rows + 1, None, torch.tensor([0, 0, 1, 1, 1, -1]), 2, [(0, half)])
+    assert half.tolist() == [[2.0] * 4, [3.0] * 4]
+
+
+@needs_numba
 def test_the_nan_probe_agrees_with_torchs_cast():
     cpu_reduce._load()
     if cpu_reduce._nan_bits is None:

@@ -58,6 +58,13 @@ def _reference(case, capacity):
     return xs, idxs, ws, ref, ref_out
 
 
+def _assert_round_trip(r, d, out, ref, ref_out):
+    """Rank r's dispatch outputs and combined rows are the reference's, bit for bit."""
+    for name, got, want in zip(ref[r]._fields, d, ref[r]):
+        assert_same(name, got.cpu(), want, r)
+    assert_same("combined_x", out.cpu(), ref_out[r], r)
+
+
 def ll_round_body(comm, case, capacity, mode, rounds):
     os.environ["FUSER_MOE_LL"] = mode
     try:
@@ -70,9 +77,7 @@ def ll_round_body(comm, case, capacity, mode, rounds):
                                  expert_to_rank=case.expert_to_rank, max_recv_tokens=capacity)
             out = backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
                                   d.n_tokens_to_rank, d.n_tokens_from_rank, xs[r].shape[0])
-            for name, got, want in zip(ref[r]._fields, d, ref[r]):
-                assert_same(name, got.cpu(), want, r)
-            assert_same("combined_x", out.cpu(), ref_out[r], r)
+            _assert_round_trip(r, d, out, ref, ref_out)
             assert (cuda_ll.handle_for(d.recv_src_idx, d.recv_src_rank) is not None) == (mode == "1")
         backend.check(comm)
     finally:
@@ -172,9 +177,7 @@ def ll_graph_body(comm):
             x.copy_(xs[r].to(dev)), idx.copy_(idxs[r].to(dev)), w.copy_(ws[r].to(dev))
             graph.replay()
             torch.cuda.synchronize()
-            for name, got, want in zip(ref[r]._fields, d, ref[r]):
-                assert_same(name, got.cpu(), want, r)
-            assert_same("combined_x", out.cpu(), ref_out[r], r)
+            _assert_round_trip(r, d, out, ref, ref_out)
         backend.check(comm)
     finally:
         os.environ.pop("FUSER_MOE_LL", None)
@@ -204,9 +207,7 @@ def ll_wrap_body(comm):
             out = backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
                                   d.n_tokens_to_rank, d.n_tokens_from_rank, xs[r].shape[0], check_inputs=False)
             torch.cuda.synchronize()
-            for name, got, want in zip(ref[r]._fields, d, ref[r]):
-                assert_same(name, got.cpu(), want, r)
-            assert_same("combined_x", out.cpu(), ref_out[r], r)
+            _assert_round_trip(r, d, out, ref, ref_out)
 
         round_trip(0)  # allocates the buffers and the state words
         # Jump both generations to 2^31 - 1: the next call's flag target, generation * 2^32, leaves int64.

@@ -188,12 +188,15 @@ if [ "$what" = ll ]; then
             >"$OUT/ll_$3.txt" 2>"$OUT/ll_$3.err") || { status=1; tail -5 "$OUT/ll_$3.err"; }
         echo "== $3 ($1)"; grep -E "^(dispatch|combine) +cuda" "$OUT/ll_$3.txt"
     }
-    for round in $(seq "${LL_ROUNDS:-2}"); do
-        for side in $sides; do
-            tree="$PWD"; [ "$side" = before ] && tree="$(cd "$BEFORE" && pwd)"
-            ll_bench "$tree" 1 "w1_${side}_$round"
+    ll_rounds() {  # world size, label: LL_ROUNDS rounds, the sides alternated
+        for round in $(seq "${LL_ROUNDS:-2}"); do
+            for side in $sides; do
+                tree="$PWD"; [ "$side" = before ] && tree="$(cd "$BEFORE" && pwd)"
+                ll_bench "$tree" "$1" "$2_${side}_$round"
+            done
         done
-    done
+    }
+    ll_rounds 1 w1
     python3 tools/ll_stamps.py >"$OUT/ll_stamps_w1.txt" 2>&1 || status=1
     python3 tools/ll_floor.py >"$OUT/ll_floor.txt" 2>&1 || status=1
     cat "$OUT/ll_floor.txt"
@@ -204,12 +207,7 @@ if [ "$what" = ll ]; then
     else
         echo "gpu_check: no MPS daemon (see mps_start.log): the 4 ranks time-slice cuda:0"
     fi
-    for round in $(seq "${LL_ROUNDS:-2}"); do
-        for side in $sides; do
-            tree="$PWD"; [ "$side" = before ] && tree="$(cd "$BEFORE" && pwd)"
-            ll_bench "$tree" 4 "mps4_${side}_$round"
-        done
-    done
+    ll_rounds 4 mps4
     python3 tools/ll_stamps.py --world-size 4 --shared >"$OUT/ll_stamps_w4.txt" 2>&1 || status=1
     if [ "$ll_mps" -eq 1 ]; then
         echo quit | nvidia-cuda-mps-control && echo "gpu_check: MPS daemon stopped"

@@ -133,7 +133,9 @@ sys.path.insert(0, {os.path.join(REPO, "tests")!r})
 from fuser_moe.launch import run_ranks
 from test_first_hour import sleeps_on_rank_1_body
 if __name__ == "__main__":
-    outcomes = run_ranks(sleeps_on_rank_1_body, 2, timeout_s=6)
+    # 25 s: rank 0 must start, import torch and join the group inside it on a loaded 2-core CI machine
+    # (6 s was not always enough there); rank 1 sleeps 120 s, so it is still the one killed
+    outcomes = run_ranks(sleeps_on_rank_1_body, 2, timeout_s=25)
     print([o.ok for o in outcomes], outcomes[1].value)
 """)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=_env())

@@ -1,21 +1,32 @@
-"""Fused CPU reductions for combine: the plan's sums in one pass over the rows, compiled with Numba.
+"""Fused CPU loops for the routing plan's data movement and sums, compiled with Numba.
 
-The routing plan (backends/routing.py) decides which rows form each group and in which order they are
-added (docs/contract.md section 4: per group the float32 sum of w * y in row order from +0.0, cast; per
-token the float32 sum of its partials in ascending expert-rank order, cast). On CPU tensors torch does
-that in several passes over float32 copies of the rows (widen, multiply, index_add_, cast), each
-reading and writing megabytes; here one loop per group reads each bfloat16 or float32 row once, keeps
-the group's float32 sum in a row-sized buffer and writes the group's row once, already cast. The
-arithmetic is the same operation for operation: each product w * y rounded to float32, then added to
-the running float32 sum (Numba compiles without fast-math, so nothing is contracted into a fused
-multiply-add or reordered), and the cast to bfloat16 rounds to nearest even as torch does, NaN
-becoming the very bits that torch's own cast gives on this machine (probed once). So the bits are
-torch's; tests/test_cpu_reduce.py checks both ways against each other and the reference.
+The routing plan (backends/routing.py, the torch twin of the kernels) decides everything: which rows
+form each group and in which order they are added, where each pair lands, the one wire-metadata layout
+(whose word offsets are passed in from there). On CPU tensors torch carries those decisions out in
+many small ops and several passes over the rows; the loops here carry out the same decisions in one
+pass each, and tests/test_cpu_reduce.py checks every one against the torch twin bit for bit.
 
-Used when Numba is installed (`pip install 'fuser_moe[cpu]'`), the rows are bfloat16 or float32 and
-contiguous, and a call has at least `FUSER_MOE_CPU_REDUCE_MIN` elements (default 65536: below that the
-torch passes stay in the cache, and processes that never reach it never import Numba).
-`FUSER_MOE_CPU_REDUCE=0` turns it off, `=1` uses it for every size. Without Numba the torch passes run.
+- `grouped_sums` (combine, docs/contract.md section 4: per group the float32 sum of w * y in row order
+  from +0.0, cast; per token the float32 sum of its partials in ascending expert-rank order, cast):
+  torch widens, multiplies, `index_add_`s and casts, each pass reading and writing megabytes; here one
+  loop per group reads each bfloat16 or float32 row once, keeps the group's float32 sum in a row-sized
+  buffer and writes the group's row once, already cast. The arithmetic is the same operation for
+  operation: each product w * y rounded to float32, then added to the running float32 sum (Numba
+  compiles without fast-math, so nothing is contracted into a fused multiply-add or reordered), and
+  the cast to bfloat16 rounds to nearest even as torch does, NaN becoming the very bits that torch's
+  own cast gives on this machine (probed once).
+- `expand_rows` (dispatch's expansion): each received wire row copied once to every output row its
+  metadata names, with the row's expert id, weight, token and source, padding rows after; torch needs
+  a scatter, a division and six gathers for it.
+- `pack_meta` (the sender's metadata rows): token, source, and per slot its output row and expert id
+  (-1 where the slot's expert lives on another rank than the row's) and weight bits.
+
+Used when Numba is installed (`pip install 'fuser_moe[cpu]'`). The sums need bfloat16 or float32
+contiguous rows, and they and the expansion run for calls of at least `FUSER_MOE_CPU_REDUCE_MIN`
+elements of rows (default 65536: below that the torch passes stay in the cache, and processes that
+never reach it never import Numba); metadata of at least `META_MIN_WORDS` words.
+`FUSER_MOE_CPU_REDUCE=0` turns every loop off, `=1` uses them for every size. Without Numba the torch
+passes run.
 """
 from __future__ import annotations
 
@@ -25,28 +36,20 @@ from typing import Optional, Sequence
 import torch
 
 _DEFAULT_MIN_ELEMENTS = 1 << 16
-_kernel = None  # the compiled loops (grouped_sums, group_rows), once imported
+_kernel = None  # the compiled loops (grouped_sums, group_rows, expand_rows), once imported
 _unavailable: Optional[str] = None  # why the fused path cannot run here (set at first use)
 _nan_bits: Optional[int] = None  # the bfloat16 bits torch's cast gives a float32 NaN, None if it varies
 
 
-def reason_unused(rows: torch.Tensor, weights: Optional[torch.Tensor] = None) -> Optional[str]:
-    """None when the fused loop serves this reduction of `rows` (times `weights`); else why not."""
+def _switched_off(elements: int) -> Optional[str]:
+    """Why the fused loops do not run for a call of `elements` elements (the switches, the size, Numba),
+    or None."""
     mode = os.environ.get("FUSER_MOE_CPU_REDUCE", "")
     if mode not in ("", "0", "1"):
         raise ValueError(f"FUSER_MOE_CPU_REDUCE must be 0 (torch passes), 1 (the fused loop) or unset "
                          f"(by size), got {mode!r}")
     if mode == "0":
         return "FUSER_MOE_CPU_REDUCE=0"
-    if rows.device.type != "cpu":
-        return "not CPU tensors"
-    if rows.dtype not in (torch.bfloat16, torch.float32) or rows.dim() != 2:
-        return f"{rows.dtype} rows of {rows.dim()} dimensions (the fused loop reads bfloat16 and float32 rows)"
-    if not rows.is_contiguous():
-        return "rows not contiguous"
-    if weights is not None and (weights.dtype != torch.float32 or weights.device.type != "cpu"):
-        return f"{weights.dtype} weights (the contract's products are float32)"
-    elements = rows.numel()
     if mode != "1":
         text = os.environ.get("FUSER_MOE_CPU_REDUCE_MIN", str(_DEFAULT_MIN_ELEMENTS))
         try:
@@ -60,6 +63,56 @@ def reason_unused(rows: torch.Tensor, weights: Optional[torch.Tensor] = None) ->
     if _load() is None:
         return _unavailable
     return None
+
+
+def reason_unused(rows: torch.Tensor, weights: Optional[torch.Tensor] = None) -> Optional[str]:
+    """None when the fused loop serves this reduction of `rows` (times `weights`); else why not."""
+    if os.environ.get("FUSER_MOE_CPU_REDUCE", "") == "0":
+        return "FUSER_MOE_CPU_REDUCE=0"
+    if rows.device.type != "cpu":
+        return "not CPU tensors"
+    if rows.dtype not in (torch.bfloat16, torch.float32) or rows.dim() != 2:
+        return f"{rows.dtype} rows of {rows.dim()} dimensions (the fused loop reads bfloat16 and float32 rows)"
+    if not rows.is_contiguous():
+        return "rows not contiguous"
+    if weights is not None and (weights.dtype != torch.float32 or weights.device.type != "cpu"):
+        return f"{weights.dtype} weights (the contract's products are float32)"
+    return _switched_off(rows.numel())
+
+
+# Metadata of at least this many words is written by the fused loop (unless FUSER_MOE_CPU_REDUCE=0):
+# below it torch's dozen small ops cost little; above it their fixed costs and passes are most of the
+# time (2048 slots: 0.7 ms of torch ops against 0.05 ms). FUSER_MOE_CPU_REDUCE_MIN counts row elements,
+# which metadata has none of, so it does not apply here.
+META_MIN_WORDS = 4096
+
+
+def meta_unused(meta: torch.Tensor) -> Optional[str]:
+    """None when the fused loop (`pack_meta`) writes this [N, 2 + 3K] int64 metadata; else why not."""
+    mode = os.environ.get("FUSER_MOE_CPU_REDUCE", "")
+    if mode == "0":
+        return "FUSER_MOE_CPU_REDUCE=0"
+    if meta.device.type != "cpu" or meta.dtype != torch.int64 or meta.dim() != 2:
+        return "not 2-D int64 metadata on the CPU"
+    if meta.shape[1] > 1 and meta.stride(1) != 1:
+        return "metadata words not contiguous"
+    if mode != "1" and meta.numel() < META_MIN_WORDS:
+        return f"{meta.numel()} words < {META_MIN_WORDS}"
+    return _unavailable if _load() is None else None
+
+
+def expand_unused(wire_x: torch.Tensor, meta: torch.Tensor) -> Optional[str]:
+    """None when the fused expansion (`expand_rows`) serves these received rows and their metadata; else
+    why not. It moves bytes, so any dtype of rows is fine; each row's elements must be contiguous."""
+    if os.environ.get("FUSER_MOE_CPU_REDUCE", "") == "0":
+        return "FUSER_MOE_CPU_REDUCE=0"
+    if wire_x.device.type != "cpu" or meta.device.type != "cpu":
+        return "not CPU tensors"
+    if wire_x.dim() != 2 or (wire_x.shape[1] > 1 and wire_x.stride(1) != 1):
+        return "rows not 2-D with contiguous elements"
+    if meta.dtype != torch.int64 or meta.dim() != 2 or (meta.shape[1] > 1 and meta.stride(1) != 1):
+        return "metadata not 2-D int64 with contiguous words"
+    return _switched_off(wire_x.numel())
 
 
 def _load():
@@ -159,7 +212,59 @@ def _compile():
                 order[fill[g]] = r
                 fill[g] += 1
 
-    return grouped_sums, group_rows
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def expand_rows(meta, at, wire, stride, row_bytes, top_k, real, recv, idx_out, w_out, src_idx, src_rank,
+                    wire_row):  # pragma: no cover
+        # Every slot k of wire row n (bytes wire[n * stride:][:row_bytes], wire a flat byte array) that
+        # names an output row j in [0, real): the row's bytes to recv[j], the slot's expert id and weight bits, the row's token and source to row j,
+        # n to wire_row[j]. Output rows past real are padding (zero bytes, -1, weight +0.0). `at`: the
+        # layout's word offsets (routing.py): token, source, output rows, expert ids, weight bits.
+        token_at, source_at, rows_at, experts_at, weights_at = at[0], at[1], at[2], at[3], at[4]
+        for n in range(meta.shape[0]):
+            for k in range(top_k):
+                j = meta[n, rows_at + k]
+                if j < 0 or j >= real:
+                    continue
+                source = wire[n * stride:n * stride + row_bytes]
+                target = recv[j]  # 1-D views: the copy compiles to a vector loop (2-D indexing does not)
+                for b in range(row_bytes):
+                    target[b] = source[b]
+                idx_out[j] = meta[n, experts_at + k]
+                w_out[j] = np.uint32(meta[n, weights_at + k] & 0xFFFFFFFF)
+                src_idx[j] = meta[n, token_at]
+                src_rank[j] = meta[n, source_at]
+                wire_row[j] = n
+        for j in range(real, recv.shape[0]):
+            target = recv[j]
+            for b in range(row_bytes):
+                target[b] = 0
+            idx_out[j] = -1
+            w_out[j] = 0
+            src_idx[j] = -1
+            src_rank[j] = -1
+
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def pack_meta(token, row_rank, slot_rank, out_rows, with_rows, experts, weight_bits, rank, at, top_k, meta,
+                  only_rows):  # pragma: no cover
+        # Metadata row n of wire row (token[n] to rank row_rank[n]): the token, this rank, then per slot
+        # its output row and expert id where the slot's expert lives on row_rank[n] (else -1) and its
+        # weight bits. only_rows: just the output-row words (the rest is written already).
+        token_at, source_at, rows_at, experts_at, weights_at = at[0], at[1], at[2], at[3], at[4]
+        for n in range(token.shape[0]):
+            t = token[n]
+            d = row_rank[n]
+            if not only_rows:
+                meta[n, token_at] = t
+                meta[n, source_at] = rank
+            for k in range(top_k):
+                here = slot_rank[t, k] == d
+                if with_rows:
+                    meta[n, rows_at + k] = out_rows[t, k] if here else -1
+                if not only_rows:
+                    meta[n, experts_at + k] = experts[t, k] if here else -1
+                    meta[n, weights_at + k] = weight_bits[t, k]
+
+    return grouped_sums, group_rows, expand_rows, pack_meta
 
 
 def _bits(t: torch.Tensor):
@@ -220,3 +325,84 @@ def grouped_sums(rows: torch.Tensor, weights: Optional[torch.Tensor], index: tor
             wide = torch.empty(out.shape, dtype=torch.float32)
             kernel(y, y_bf16, w, weighted, order_np, starts_np, first, wide.numpy(), False, 0)
             out.copy_(wide)
+
+
+
+def _flat_rows(t: torch.Tensor) -> tuple:
+    """(flat numpy uint8 array, row stride in bytes, row bytes) of a 2-D CPU tensor whose rows are
+    contiguous, any dtype and any row stride: row n is flat[n * stride:][:row bytes]. A flat 1-D array
+    lets the compiled copy run as a vector loop, which a strided 2-D view does not."""
+    row_bytes = t.shape[1] * t.element_size()
+    if t.shape[0] == 0 or row_bytes == 0:
+        return torch.empty(0, dtype=torch.uint8).numpy(), 0, row_bytes
+    stride = t.stride(0) * t.element_size()
+    as_bytes = t.view(torch.uint8)
+    flat = as_bytes.as_strided(((t.shape[0] - 1) * stride + row_bytes,), (1,))
+    return flat.numpy(), stride, row_bytes
+
+
+def expand_rows(meta: torch.Tensor, wire_x: torch.Tensor, top_k: int, pairs: int, out_rows: int,
+                layout: Sequence[int]) -> tuple:
+    """routing.expand in one pass (expand_unused said yes): each received wire row copied once to each
+    output row its metadata names, with that row's expert id, weight, token and source.
+
+    layout: the word offsets of routing.py's metadata layout (token, source, output rows, expert ids,
+    weight bits), which stays defined there alone.
+
+    Returns (recv_x [R, H] of wire_x's dtype, topk_idx [R] int64, topk_weights [R] float32, src_idx [R],
+    src_rank [R] int64, wire_row [min(V, R)] int64), R = out_rows; rows past min(V, R) are padding.
+    """
+    import numpy as np
+
+    n_wire, width = meta.shape
+    if wire_x.shape[0] != n_wire or width != max(layout) + top_k:
+        raise ValueError(f"expand_rows: {wire_x.shape[0]} rows with {n_wire} metadata rows of {width} words "
+                         f"(K={top_k} wants {max(layout) + top_k})")
+    real = min(pairs, out_rows)
+    hidden = wire_x.shape[1]
+    recv_x = torch.empty(out_rows, hidden, dtype=wire_x.dtype)
+    idx = torch.empty(out_rows, dtype=torch.int64)
+    weights = torch.empty(out_rows, dtype=torch.float32)
+    src_idx = torch.empty(out_rows, dtype=torch.int64)
+    src_rank = torch.empty(out_rows, dtype=torch.int64)
+    wire_row = torch.empty(real, dtype=torch.int64)
+    flat, stride, row_bytes = _flat_rows(wire_x)
+    rows_out = recv_x.view(torch.uint8).numpy() if row_bytes else np.empty((out_rows, 0), dtype=np.uint8)
+    _load()[2](meta.numpy(), np.array(layout, dtype=np.int64), flat, stride, row_bytes, top_k, real, rows_out, idx.numpy(),
+               weights.view(torch.int32).numpy().view(np.uint32), src_idx.numpy(), src_rank.numpy(),
+               wire_row.numpy())
+    return recv_x, idx, weights, src_idx, src_rank, wire_row
+
+
+def pack_meta(meta: torch.Tensor, token: torch.Tensor, row_rank: torch.Tensor, slot_rank: torch.Tensor,
+              out_rows: Optional[torch.Tensor], topk_idx: Optional[torch.Tensor], weight_bits: Optional[torch.Tensor],
+              rank: int, layout: Sequence[int], only_rows: bool = False) -> torch.Tensor:
+    """routing.wire_meta / wire_meta_rows in one pass (meta_unused said yes): writes `meta` [N, 2 + 3K].
+
+    token, row_rank: [N] int64 each wire row's token and destination; slot_rank: [T, K] int64 the rank of
+    each slot's expert (-1 empty); out_rows: [T, K] int64 output rows, or None to leave those words;
+    topk_idx: [T, K] expert ids and weight_bits [T, K] int64 float32 bits (unused with only_rows);
+    layout: routing.meta_layout(K). Returns meta.
+    """
+    n = token.numel()
+    tokens, top_k = slot_rank.shape
+    if meta.shape != (n, max(layout) + top_k) or row_rank.numel() != n:
+        raise ValueError(f"pack_meta: metadata {tuple(meta.shape)} for {n} wire rows ({row_rank.numel()} "
+                         f"destinations) of K={top_k}")
+    if n == 0:
+        return meta
+    for name, t in (("out_rows", out_rows), ("topk_idx", topk_idx), ("weight_bits", weight_bits)):
+        if t is not None and tuple(t.shape) != (tokens, top_k):
+            raise ValueError(f"pack_meta: {name} of shape {tuple(t.shape)}, slots [{tokens}, {top_k}]")
+    lo, hi = int(token.min()), int(token.max())
+    if lo < 0 or hi >= tokens:
+        raise ValueError(f"pack_meta: a wire row names token {lo if lo < 0 else hi} of {tokens}")
+    import numpy as np
+
+    def words(t):
+        return np.zeros((1, 1), dtype=np.int64) if t is None else t.long().contiguous().numpy()
+
+    _load()[3](token.contiguous().numpy(), row_rank.contiguous().numpy(), words(slot_rank), words(out_rows),
+               out_rows is not None, words(topk_idx), words(weight_bits), rank, np.array(layout, dtype=np.int64),
+               top_k, meta.numpy(), only_rows)
+    return meta

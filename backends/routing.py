@@ -25,8 +25,9 @@ The stages, each a function here and a kernel there:
 Sums keep the contract's order on every device: on the CPU `index_add_` along dim 0 adds source rows
 serially in index order; on CUDA (where `index_add_` uses atomics) the rows of a group are laid out
 densely and summed with a scan along the group, which runs sequentially in float32, and step 2 adds
-one source rank at a time. Where Numba is installed, CPU reductions of more than a few rows take one
-fused pass instead (backends/cpu_reduce.py: the same operations on the same rows in the same order).
+one source rank at a time. Where Numba is installed, CPU tensors of more than a few rows take one
+fused pass instead for the reductions, the expansion and the metadata rows (backends/cpu_reduce.py:
+the same operations on the same rows in the same order, the layout's offsets from here).
 No Python loop here runs more than W times, or `_CPU_MAX_BLOCKS` times (the CPU
 reductions work through their rows in blocks that stay in the cache).
 """
@@ -130,6 +131,11 @@ META_ROWS = 2
 def meta_width(top_k: int) -> int:
     """Words of one wire-metadata row: 2 + 3K."""
     return 2 + 3 * top_k
+
+
+def meta_layout(top_k: int) -> tuple:
+    """Word offsets of a metadata row: (token, source, output rows, expert ids, weight bits)."""
+    return META_TOKEN, META_SOURCE, META_ROWS, META_ROWS + top_k, META_ROWS + 2 * top_k
 
 
 def pack_weights(weights: torch.Tensor) -> torch.Tensor:
@@ -308,12 +314,15 @@ def wire_meta(topk_idx: torch.Tensor, topk_weights: torch.Tensor, counts: CountR
     top_k = topk_idx.shape[1]
     token = rows.token
     n = token.numel()
+    meta = torch.empty(n, meta_width(top_k), dtype=torch.int64, device=token.device) if out is None else out
+    if cpu_reduce.meta_unused(meta) is None:  # one pass over the wire rows (backends/cpu_reduce.py)
+        return cpu_reduce.pack_meta(meta, token, rows.rank, counts.dest, out_rows, topk_idx,
+                                    pack_weights(topk_weights), rank, meta_layout(top_k))
     # Per token: its K output rows, K expert ids and K weight bits; each wire row copies its token's,
     # then hides (-1) the rows and ids of slots whose expert lives on another rank.
     first = META_ROWS if out_rows is not None else META_ROWS + top_k
     parts = [topk_idx.long(), pack_weights(topk_weights)]
     per_token = torch.cat(parts if out_rows is None else [out_rows] + parts, dim=1)
-    meta = torch.empty(n, meta_width(top_k), dtype=torch.int64, device=token.device) if out is None else out
     meta[:, META_TOKEN] = token
     meta[:, META_SOURCE] = rank
     torch.index_select(per_token, 0, token, out=meta[:, first:])
@@ -326,6 +335,9 @@ def wire_meta(topk_idx: torch.Tensor, topk_weights: torch.Tensor, counts: CountR
 def wire_meta_rows(meta: torch.Tensor, counts: CountRow, out_rows: torch.Tensor, rows: SendRows) -> torch.Tensor:
     """Writes the K output-row words of `wire_meta(..., out_rows=None, ...)`'s metadata; returns meta."""
     top_k = out_rows.shape[1]
+    if cpu_reduce.meta_unused(meta) is None:
+        return cpu_reduce.pack_meta(meta, rows.token, rows.rank, counts.dest, out_rows, None, None, 0,
+                                    meta_layout(top_k), only_rows=True)
     words = meta[:, META_ROWS:META_ROWS + top_k]
     torch.index_select(out_rows, 0, rows.token, out=words)
     words.masked_fill_(_elsewhere(counts, rows).squeeze(1), -1)
@@ -400,6 +412,9 @@ def expand(meta: torch.Tensor, wire_x: torch.Tensor, top_k: int, pairs: int, out
             past R are dropped (the caller reports the overflow).
     Returns: `Expansion`.
     """
+    if cpu_reduce.expand_unused(wire_x, meta) is None:
+        # one pass: each wire row copied once to each of its output rows (backends/cpu_reduce.py)
+        return Expansion(*cpu_reduce.expand_rows(meta, wire_x, top_k, pairs, out_rows, meta_layout(top_k)))
     device = meta.device
     n_wire = meta.shape[0]
     # slot (wire row * K + k) of each output row: index 0 of `slot` collects the slots that name no row

@@ -186,3 +186,116 @@ def test_combines_with_the_fused_loop_give_the_reference_bits(backend, mode, hid
         pytest.skip("the fused loop serves CPU tensors")
     served = run_on_ranks(3, fused_combine_body, backend, mode, hidden, dtype)
     assert served[0] > 0, "the fused loop never ran on rank 0"
+
+
+# ----------------------------------------------------------------------------------- the expansion
+def _received(n_wire, top_k, hidden, dtype, seed, packed):
+    """Received wire rows and their metadata as the plan writes them: every slot naming this rank gets
+    an output row (a permutation of the pairs), the others -1; packed: the nccl layout (x rows and
+    metadata in one uint8 wire row), else separate contiguous buffers (the shared-memory layout)."""
+    gen = torch.Generator().manual_seed(seed)
+    here = torch.rand(n_wire, top_k, generator=gen) < 0.6
+    here[:, 0] |= ~here.any(1)  # every wire row names at least one slot here
+    pairs = int(here.sum())
+    rows = torch.full((n_wire, top_k), -1, dtype=torch.int64)
+    rows[here] = torch.randperm(pairs, generator=gen)
+    experts = torch.where(here, torch.randint(0, 64, (n_wire, top_k), generator=gen), -1)
+    weights = routing.pack_weights(torch.rand(n_wire, top_k, generator=gen))
+    meta = torch.cat([torch.randint(0, 4096, (n_wire, 1), generator=gen), torch.randint(0, 8, (n_wire, 1), generator=gen),
+                      rows, experts, weights], dim=1)
+    x = torch.randn(n_wire, hidden, generator=gen).to(dtype)
+    if not packed:
+        return meta, x, pairs
+    wire, meta_view = routing.wire_buffer(x, torch.arange(n_wire), meta.shape[1])
+    meta_view.copy_(meta)
+    x_in, meta_in = routing.unpack_wire_rows(wire.clone(), dtype, hidden, meta.shape[1])
+    return meta_in, x_in, pairs
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16, torch.float8_e4m3fn],
+                         ids=["bfloat16", "float32", "float16", "float8"])
+@pytest.mark.parametrize("top_k", [1, 3, 8])
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+@pytest.mark.parametrize("spare", [0, 5, -3], ids=["exact", "padding", "overflow"])
+def test_the_fused_expansion_gives_the_torch_rows(monkeypatch, dtype, top_k, packed, spare):
+    hidden = 7 if top_k == 3 else 96
+    meta, x, pairs = _received(300, top_k, hidden, dtype, seed=top_k, packed=packed)
+    monkeypatch.setenv("FUSER_MOE_CPU_REDUCE", "1")
+    assert cpu_reduce.expand_unused(x, meta) is None
+    torch_way, fused_way = _both_ways(monkeypatch, lambda: routing.expand(meta, x, top_k, pairs, pairs + spare))
+    for field in ("recv_x", "topk_idx", "topk_weights", "src_idx", "src_rank", "wire_row"):
+        a, b = getattr(torch_way, field), getattr(fused_way, field)
+        assert a.dtype == b.dtype and a.shape == b.shape, field
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"{field}: the fused expansion differs"
+
+
+@needs_numba
+def test_the_fused_expansion_takes_no_rows_and_names_why_it_is_not_used(monkeypatch):
+    monkeypatch.setenv("FUSER_MOE_CPU_REDUCE", "1")
+    meta, x, _ = _received(0, 2, 16, torch.bfloat16, seed=0, packed=False)
+    got = routing.expand(meta, x, 2, 0, 4)  # no wire row, capacity 4: four padding rows
+    assert torch.equal(got.recv_x, torch.zeros(4, 16, dtype=torch.bfloat16)) and got.wire_row.numel() == 0
+    assert got.src_rank.tolist() == [-1] * 4 and got.topk_weights.tolist() == [0.0] * 4
+    assert "contiguous" in cpu_reduce.expand_unused(torch.zeros(8, 4).t(), torch.zeros(4, 8, dtype=torch.int64))
+    assert "int64" in cpu_reduce.expand_unused(torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="K=2 wants 8"):
+        cpu_reduce.expand_rows(torch.zeros(4, 7, dtype=torch.int64), torch.zeros(4, 8), 2, 0, 0, routing.meta_layout(2))
+    monkeypatch.setenv("FUSER_MOE_CPU_REDUCE", "0")
+    assert cpu_reduce.expand_unused(torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.int64)) == "FUSER_MOE_CPU_REDUCE=0"
+
+
+# ------------------------------------------------------------------------------------- the metadata
+@needs_numba
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=["int64", "int32"])
+@pytest.mark.parametrize("top_k", [1, 4, 9])
+@pytest.mark.parametrize("into_wire", [False, True], ids=["own", "wire-view"])
+def test_the_fused_metadata_gives_the_torch_words(monkeypatch, index_dtype, top_k, into_wire):
+    tokens, experts, world, rank = 300, 36, 4, 2
+    gen = torch.Generator().manual_seed(top_k)
+    placement = routing.make_placement(experts, world, None, "cpu")
+    idx = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    idx[::7, 0] = -1  # empty slots
+    idx[::11, -1] = experts + 3  # an id outside [0, E) (only unchecked input has one): no rank takes it
+    idx = idx.to(index_dtype)
+    w = torch.rand(tokens, top_k, generator=gen)
+    w[0, 0] = -0.0
+    x = torch.randn(tokens, 24, generator=gen).to(torch.bfloat16)
+    counts = routing.count_row(idx, placement)
+    send = routing.send_rows(counts)
+    matrix = torch.stack([counts.row] * world)
+    out_rows = routing.place_pairs(idx, counts, matrix, placement, rank)
+
+    def write():
+        if into_wire:
+            wire, meta = routing.wire_buffer(x, send.token, routing.meta_width(top_k))
+            meta.fill_(7)
+        else:
+            meta = None
+        partial = routing.wire_meta(idx, w, counts, None, send, rank, out=meta).clone()
+        routing.wire_meta_rows(partial, counts, out_rows, send)
+        whole = routing.wire_meta(idx, w, counts, out_rows, send, rank, out=meta)
+        return partial, whole.clone()
+
+    monkeypatch.setenv("FUSER_MOE_CPU_REDUCE", "1")
+    assert cpu_reduce.meta_unused(torch.empty(4, 8, dtype=torch.int64)) is None
+    for name, a, b in zip(("in two steps", "at once"), *_both_ways(monkeypatch, write)):
+        assert torch.equal(a, b), f"metadata {name}: the fused loop's words differ from torch's"
+
+
+@needs_numba
+def test_the_fused_metadata_checks_its_shapes_and_names_why_it_is_not_used(monkeypatch):
+    monkeypatch.delenv("FUSER_MOE_CPU_REDUCE", raising=False)
+    assert "words <" in cpu_reduce.meta_unused(torch.empty(10, 8, dtype=torch.int64))
+    assert "int64" in cpu_reduce.meta_unused(torch.empty(1000, 8, dtype=torch.int32))
+    assert "contiguous" in cpu_reduce.meta_unused(torch.empty(8, 1000, dtype=torch.int64).t())
+    layout = routing.meta_layout(2)
+    slots = torch.zeros(5, 2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="metadata"):
+        cpu_reduce.pack_meta(torch.empty(3, 7, dtype=torch.int64), torch.zeros(3, dtype=torch.int64),
+                             torch.zeros(3, dtype=torch.int64), slots, None, slots, slots, 0, layout)
+    with pytest.raises(ValueError, match="names token 9 of 5"):
+        cpu_reduce.pack_meta(torch.empty(1, 8, dtype=torch.int64), torch.tensor([9]), torch.zeros(1, dtype=torch.int64),
+                             slots, None, slots, slots, 0, layout)
+    monkeypatch.setenv("FUSER_MOE_CPU_REDUCE", "0")
+    assert cpu_reduce.meta_unused(torch.empty(1000, 8, dtype=torch.int64)) == "FUSER_MOE_CPU_REDUCE=0"

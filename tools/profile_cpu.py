@@ -5,10 +5,11 @@ warms up, then times each call and each stage of it on every rank: the routing p
 (routing.py), the collectives and the shared-memory barriers are wrapped with a wall-clock timer for
 the timed calls only. Rank 0 prints, per backend and op, the median over calls of each stage's time
 (median over ranks too), and what is left between the stages ("other": Python, host reads, small ops).
-With --ops it also prints torch.profiler's table of rank 0's ops.
+With --ops it also prints torch.profiler's table of rank 0's ops, with --pyprof cProfile's table of its
+Python functions.
 
 Usage: python tools/profile_cpu.py [--backends nccl,cuda] [--tokens 512] [--hidden 1024] [--experts 32]
-       [--topk 4] [--world-size 4] [--iters 20] [--ops]
+       [--topk 4] [--world-size 4] [--iters 20] [--ops] [--pyprof]
 """
 from __future__ import annotations
 
@@ -118,6 +119,19 @@ def body(comm, args):
             if comm.rank == 0:
                 op_tables.append(f"===== {name}: torch ops of rank 0, 5 x (dispatch + combine)\n"
                                  + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        if args.pyprof:
+            import cProfile
+            import io
+            import pstats
+
+            with cProfile.Profile() as py:
+                for _ in range(args.iters):
+                    combine(*dispatch())
+            if comm.rank == 0:
+                text = io.StringIO()
+                pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(args.rows)
+                op_tables.append(f"===== {name}: Python functions of rank 0 by own time, {args.iters} x "
+                                 f"(dispatch + combine)\n" + text.getvalue())
     return per_case, op_tables
 
 
@@ -135,6 +149,8 @@ def main():
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--ops", action="store_true", help="also print torch.profiler's op table of rank 0")
+    p.add_argument("--pyprof", action="store_true",
+                   help="also print cProfile's table of rank 0's Python functions (own time, torch ops included)")
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
 

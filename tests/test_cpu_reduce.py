@@ -136,8 +136,8 @@ def test_the_nan_probe_agrees_with_torchs_cast():
 
 
 def fused_combine_body(comm, backend, mode, hidden, dtype):
-    """Both combines (with the dispatch's handle and without) on CPU ranks, the fused loop on or by the
-    size rule; returns how many reductions it served."""
+    """A dispatch and both combines (with the dispatch's handle and without) on CPU ranks, the fused loops
+    on or by the size rule, against the reference; returns how often each fused loop ran on this rank."""
     from moe_cases import Case, assert_same, rank_inputs, make_inputs
 
     from fuser_moe.executors import get_backend
@@ -147,14 +147,17 @@ def fused_combine_body(comm, backend, mode, hidden, dtype):
         os.environ.pop("FUSER_MOE_CPU_REDUCE", None)
     else:
         os.environ["FUSER_MOE_CPU_REDUCE"] = mode
-    served = [0]
-    real = cpu_reduce.grouped_sums
+    served = {}
+    real = {name: getattr(cpu_reduce, name) for name in ("grouped_sums", "expand_rows", "pack_meta")}
 
-    def counted(*args, **kwargs):
-        served[0] += 1
-        return real(*args, **kwargs)
+    def counting(name):
+        def counted(*args, **kwargs):
+            served[name] = served.get(name, 0) + 1
+            return real[name](*args, **kwargs)
+        return counted
 
-    cpu_reduce.grouped_sums = counted
+    for name in real:
+        setattr(cpu_reduce, name, counting(name))
     try:
         impl = get_backend(backend)
         case = Case(comm.world_size, 4, num_experts=4 * comm.world_size, hidden=hidden, dtype=dtype,
@@ -166,26 +169,34 @@ def fused_combine_body(comm, backend, mode, hidden, dtype):
                                     [r.recv_src_rank for r in ref], [x.shape[0] for x in xs])
         x, idx, w = rank_inputs(comm, case)
         d, handle = impl.dispatch(comm, x, idx, w, num_experts=case.num_experts, return_handle=True)
+        mine = ref[comm.rank]
+        for field in ("recv_x", "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "recv_src_rank"):
+            assert_same(field, getattr(d, field), getattr(mine, field), comm.rank)
         y = torch.nn.functional.silu(d.recv_x)
         args = (comm, y, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank, d.n_tokens_to_rank,
                 d.n_tokens_from_rank, x.shape[0])
         for h in (handle, None):
             assert_same("combined_x", impl.combine(*args, handle=h), ref_out[comm.rank], comm.rank)
     finally:
-        cpu_reduce.grouped_sums = real
-    return served[0]
+        for name, fn in real.items():
+            setattr(cpu_reduce, name, fn)
+    return served
 
 
 @needs_numba
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("mode, hidden", [("1", 24), (None, 1024)], ids=["forced", "by_size"])
 def test_combines_with_the_fused_loop_give_the_reference_bits(backend, mode, hidden, dtype):
+    """Dispatch and combine on 3 CPU ranks with the fused loops, against the reference."""
     from harness import TEST_DEVICE, run_on_ranks
 
     if TEST_DEVICE != "cpu":
         pytest.skip("the fused loop serves CPU tensors")
-    served = run_on_ranks(3, fused_combine_body, backend, mode, hidden, dtype)
-    assert served[0] > 0, "the fused loop never ran on rank 0"
+    served = run_on_ranks(3, fused_combine_body, backend, mode, hidden, dtype)[0]
+    assert served.get("grouped_sums"), f"the fused sums never ran on rank 0: {served}"
+    assert served.get("expand_rows"), f"the fused expansion never ran on rank 0: {served}"
+    if mode == "1":
+        assert served.get("pack_meta"), f"the fused metadata never ran on rank 0: {served}"
 
 
 # ----------------------------------------------------------------------------------- the expansion

@@ -36,18 +36,24 @@ from typing import Optional, Sequence
 import torch
 
 _DEFAULT_MIN_ELEMENTS = 1 << 16
-_kernel = None  # the compiled loops (grouped_sums, group_rows, expand_rows), once imported
+_kernel = None  # the compiled loops (grouped_sums, group_rows, expand_rows, pack_meta), once imported
 _unavailable: Optional[str] = None  # why the fused path cannot run here (set at first use)
 _nan_bits: Optional[int] = None  # the bfloat16 bits torch's cast gives a float32 NaN, None if it varies
+
+
+def _mode() -> str:
+    """FUSER_MOE_CPU_REDUCE, checked: "0", "1" or "" (unset)."""
+    mode = os.environ.get("FUSER_MOE_CPU_REDUCE", "")
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"FUSER_MOE_CPU_REDUCE must be 0 (torch passes), 1 (the fused loop) or unset "
+                         f"(by size), got {mode!r}")
+    return mode
 
 
 def _switched_off(elements: int) -> Optional[str]:
     """Why the fused loops do not run for a call of `elements` elements (the switches, the size, Numba),
     or None."""
-    mode = os.environ.get("FUSER_MOE_CPU_REDUCE", "")
-    if mode not in ("", "0", "1"):
-        raise ValueError(f"FUSER_MOE_CPU_REDUCE must be 0 (torch passes), 1 (the fused loop) or unset "
-                         f"(by size), got {mode!r}")
+    mode = _mode()
     if mode == "0":
         return "FUSER_MOE_CPU_REDUCE=0"
     if mode != "1":
@@ -89,7 +95,7 @@ META_MIN_WORDS = 4096
 
 def meta_unused(meta: torch.Tensor) -> Optional[str]:
     """None when the fused loop (`pack_meta`) writes this [N, 2 + 3K] int64 metadata; else why not."""
-    mode = os.environ.get("FUSER_MOE_CPU_REDUCE", "")
+    mode = _mode()
     if mode == "0":
         return "FUSER_MOE_CPU_REDUCE=0"
     if meta.device.type != "cpu" or meta.dtype != torch.int64 or meta.dim() != 2:
@@ -216,9 +222,10 @@ def _compile():
     def expand_rows(meta, at, wire, stride, row_bytes, top_k, real, recv, idx_out, w_out, src_idx, src_rank,
                     wire_row):  # pragma: no cover
         # Every slot k of wire row n (bytes wire[n * stride:][:row_bytes], wire a flat byte array) that
-        # names an output row j in [0, real): the row's bytes to recv[j], the slot's expert id and weight bits, the row's token and source to row j,
-        # n to wire_row[j]. Output rows past real are padding (zero bytes, -1, weight +0.0). `at`: the
-        # layout's word offsets (routing.py): token, source, output rows, expert ids, weight bits.
+        # names an output row j in [0, real): the row's bytes to recv[j], the slot's expert id and weight
+        # bits, the row's token and source to row j, n to wire_row[j]. Output rows past real are padding
+        # (zero bytes, -1, weight +0.0). `at`: the layout's word offsets (routing.py): token, source,
+        # output rows, expert ids, weight bits.
         token_at, source_at, rows_at, experts_at, weights_at = at[0], at[1], at[2], at[3], at[4]
         for n in range(meta.shape[0]):
             for k in range(top_k):
@@ -327,7 +334,6 @@ def grouped_sums(rows: torch.Tensor, weights: Optional[torch.Tensor], index: tor
             out.copy_(wide)
 
 
-
 def _flat_rows(t: torch.Tensor) -> tuple:
     """(flat numpy uint8 array, row stride in bytes, row bytes) of a 2-D CPU tensor whose rows are
     contiguous, any dtype and any row stride: row n is flat[n * stride:][:row bytes]. A flat 1-D array
@@ -368,8 +374,8 @@ def expand_rows(meta: torch.Tensor, wire_x: torch.Tensor, top_k: int, pairs: int
     wire_row = torch.empty(real, dtype=torch.int64)
     flat, stride, row_bytes = _flat_rows(wire_x)
     rows_out = recv_x.view(torch.uint8).numpy() if row_bytes else np.empty((out_rows, 0), dtype=np.uint8)
-    _load()[2](meta.numpy(), np.array(layout, dtype=np.int64), flat, stride, row_bytes, top_k, real, rows_out, idx.numpy(),
-               weights.view(torch.int32).numpy().view(np.uint32), src_idx.numpy(), src_rank.numpy(),
+    _load()[2](meta.numpy(), np.array(layout, dtype=np.int64), flat, stride, row_bytes, top_k, real, rows_out,
+               idx.numpy(), weights.view(torch.int32).numpy().view(np.uint32), src_idx.numpy(), src_rank.numpy(),
                wire_row.numpy())
     return recv_x, idx, weights, src_idx, src_rank, wire_row
 

@@ -212,8 +212,9 @@ def _received(n_wire, top_k, hidden, dtype, seed, packed):
     rows[here] = torch.randperm(pairs, generator=gen)
     experts = torch.where(here, torch.randint(0, 64, (n_wire, top_k), generator=gen), -1)
     weights = routing.pack_weights(torch.rand(n_wire, top_k, generator=gen))
-    meta = torch.cat([torch.randint(0, 4096, (n_wire, 1), generator=gen), torch.randint(0, 8, (n_wire, 1), generator=gen),
-                      rows, experts, weights], dim=1)
+    token = torch.randint(0, 4096, (n_wire, 1), generator=gen)
+    source = torch.randint(0, 8, (n_wire, 1), generator=gen)
+    meta = torch.cat([token, source, rows, experts, weights], dim=1)
     x = torch.randn(n_wire, hidden, generator=gen).to(dtype)
     if not packed:
         return meta, x, pairs
@@ -310,3 +311,6 @@ def test_the_fused_metadata_checks_its_shapes_and_names_why_it_is_not_used(monke
                              slots, None, slots, slots, 0, layout)
     monkeypatch.setenv("FUSER_MOE_CPU_REDUCE", "0")
     assert cpu_reduce.meta_unused(torch.empty(1000, 8, dtype=torch.int64)) == "FUSER_MOE_CPU_REDUCE=0"
+    monkeypatch.setenv("FUSER_MOE_CPU_REDUCE", "yes")
+    with pytest.raises(ValueError, match="FUSER_MOE_CPU_REDUCE must be"):
+        cpu_reduce.meta_unused(torch.empty(1000, 8, dtype=torch.int64))

@@ -50,22 +50,26 @@ def _mode() -> str:
     return mode
 
 
-def _switched_off(elements: int) -> Optional[str]:
-    """Why the fused loops do not run for a call of `elements` elements (the switches, the size, Numba),
-    or None."""
+def _switched_off(size: int, unit: str = "elements") -> Optional[str]:
+    """Why the fused loops do not run for a call of `size` row elements, or metadata words with
+    unit="words" (the switches, the size rule, Numba), or None."""
     mode = _mode()
     if mode == "0":
         return "FUSER_MOE_CPU_REDUCE=0"
     if mode != "1":
-        text = os.environ.get("FUSER_MOE_CPU_REDUCE_MIN", str(_DEFAULT_MIN_ELEMENTS))
-        try:
-            threshold = int(text)
-        except ValueError:
-            threshold = -1
-        if threshold < 0:
-            raise ValueError(f"FUSER_MOE_CPU_REDUCE_MIN must be a non-negative int (elements), got {text!r}")
-        if elements < threshold:
-            return f"{elements} elements < FUSER_MOE_CPU_REDUCE_MIN ({threshold})"
+        if unit == "words":
+            threshold, name = META_MIN_WORDS, "META_MIN_WORDS"
+        else:
+            text = os.environ.get("FUSER_MOE_CPU_REDUCE_MIN", str(_DEFAULT_MIN_ELEMENTS))
+            try:
+                threshold = int(text)
+            except ValueError:
+                threshold = -1
+            if threshold < 0:
+                raise ValueError(f"FUSER_MOE_CPU_REDUCE_MIN must be a non-negative int (elements), got {text!r}")
+            name = "FUSER_MOE_CPU_REDUCE_MIN"
+        if size < threshold:
+            return f"{size} {unit} < {name} ({threshold})"
     if _load() is None:
         return _unavailable
     return None
@@ -95,16 +99,13 @@ META_MIN_WORDS = 4096
 
 def meta_unused(meta: torch.Tensor) -> Optional[str]:
     """None when the fused loop (`pack_meta`) writes this [N, 2 + 3K] int64 metadata; else why not."""
-    mode = _mode()
-    if mode == "0":
+    if _mode() == "0":
         return "FUSER_MOE_CPU_REDUCE=0"
     if meta.device.type != "cpu" or meta.dtype != torch.int64 or meta.dim() != 2:
         return "not 2-D int64 metadata on the CPU"
     if meta.shape[1] > 1 and meta.stride(1) != 1:
         return "metadata words not contiguous"
-    if mode != "1" and meta.numel() < META_MIN_WORDS:
-        return f"{meta.numel()} words < {META_MIN_WORDS}"
-    return _unavailable if _load() is None else None
+    return _switched_off(meta.numel(), unit="words")
 
 
 def expand_unused(wire_x: torch.Tensor, meta: torch.Tensor) -> Optional[str]:

@@ -65,19 +65,27 @@ def _assert_round_trip(r, d, out, ref, ref_out):
     assert_same("combined_x", out.cpu(), ref_out[r], r)
 
 
+def _checked_round_trip(comm, backend, case, capacity, seed, check_inputs=True):
+    """One dispatch and combine of `case` with `seed` on this rank, checked against the reference;
+    returns the dispatch outputs."""
+    r, dev = comm.rank, comm.device
+    case.seed = seed
+    xs, idxs, ws, ref, ref_out = _reference(case, capacity)
+    d = backend.dispatch(comm, xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev), num_experts=case.num_experts,
+                         expert_to_rank=case.expert_to_rank, max_recv_tokens=capacity, check_inputs=check_inputs)
+    out = backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
+                          d.n_tokens_to_rank, d.n_tokens_from_rank, xs[r].shape[0], check_inputs=check_inputs)
+    torch.cuda.synchronize()
+    _assert_round_trip(r, d, out, ref, ref_out)
+    return d
+
+
 def ll_round_body(comm, case, capacity, mode, rounds):
     os.environ["FUSER_MOE_LL"] = mode
     try:
         backend = get_backend("cuda")
-        r, dev = comm.rank, comm.device
         for round_ in range(rounds):  # consecutive calls exercise both buffer parities
-            case.seed = round_
-            xs, idxs, ws, ref, ref_out = _reference(case, capacity)
-            d = backend.dispatch(comm, xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev), num_experts=case.num_experts,
-                                 expert_to_rank=case.expert_to_rank, max_recv_tokens=capacity)
-            out = backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
-                                  d.n_tokens_to_rank, d.n_tokens_from_rank, xs[r].shape[0])
-            _assert_round_trip(r, d, out, ref, ref_out)
+            d = _checked_round_trip(comm, backend, case, capacity, round_)
             assert (cuda_ll.handle_for(d.recv_src_idx, d.recv_src_rank) is not None) == (mode == "1")
         backend.check(comm)
     finally:
@@ -172,8 +180,7 @@ def ll_graph_body(comm):
             torch.cuda.set_sync_debug_mode("default")
         for round_ in range(1, 6):
             case.seed = round_
-            _, _, _, ref, ref_out = _reference(case, capacity)
-            xs, idxs, ws = make_inputs(case)
+            xs, idxs, ws, ref, ref_out = _reference(case, capacity)
             x.copy_(xs[r].to(dev)), idx.copy_(idxs[r].to(dev)), w.copy_(ws[r].to(dev))
             graph.replay()
             torch.cuda.synchronize()
@@ -194,20 +201,12 @@ def ll_wrap_body(comm):
     os.environ["FUSER_MOE_LL"] = "1"
     try:
         backend = get_backend("cuda")
-        r, dev, world = comm.rank, comm.device, comm.world_size
+        world = comm.world_size
         case = Case(world, 4, num_experts=8 * world, hidden=64, tokens=[12] * world)
         capacity = 4 * 12 * world
 
         def round_trip(seed):
-            case.seed = seed
-            _, _, _, ref, ref_out = _reference(case, capacity)
-            xs, idxs, ws = make_inputs(case)
-            d = backend.dispatch(comm, xs[r].to(dev), idxs[r].to(dev), ws[r].to(dev), num_experts=case.num_experts,
-                                 max_recv_tokens=capacity, check_inputs=False)
-            out = backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
-                                  d.n_tokens_to_rank, d.n_tokens_from_rank, xs[r].shape[0], check_inputs=False)
-            torch.cuda.synchronize()
-            _assert_round_trip(r, d, out, ref, ref_out)
+            _checked_round_trip(comm, backend, case, capacity, seed, check_inputs=False)
 
         round_trip(0)  # allocates the buffers and the state words
         # Jump both generations to 2^31 - 1: the next call's flag target, generation * 2^32, leaves int64.

@@ -41,7 +41,8 @@ GEN_DISPATCH, TICKET_DSEND, TICKET_DRECV, GEN_COMBINE, TICKET_CSEND, TICKET_CREC
 STATE_WORDS = 8
 _MAX_CHUNK = 8  # tokens a send block handles: positions inside a chunk cost O(chunk * K) per slot
 _SLOTS = 4  # kernels/ll.cu FM_LL_SLOTS
-MAX_EXPERTS = 2048  # the send kernel keeps three int tables of E entries in shared memory
+MAX_EXPERTS = 2048  # the dispatch kernels keep three int tables of E entries in shared memory
+SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without opting in
 
 
 def max_rows() -> int:
@@ -79,6 +80,10 @@ def unavailable_reason(x: torch.Tensor, top_k: int, world: int, num_experts: int
     if world * n_local_max > 4096 or num_experts > MAX_EXPERTS:
         return (f"E={num_experts}, W x most local experts = {world * n_local_max} (the path's shared-memory tables "
                 f"take E <= {MAX_EXPERTS} and W x local experts <= 4096)")
+    shared = _recv_shared(_MAX_CHUNK, num_experts, world, top_k, n_local_max)
+    if shared > SHARED_LIMIT:
+        return (f"E={num_experts}, W={world}, K={top_k}, most local experts {n_local_max}: the dispatch receive's "
+                f"tables take {shared} bytes of shared memory (the path takes {SHARED_LIMIT})")
     if mode == "1":
         return None
     if capacity > max_rows():
@@ -175,13 +180,13 @@ def dispatch(comm, group_state, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
     sent_remote = torch.empty(1, dtype=i64, device=device)
     send_pos = torch.empty(max(tokens, 1), world, dtype=i32, device=device)
     num_sms, cap = sm_budget(device, stats)
-    chunk = min(_MAX_CHUNK, max(1, -(-tokens // num_sms)))
-    chunk = max(chunk, -(-tokens // cap))
+    # A block per chunk of tokens; a rank without peers sends no rows, so its send kernel (the routing
+    # for send_pos and n_to) takes the fewest blocks and leaves the SMs to its receive kernel.
+    chunk = _chunk(tokens, num_sms if world > 1 else 1, cap)
     n_chunks = max(1, -(-tokens // chunk))
-    # Cut rows into parts when there are fewer (token, destination) rows than warps (decode).
-    split = _split(num_sms * WARPS, n_chunks * chunk * min(world, top_k), row_bytes)
-    # kernels/ll.cu fm_ll_dispatch_send's tables (under the 48 KiB a launch gets without opting in).
-    shared = 8 * chunk + 4 * (3 * num_experts + 2 * world + chunk * world + 4 * chunk * top_k + _SLOTS * THREADS)
+    # Cut rows into parts when there are fewer (token, peer) rows than warps (decode).
+    split = _split(num_sms * WARPS, n_chunks * chunk * max(1, min(world - 1, top_k)), row_bytes)
+    shared = _route_shared(chunk, num_experts, world, top_k)
     _kernel(f"fuser_moe_ll_dispatch_send_{_IDX_SUFFIX[idx.dtype]}", device).launch(grid(n_chunks, cap, stats), THREADS, [
         x, ctypes.c_int64(row_bytes), idx, weights, ctypes.c_int64(tokens), ctypes.c_int32(top_k),
         placement.expert_to_rank, placement.local_index, ctypes.c_int64(num_experts),
@@ -198,17 +203,28 @@ def dispatch(comm, group_state, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
     per_expert = torch.empty(n_local, dtype=i64, device=device)
     summary = torch.empty(4, dtype=i64, device=device)
     wire_rows = torch.empty(world * slots * top_k, dtype=i32, device=device)
-    # About V pair rows plus the padding: `capacity` row copies (the host knows no closer bound).
-    split_recv = _split(num_sms * WARPS, capacity, row_bytes)
-    blocks = max(1, min(num_sms, -(-capacity * split_recv // WARPS)))
+    # Block b routes chunk b of this rank's tokens (chunks of its own) and copies their rows; the peers'
+    # wire rows go to every warp, (wire row, part) a warp: a row is read once and written to each of its
+    # pairs' output rows. About min(C, (W - 1) x T) of them arrive (every peer sends at most its T
+    # tokens); the C - V padding rows are a warp's each. Started beside its send kernel (programmatic
+    # launch), it gets the SMs that kernel leaves at once, the rest when it ends: the chunks go to the
+    # blocks that start at once (a block started late would route late), the peers' rows to all.
+    overlap = _overlap(stats)
+    free = num_sms - n_chunks if overlap and n_chunks < num_sms else num_sms
+    recv_chunk = _chunk(tokens, free, cap)
+    rows_est = max(1, min(capacity, (world - 1) * tokens))
+    split_recv = _split(num_sms * WARPS, rows_est, row_bytes)
+    copy_blocks = -(-(rows_est * split_recv + max(0, capacity - tokens * top_k)) // WARPS)
+    blocks = max(-(-max(tokens, 1) // recv_chunk), min(num_sms, copy_blocks))
     timeout_ns = int(tr.timeout_s * 1e9)
-    _kernel("fuser_moe_ll_dispatch_recv", device).launch(grid(blocks, cap, stats), THREADS, [
-        x_buf.local, meta_buf.local, head_buf.local, flag_buf.local, x, ctypes.c_int64(row_bytes),
-        ctypes.c_int32(top_k), ctypes.c_int32(world), ctypes.c_int32(rank), ctypes.c_int64(slots),
-        ctypes.c_int32(head_width), ctypes.c_int32(n_local), ctypes.c_int64(capacity),
+    _kernel(f"fuser_moe_ll_dispatch_recv_{_IDX_SUFFIX[idx.dtype]}", device).launch(grid(blocks, cap, stats), THREADS, [
+        x_buf.local, meta_buf.local, head_buf.local, flag_buf.local, x, ctypes.c_int64(row_bytes), idx, weights,
+        ctypes.c_int64(tokens), ctypes.c_int32(top_k), placement.expert_to_rank, placement.local_index,
+        ctypes.c_int64(num_experts), ctypes.c_int64(recv_chunk), ctypes.c_int32(world), ctypes.c_int32(rank),
+        ctypes.c_int64(slots), ctypes.c_int32(head_width), ctypes.c_int32(n_local), ctypes.c_int64(capacity),
         recv_x, recv_idx, recv_w, src_idx, src_rank, n_from, per_expert, summary, wire_rows, ll.words,
         group_state.errors, ctypes.c_int64(timeout_ns), ctypes.c_int32(split_recv)],
-        shared_mem=8 * (world * n_local + n_local + 1), overlap_previous=_overlap(stats))
+        shared_mem=_recv_shared(recv_chunk, num_experts, world, top_k, n_local), overlap_previous=overlap)
 
     handle = Handle(wire_rows, send_pos, n_from, summary, sent_remote, slots, tokens, top_k, capacity,
                     weakref.ref(src_rank))
@@ -261,6 +277,23 @@ def combine(comm, group_state, handle: Handle, x: torch.Tensor, topk_weights: to
     stats.bytes_sent = DeviceCount(handle.summary[2], row_bytes)
     stats.bytes_recv = DeviceCount(handle.sent_remote[0], row_bytes)
     return out
+
+
+def _chunk(tokens: int, blocks: int, cap: int) -> int:
+    """Tokens a dispatch block routes: spread over about `blocks` blocks, at most _MAX_CHUNK (positions
+    inside a chunk cost O(chunk x K) a slot) unless the budget's `cap` blocks could not hold them."""
+    chunk = min(_MAX_CHUNK, max(1, -(-tokens // max(1, blocks))))
+    return max(chunk, -(-tokens // cap))
+
+
+def _route_shared(chunk: int, num_experts: int, world: int, top_k: int) -> int:
+    """Bytes of kernels/ll.cu's routing tables (FmLlRoute) for a chunk of `chunk` tokens."""
+    return 8 * chunk + 4 * (3 * num_experts + 2 * world + chunk * world + 4 * chunk * top_k + _SLOTS * THREADS)
+
+
+def _recv_shared(chunk: int, num_experts: int, world: int, top_k: int, n_local: int) -> int:
+    """Bytes of the dispatch receive kernel's shared memory: the routing tables, then int64 bases."""
+    return -(-_route_shared(chunk, num_experts, world, top_k) // 8) * 8 + 8 * (world * n_local + n_local + 1)
 
 
 def _overlap(stats: CommStats) -> bool:

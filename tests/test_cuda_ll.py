@@ -43,6 +43,9 @@ def test_low_latency_path_refusals_name_the_reason(monkeypatch):
     assert "CPU" in cuda_ll.unavailable_reason(torch.zeros(4, 8), 2, 2, 4, 2, 16)
     assert "16 bytes" in cuda_ll.unavailable_reason(_fake_cuda_x(hidden=3), 2, 2, 4, 2, 16)
     assert "K=40" in cuda_ll.unavailable_reason(_fake_cuda_x(), 40, 2, 64, 32, 16)
+    # Every expert on one of two ranks, E=2048: the receive's tables would pass 48 KiB of shared memory.
+    assert "shared memory" in cuda_ll.unavailable_reason(_fake_cuda_x(), 32, 2, 2048, 2048, 16)
+    assert cuda_ll.unavailable_reason(_fake_cuda_x(), 8, 64, 1024, 16, 16) is None
     monkeypatch.setenv("FUSER_MOE_LL", "0")
     assert cuda_ll.unavailable_reason(_fake_cuda_x(), 2, 2, 4, 2, 16) == "FUSER_MOE_LL=0"
     monkeypatch.setenv("FUSER_MOE_LL", "1")

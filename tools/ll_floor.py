@@ -1,7 +1,9 @@
 """Floors of the low-latency path's work on one GPU, timed the way `fuser-moe bench` times graph mode.
 
 Each case is one CUDA graph, replayed after a spin kernel between two CUDA events (median of --reps):
-  empty x2         two empty kernels: the launch floor of a two-kernel op in a graph
+  empty x1, x2     one and two empty kernels: the launch floor of a one- and a two-kernel op in a graph
+  zero C rows      a memset of the C output rows: the write floor of the dispatch receive
+  copy C rows      a device-to-device copy of C rows
   dispatch bytes   torch's gather of the V = T x K pair rows of x into a C-row output and the zeroing of
                    the C - V padding rows: the HBM traffic of the path's W=1 dispatch receive
   combine bytes    torch's gather of the V rows of y and their float32 sum per token, cast back: the
@@ -70,6 +72,17 @@ def body(comm, args):
         empty.add_(0)
         empty.add_(0)
 
+    def one_empty():
+        empty.add_(0)
+
+    recv_copy = torch.empty_like(recv)
+
+    def zero_rows():
+        recv.zero_()
+
+    def copy_rows():
+        recv.copy_(recv_copy)
+
     def dispatch_bytes():
         torch.index_select(x, 0, rows, out=recv[:T * K])
         recv[T * K:].zero_()
@@ -85,7 +98,10 @@ def body(comm, args):
 
     lines = [f"floors on {torch.cuda.get_device_name(dev)}: T={T} H={H} K={K} E={E} C={C} bf16, "
              f"CUDA graph replays, median of {args.reps} (us)"]
+    lines.append(f"{'empty x1':24s} {_time(torch, one_empty, args.reps):8.1f}")
     lines.append(f"{'empty x2':24s} {_time(torch, two_empty, args.reps):8.1f}")
+    lines.append(f"{'zero C rows':24s} {_time(torch, zero_rows, args.reps):8.1f}   ({C * H * 2 / 1e6:.1f} MB written)")
+    lines.append(f"{'copy C rows':24s} {_time(torch, copy_rows, args.reps):8.1f}   ({C * H * 2 / 1e6:.1f} MB read and written)")
     mb = (T * K * H * 2 + C * H * 2) / 1e6
     lines.append(f"{'dispatch bytes':24s} {_time(torch, dispatch_bytes, args.reps):8.1f}   ({mb:.1f} MB moved)")
     lines.append(f"{'combine bytes':24s} {_time(torch, combine_bytes, args.reps):8.1f}")

@@ -7,8 +7,11 @@ repetitions of each stamp's first and last time, in microseconds from the dispat
 The stamps cost a few atomics a block, so the figures are a little above the uninstrumented kernels';
 %globaltimer's resolution on the GPU sets their grain.
 
+With --graph the two ops are captured in one CUDA graph and replayed, so the receive kernels start
+as the bench's graph mode starts them (programmatic launches beside their send kernels).
+
 Usage: python3 tools/ll_stamps.py [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256] [--reps 20]
-       [--world-size 1] [--shared]
+       [--world-size 1] [--shared] [--graph]
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 POINTS = {
     0: "dispatch send: start", 1: "dispatch send: tables set", 2: "dispatch send: slots counted",
     3: "dispatch send: positions known", 4: "dispatch send: rows written", 5: "dispatch send: arrival added",
-    8: "dispatch recv: start", 9: "dispatch recv: flags seen", 10: "dispatch recv: offsets known",
+    8: "dispatch recv: start", 24: "dispatch recv: tables set", 25: "dispatch recv: slots counted",
+    26: "dispatch recv: positions known", 9: "dispatch recv: flags seen", 13: "dispatch recv: heads read",
+    14: "dispatch recv: counts summed", 15: "dispatch recv: experts scanned", 10: "dispatch recv: offsets known",
     11: "dispatch recv: rows expanded", 12: "dispatch recv: ticket taken",
     16: "combine send: start", 17: "combine send: partials written", 18: "combine send: arrival added",
     20: "combine recv: start", 21: "combine recv: flags seen", 22: "combine recv: rows reduced",
@@ -54,29 +59,50 @@ def body(comm, args):
     for _ in range(5):
         step()
     torch.cuda.synchronize()
+    run = step
+    if args.graph:
+        # One CUDA graph of dispatch + combine, replayed: the kernels as the bench's graph mode has them
+        # (programmatic launches included), with no host launch between them.
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
+        torch.cuda.synchronize()
+        run = graph.replay
     d = _cuda.driver()
     path = str(nvrtc.resolve_source("ll.cu"))
     module = nvrtc._modules[(path, comm.device.index)]
     first_ptr, first_size = _cuda.call(d.cuModuleGetGlobal(module, b"fm_ll_stamp_first"), "cuModuleGetGlobal")
     last_ptr, last_size = _cuda.call(d.cuModuleGetGlobal(module, b"fm_ll_stamp_last"), "cuModuleGetGlobal")
     host = torch.empty(2, COUNT, dtype=torch.int64, device=comm.device)
-    runs = []
+    starts_ptr, starts_size = _cuda.call(d.cuModuleGetGlobal(module, b"fm_ll_block_start"), "cuModuleGetGlobal")
+    starts = torch.empty(starts_size // 8, dtype=torch.int64, device=comm.device)
+    runs, block_starts = [], []
     for _ in range(args.reps):
         comm.barrier()
         torch.cuda.synchronize()
         _cuda.call(d.cuMemsetD8(first_ptr, 0xFF, first_size), "cuMemsetD8")
         _cuda.call(d.cuMemsetD8(last_ptr, 0, last_size), "cuMemsetD8")
+        _cuda.call(d.cuMemsetD8(starts_ptr, 0, starts_size), "cuMemsetD8")
         torch.cuda.synchronize()
         comm.barrier()
-        step()
+        run()
         torch.cuda.synchronize()
         _cuda.call(d.cuMemcpyDtoD(host[0].data_ptr(), first_ptr, first_size), "cuMemcpyDtoD")
         _cuda.call(d.cuMemcpyDtoD(host[1].data_ptr(), last_ptr, last_size), "cuMemcpyDtoD")
         torch.cuda.synchronize()
+        _cuda.call(d.cuMemcpyDtoD(starts.data_ptr(), starts_ptr, starts_size), "cuMemcpyDtoD")
+        torch.cuda.synchronize()
         runs.append(host.cpu().tolist())
+        block_starts.append([v for v in starts.cpu().tolist() if v])
     if comm.rank != 0:
         return None
-    lines = [f"low-latency path stamps, rank 0 of {comm.world_size}: T={args.tokens} H={args.hidden} "
+    lines = [f"low-latency path stamps{' (CUDA graph)' if args.graph else ''}, rank 0 of {comm.world_size}: T={args.tokens} H={args.hidden} "
              f"K={args.topk} E={args.experts} C={capacity} bf16; median of {args.reps} (us from the first stamp)",
              f"{'point':36s} {'first':>8s} {'last':>8s}"]
     for i, name in POINTS.items():
@@ -84,6 +110,16 @@ def body(comm, args):
         lasts = [(r[1][i] - r[0][0]) / 1e3 for r in runs if r[0][i] != -1 and r[1][i] != 0]
         if firsts:
             lines.append(f"{name:36s} {statistics.median(firsts):8.2f} {statistics.median(lasts):8.2f}")
+    # When the dispatch receive's blocks began, against the dispatch send's last arrival (median run).
+    late = []
+    for r, b in zip(runs, block_starts):
+        if b and r[1][5] != 0:
+            late.append(sum(1 for v in b if v > r[1][5]))
+    if late and block_starts[0]:
+        offsets = sorted((v - runs[0][0][0]) / 1e3 for v in block_starts[0])
+        lines.append(f"dispatch recv blocks: {len(block_starts[0])}; begun after the send's last arrival: median "
+                     f"{statistics.median(late)} a run; first run's block starts (us): "
+                     + " ".join(f"{v:.1f}" for v in offsets[:: max(1, len(offsets) // 16)]))
     return "\n".join(lines)
 
 
@@ -97,6 +133,7 @@ def main():
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--shared", action="store_true", help="every rank on cuda:0")
+    p.add_argument("--graph", action="store_true", help="replay dispatch + combine as one CUDA graph")
     args = p.parse_args()
     defines = os.environ.get("FUSER_MOE_KERNEL_DEFINES", "").split()
     os.environ["FUSER_MOE_KERNEL_DEFINES"] = " ".join(defines + ["FM_LL_STAMPS"])

@@ -15,15 +15,19 @@
 //   send  (a block per chunk of tokens)  each token's row of x goes once to each other destination rank d
 //         that one of its experts lives on, into slot (parity, r, position of the token among r's tokens
 //         for d) of d's wire buffer, with a metadata row [token, K x (expert or -1, position of the token
-//         among r's tokens for that expert, weight bits)]; for d = r only the metadata row is written
-//         (self-direct: r's receive kernel reads its own rows from x). Every block counts all T tokens' slots, so
-//         each knows the totals; block 0 writes, for every d, the header [tokens for d, T, pairs for
-//         each of d's local experts] beside its rows, and every block adds its arrival to every d's
-//         flag once its rows are out.
-//   recv  (warps over (wire row, slot))  waits for every source's flag; from the headers, expert j's
-//         rows from source s start at (rows of experts < j) + (rows of j from sources < s), so each
-//         pair's output row is that plus the position the sender wrote: the contract's order (local
-//         expert, source rank, source token) without a sort. Padding rows [V, C) are filled.
+//         among r's tokens for that expert, weight bits)]. Every block routes all T tokens (fm_ll_route:
+//         counts only, then its chunk's positions), so each knows the totals; block 0 writes, for every
+//         d != r, the header [tokens for d, T, pairs for each of d's local experts] beside its rows, and
+//         every block adds its arrival to every rank's flag (its own included) once its rows are out.
+//   recv  block b routes chunk b of r's own tokens with the same fm_ll_route (self-routed: r sends
+//         itself nothing, so at W=1 nothing is waited for before the copies), then waits for every peer's
+//         flag; from its own counts and the peers' headers, expert j's rows from source s start at (rows
+//         of experts < j) + (rows of j from sources < s), so each pair's output row is that plus the
+//         position the sender computed: the contract's order (local expert, source rank, source token)
+//         without a sort. A warp reads a part of a row once (r's own tokens from x, the peers' wire rows)
+//         and stores it to the output row of each of the row's pairs here (up to K); padding rows [V, C)
+//         are filled, a warp a row. Last, it waits for its own send's arrival (the generation it
+//         advances and the handle that the combine reads follow that kernel).
 // Combine, on expert rank r, with the handle the low-latency dispatch left (each wire row's output
 // rows; each of the source's tokens' slot on each expert rank):
 //   send  (warps over wire rows)  float32 sum of w * y over the wire row's output rows in ascending row
@@ -72,6 +76,13 @@ constexpr int FM_LL_ERR_GIVEN = 1;
 constexpr int FM_LL_STAMP_COUNT = 32;
 __device__ fm_u64 fm_ll_stamp_first[FM_LL_STAMP_COUNT];
 __device__ fm_u64 fm_ll_stamp_last[FM_LL_STAMP_COUNT];
+__device__ fm_u64 fm_ll_block_start[1024];  // the dispatch receive's blocks: when each began
+#define FM_LL_BLOCK_START()                                                               \
+    do {                                                                                  \
+        if (threadIdx.x == 0 && blockIdx.x < 1024) {                                      \
+            fm_ll_block_start[blockIdx.x] = fm_globaltimer_ns();                          \
+        }                                                                                 \
+    } while (0)
 #define FM_LL_STAMP(i)                                                          \
     do {                                                                        \
         if (threadIdx.x == 0) {                                                 \
@@ -81,6 +92,9 @@ __device__ fm_u64 fm_ll_stamp_last[FM_LL_STAMP_COUNT];
         }                                                                       \
     } while (0)
 #else
+#define FM_LL_BLOCK_START() \
+    do {                    \
+    } while (0)
 #define FM_LL_STAMP(i) \
     do {               \
     } while (0)
@@ -175,12 +189,15 @@ __device__ __forceinline__ bool fm_ll_behind(fm_i64 flag, fm_i64 target)
     return static_cast<fm_i64>(static_cast<fm_u64>(flag) - static_cast<fm_u64>(target)) < 0;
 }
 
-// Waits (threads s < world of the block, one source each) until no flag[s] is behind `generation`
+// Waits (threads s < world of the block, one source each, those that `which` selects) until no flag[s] is behind `generation`
 // (fm_ll_behind), or gives up after timeout_ns and records which sources never came. After a recorded timeout nobody waits again
 // until the host has seen it. Ends with a block-wide barrier and a fence; returns true when this block
 // gave up or found an earlier timeout (then the caller reads no peer's rows).
+constexpr int FM_LL_WAIT_ALL = 0;    // every source
+constexpr int FM_LL_WAIT_PEERS = 1;  // every source but `rank`
+constexpr int FM_LL_WAIT_SELF = 2;   // `rank` alone
 __device__ bool fm_ll_wait_flags(const fm_i64* flags, int world, fm_i64 generation, fm_i64* state, int phase,
-                                 fm_i64 timeout_ns)
+                                 fm_i64 timeout_ns, int rank, int which)
 {
     __shared__ int gave_up;
     if (threadIdx.x == 0) {
@@ -188,6 +205,9 @@ __device__ bool fm_ll_wait_flags(const fm_i64* flags, int world, fm_i64 generati
     }
     __syncthreads();
     for (int s = threadIdx.x; s < world; s += blockDim.x) {
+        if ((which == FM_LL_WAIT_PEERS && s == rank) || (which == FM_LL_WAIT_SELF && s != rank)) {
+            continue;
+        }
         // The sticky timeout word is read with the first poll (one memory round trip for both).
         const fm_i64 earlier = *reinterpret_cast<volatile fm_i64*>(&state[FM_LL_TIMEOUT_PHASE]);
         fm_i64 flag = fm_load_acquire_sys(flags + s);
@@ -301,68 +321,66 @@ __device__ __forceinline__ void fm_ll_finish_receive(fm_i64* state, int ticket_w
 //   head_ptrs[d] int64 rows (parity * world + source) of head_width = 2 + L: tokens for d, T, pairs for
 //                each local expert of d (local order)
 //   flag_ptrs[d] int64 [world]: the generation whose rows source s has put in place
+// A rank writes none of these for itself: its receive kernel routes its own tokens from topk_idx
+// (fm_ll_route, the send kernel's arithmetic) and reads their rows from x.
 // Local: state [FM_LL_STATE_WORDS]; n_to [W] int64 output; sent_remote [1] int64: tokens sent to other
 //   ranks; send_pos int32 [T, W] (the handle: token's slot on each rank, -1 if not sent).
-// Dynamic shared memory: u64 mask[chunk]; int before_e[E], before_d[W], all_e[E], all_d[W], route[E],
-// pos[chunk * W], slot_pos, chunk_e, chunk_d and chunk_w [chunk * K] each, tile_d[FM_LL_SLOTS * blockDim.x].
 constexpr int FM_LL_SLOTS = 4;  // slots a thread loads at once while counting
-template <typename I>
-__device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 row_bytes, const I* __restrict__ topk_idx,
-                                    const float* __restrict__ weights, fm_i64 tokens, int top_k,
-                                    const fm_i64* __restrict__ expert_to_rank, const fm_i64* __restrict__ local_index,
-                                    fm_i64 num_experts, int world, int rank,
-                                    fm_i64 chunk, fm_i64 slots, int head_width, const fm_u64* __restrict__ x_ptrs,
-                                    const fm_u64* __restrict__ meta_ptrs, const fm_u64* __restrict__ head_ptrs,
-                                    const fm_u64* __restrict__ flag_ptrs, fm_i64* state, fm_i64* n_to,
-                                    fm_i64* sent_remote, int* send_pos, int split)
+
+// The routing tables of one chunk of tokens, in dynamic shared memory (both dispatch kernels):
+// u64 mask[chunk]; int before_e[E], before_d[W], all_e[E], all_d[W], route[E], pos[chunk * W],
+// slot_pos, chunk_e, chunk_d and chunk_w [chunk * K] each, tile_d[FM_LL_SLOTS * blockDim.x]
+// (cuda_ll.py's _route_shared counts the same bytes).
+struct FmLlRoute {
+    fm_u64* mask;     // [chunk] destination ranks of a token
+    int* before_e;    // [E] pairs of each expert before the chunk
+    int* before_d;    // [W] tokens for each rank before the chunk
+    int* all_e;       // [E] pairs of each expert, all T
+    int* all_d;       // [W] tokens for each rank, all T
+    int* route;       // [E] rank << 16 | local index
+    int* pos;         // [chunk * W] a chunk token's slot on each rank, -1 if it goes nowhere there
+    int* slot_pos;    // [chunk * K] a slot's position among the source's pairs of its expert
+    int* chunk_e;     // [chunk * K] experts of the chunk's slots (-1: empty)
+    int* chunk_d;     // [chunk * K] their ranks
+    float* chunk_w;   // [chunk * K] their weights
+    int* tile_d;      // [FM_LL_SLOTS * blockDim.x]
+    void* end;        // the first byte after the tables
+};
+
+__device__ __forceinline__ FmLlRoute fm_ll_route_tables(void* shared, fm_i64 chunk, fm_i64 num_experts, int world,
+                                                        int top_k)
 {
-    fm_u64* mask = fm_ll_shared;                                      // [chunk] destination ranks of a token
-    int* before_e = reinterpret_cast<int*>(fm_ll_shared + chunk);     // [E]
-    int* before_d = before_e + num_experts;                           // [W]
-    int* all_e = before_d + world;                                    // [E] pairs of each expert, all T
-    int* all_d = all_e + num_experts;                                 // [W] tokens for each rank, all T
-    int* route = all_d + world;                                       // [E] rank << 16 | local index
-    int* pos = route + num_experts;                                   // [chunk * W]
-    int* slot_pos = pos + chunk * world;                              // [chunk * K]
-    int* chunk_e = slot_pos + chunk * top_k;                          // [chunk * K] experts of the chunk's slots
-    int* chunk_d = chunk_e + chunk * top_k;                           // [chunk * K] their ranks
-    float* chunk_w = reinterpret_cast<float*>(chunk_d + chunk * top_k);  // [chunk * K] their weights
-    int* tile_d = reinterpret_cast<int*>(chunk_w + chunk * top_k);    // [FM_LL_SLOTS * blockDim.x]
+    FmLlRoute r;
+    r.mask = reinterpret_cast<fm_u64*>(shared);
+    r.before_e = reinterpret_cast<int*>(r.mask + chunk);
+    r.before_d = r.before_e + num_experts;
+    r.all_e = r.before_d + world;
+    r.all_d = r.all_e + num_experts;
+    r.route = r.all_d + world;
+    r.pos = r.route + num_experts;
+    r.slot_pos = r.pos + chunk * world;
+    r.chunk_e = r.slot_pos + chunk * top_k;
+    r.chunk_d = r.chunk_e + chunk * top_k;
+    r.chunk_w = reinterpret_cast<float*>(r.chunk_d + chunk * top_k);
+    r.tile_d = reinterpret_cast<int*>(r.chunk_w + chunk * top_k);
+    r.end = r.tile_d + FM_LL_SLOTS * blockDim.x;
+    return r;
+}
 
-    const fm_i64 generation = state[FM_LL_GEN_DISPATCH] + 1;
-    const fm_i64 parity = generation & 1;
-    fm_launch_dependents();  // the receive kernel may start now: it waits for the flags this kernel stores
-    const fm_i64 t0 = blockIdx.x * chunk;
-    FM_LL_STAMP(0);
-    const fm_i64 t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
+// Routes the chunk [t0, t1) of a source's T tokens, by the whole block: counts all T tokens' slots
+// (pairs of each expert and tokens for each rank before the chunk and in all; counts only, so the order
+// of the atomics does not matter), then the chunk's own experts, ranks, weights, rank sets, and each
+// slot's and token's position (the chunk's earlier tokens with the same expert / rank, plus those
+// before the chunk). Every block of both dispatch kernels runs it, so each knows the totals. Ends with
+// a block barrier. `stamp` numbers its three phase stamps.
+template <typename I>
+__device__ void fm_ll_route(const FmLlRoute& r, const I* __restrict__ topk_idx, const float* __restrict__ weights,
+                            fm_i64 tokens, int top_k, const fm_i64* __restrict__ expert_to_rank,
+                            const fm_i64* __restrict__ local_index, fm_i64 num_experts, int world, fm_i64 t0,
+                            fm_i64 t1, int stamp)
+{
     const fm_i64 n = t1 > t0 ? t1 - t0 : 0;
-    const int meta_width = 1 + 4 * top_k;
-    const int lane = threadIdx.x & (FM_LL_WARP - 1);
-    const int warp = threadIdx.x / FM_LL_WARP;
-    const int n_warps = blockDim.x / FM_LL_WARP;
-    const fm_i64 items = n * world * split;  // (token, destination, part) of the chunk: a warp each
-
-    // A warp's first row part is loaded now, while the block counts (the source row does not depend on
-    // where it goes); its stores wait for the positions.
-    int4 first[FM_LL_COPY_BATCH];
-    fm_i64 first_begin = 0, first_end = 0;
-    bool prefetched = false;
-    if (warp < items && static_cast<int>((warp / split) % world) != rank) {
-        fm_ll_part(row_bytes, static_cast<int>(warp % split), split, &first_begin, &first_end);
-        const unsigned char* src = x + (t0 + warp / split / world) * row_bytes + first_begin;
-        prefetched = fm_aligned16(src);
-        if (prefetched) {
-            const fm_i64 n4 = (first_end - first_begin) >> 4;
-#pragma unroll
-            for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
-                if (lane + u * FM_LL_WARP < n4) {
-                    first[u] = reinterpret_cast<const int4*>(src)[lane + u * FM_LL_WARP];
-                }
-            }
-        }
-    }
-
-    // The first tile's slots (below) are loaded before the tables: both loads in one memory round trip.
+    // The first tile's slots are loaded before the tables: both loads in one memory round trip.
     const int tile = (FM_LL_SLOTS * static_cast<int>(blockDim.x) / top_k) * top_k;
     fm_i64 e[FM_LL_SLOTS];
     float w[FM_LL_SLOTS];
@@ -383,22 +401,20 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
     };
     load_tile(0);
     for (fm_i64 i = threadIdx.x; i < num_experts; i += blockDim.x) {
-        before_e[i] = 0;
-        all_e[i] = 0;
-        route[i] = static_cast<int>(expert_to_rank[i] << 16 | local_index[i]);
+        r.before_e[i] = 0;
+        r.all_e[i] = 0;
+        r.route[i] = static_cast<int>(expert_to_rank[i] << 16 | local_index[i]);
     }
     for (int i = threadIdx.x; i < world; i += blockDim.x) {
-        before_d[i] = 0;
-        all_d[i] = 0;
+        r.before_d[i] = 0;
+        r.all_d[i] = 0;
     }
     for (fm_i64 i = threadIdx.x; i < n; i += blockDim.x) {
-        mask[i] = 0;
+        r.mask[i] = 0;
     }
     __syncthreads();
-    FM_LL_STAMP(1);
-    // Slots of all T tokens in tiles of whole tokens, FM_LL_SLOTS slots a thread (their loads at once):
-    // pairs of each expert and tokens for each rank before the chunk and in all (counts only, so the
-    // order of the atomics does not matter), and the chunk's own experts, ranks, weights and rank sets.
+    FM_LL_STAMP(stamp);
+    // Slots of all T tokens in tiles of whole tokens, FM_LL_SLOTS slots a thread (their loads at once).
     for (fm_i64 base = 0; base < tokens * top_k; base += tile) {
         if (base > 0) {
             load_tile(base);
@@ -407,7 +423,7 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
         for (int j = 0; j < FM_LL_SLOTS; ++j) {
             const int at = j * static_cast<int>(blockDim.x) + static_cast<int>(threadIdx.x);
             if (at < tile) {
-                tile_d[at] = e[j] >= 0 ? route[e[j]] >> 16 : -1;
+                r.tile_d[at] = e[j] >= 0 ? r.route[e[j]] >> 16 : -1;
             }
         }
         __syncthreads();
@@ -419,104 +435,155 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
                 continue;
             }
             const int k = static_cast<int>(p % top_k);
-            const int d = tile_d[at];
+            const int d = r.tile_d[at];
             bool first_on_d = d >= 0;  // the token's first slot on rank d
             for (int k2 = 0; k2 < k && first_on_d; ++k2) {
-                first_on_d = tile_d[at - k + k2] != d;
+                first_on_d = r.tile_d[at - k + k2] != d;
             }
             const fm_i64 t = p / top_k;
             if (e[j] >= 0) {
-                atomicAdd(&all_e[e[j]], 1);
+                atomicAdd(&r.all_e[e[j]], 1);
             }
             if (first_on_d) {
-                atomicAdd(&all_d[d], 1);
+                atomicAdd(&r.all_d[d], 1);
             }
             if (t < t0) {
                 if (e[j] >= 0) {
-                    atomicAdd(&before_e[e[j]], 1);
+                    atomicAdd(&r.before_e[e[j]], 1);
                 }
                 if (first_on_d) {
-                    atomicAdd(&before_d[d], 1);
+                    atomicAdd(&r.before_d[d], 1);
                 }
             } else if (t < t1) {
-                chunk_e[p - t0 * top_k] = static_cast<int>(e[j]);
-                chunk_d[p - t0 * top_k] = d;
-                chunk_w[p - t0 * top_k] = w[j];
+                r.chunk_e[p - t0 * top_k] = static_cast<int>(e[j]);
+                r.chunk_d[p - t0 * top_k] = d;
+                r.chunk_w[p - t0 * top_k] = w[j];
                 if (d >= 0) {
-                    atomicOr(&mask[t - t0], 1ull << d);
+                    atomicOr(&r.mask[t - t0], 1ull << d);
                 }
             }
         }
         __syncthreads();
     }
-    FM_LL_STAMP(2);
-    // Positions inside the chunk: count the chunk's earlier tokens with the same expert / rank.
+    FM_LL_STAMP(stamp + 1);
     for (fm_i64 q = threadIdx.x; q < n * top_k; q += blockDim.x) {
         const fm_i64 i = q / top_k;
-        const int e = chunk_e[q];
+        const int ex = r.chunk_e[q];
         int p = -1;
-        if (e >= 0) {
-            p = before_e[e];
+        if (ex >= 0) {
+            p = r.before_e[ex];
             for (fm_i64 q2 = 0; q2 < i * top_k; ++q2) {
-                p += chunk_e[q2] == e;
+                p += r.chunk_e[q2] == ex;
             }
         }
-        slot_pos[q] = p;
+        r.slot_pos[q] = p;
     }
     for (fm_i64 q = threadIdx.x; q < n * world; q += blockDim.x) {
         const fm_i64 i = q / world;
         const int d = static_cast<int>(q % world);
         int p = -1;
-        if ((mask[i] >> d) & 1ull) {
-            p = before_d[d];
+        if ((r.mask[i] >> d) & 1ull) {
+            p = r.before_d[d];
             for (fm_i64 i2 = 0; i2 < i; ++i2) {
-                p += static_cast<int>((mask[i2] >> d) & 1ull);
+                p += static_cast<int>((r.mask[i2] >> d) & 1ull);
             }
         }
-        pos[q] = p;
-        send_pos[(t0 + i) * world + d] = p;
+        r.pos[q] = p;
     }
     __syncthreads();
-    FM_LL_STAMP(3);
+    FM_LL_STAMP(stamp + 2);
+}
+
+template <typename I>
+__device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 row_bytes, const I* __restrict__ topk_idx,
+                                    const float* __restrict__ weights, fm_i64 tokens, int top_k,
+                                    const fm_i64* __restrict__ expert_to_rank, const fm_i64* __restrict__ local_index,
+                                    fm_i64 num_experts, int world, int rank,
+                                    fm_i64 chunk, fm_i64 slots, int head_width, const fm_u64* __restrict__ x_ptrs,
+                                    const fm_u64* __restrict__ meta_ptrs, const fm_u64* __restrict__ head_ptrs,
+                                    const fm_u64* __restrict__ flag_ptrs, fm_i64* state, fm_i64* n_to,
+                                    fm_i64* sent_remote, int* send_pos, int split)
+{
+    const FmLlRoute r = fm_ll_route_tables(fm_ll_shared, chunk, num_experts, world, top_k);
+    const fm_i64 generation = state[FM_LL_GEN_DISPATCH] + 1;
+    const fm_i64 parity = generation & 1;
+    fm_launch_dependents();  // the receive kernel may start now: it waits for the flags this kernel stores
+    const fm_i64 t0 = blockIdx.x * chunk;
+    FM_LL_STAMP(0);
+    const fm_i64 t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
+    const fm_i64 n = t1 > t0 ? t1 - t0 : 0;
+    const int meta_width = 1 + 4 * top_k;
+    const int lane = threadIdx.x & (FM_LL_WARP - 1);
+    const int warp = threadIdx.x / FM_LL_WARP;
+    const int n_warps = blockDim.x / FM_LL_WARP;
+    const fm_i64 items = n * world * split;  // (token, destination, part) of the chunk: a warp each
+
+    // A warp's first row part is loaded now, while the block routes (the source row does not depend on
+    // where it goes); its stores wait for the positions.
+    int4 first[FM_LL_COPY_BATCH];
+    fm_i64 first_begin = 0, first_end = 0;
+    bool prefetched = false;
+    if (warp < items && static_cast<int>((warp / split) % world) != rank) {
+        fm_ll_part(row_bytes, static_cast<int>(warp % split), split, &first_begin, &first_end);
+        const unsigned char* src = x + (t0 + warp / split / world) * row_bytes + first_begin;
+        prefetched = fm_aligned16(src);
+        if (prefetched) {
+            const fm_i64 n4 = (first_end - first_begin) >> 4;
+#pragma unroll
+            for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
+                if (lane + u * FM_LL_WARP < n4) {
+                    first[u] = reinterpret_cast<const int4*>(src)[lane + u * FM_LL_WARP];
+                }
+            }
+        }
+    }
+
+    fm_ll_route<I>(r, topk_idx, weights, tokens, top_k, expert_to_rank, local_index, num_experts, world, t0, t1, 1);
+    for (fm_i64 q = threadIdx.x; q < n * world; q += blockDim.x) {
+        send_pos[t0 * world + q] = r.pos[q];
+    }
     if (blockIdx.x == 0) {
-        // Headers and this rank's n_tokens_to_rank, from the totals every block has (block 0's
-        // arrival, which every flag needs, orders them before the flags as it does the block's rows).
+        // Headers (for the peers) and this rank's n_tokens_to_rank, from the totals every block has
+        // (block 0's arrival, which every flag needs, orders them before the flags as it does the
+        // block's rows).
         if (threadIdx.x == 0) {
             fm_i64 remote = 0;
             for (int d = 0; d < world; ++d) {
-                remote += d == rank ? 0 : all_d[d];
+                remote += d == rank ? 0 : r.all_d[d];
             }
             *sent_remote = remote;
         }
         for (int d = threadIdx.x; d < world; d += blockDim.x) {
-            const fm_i64 sent = all_d[d];
+            const fm_i64 sent = r.all_d[d];
             n_to[d] = sent;
-            fm_i64* head = reinterpret_cast<fm_i64*>(head_ptrs[d]) + (parity * world + rank) * head_width;
-            head[0] = sent;
-            head[1] = tokens;
+            if (d != rank) {
+                fm_i64* head = reinterpret_cast<fm_i64*>(head_ptrs[d]) + (parity * world + rank) * head_width;
+                head[0] = sent;
+                head[1] = tokens;
+            }
         }
         for (fm_i64 e = threadIdx.x; e < num_experts; e += blockDim.x) {
-            const int d = route[e] >> 16;
-            fm_i64* head = reinterpret_cast<fm_i64*>(head_ptrs[d]) + (parity * world + rank) * head_width;
-            head[2 + (route[e] & 0xffff)] = all_e[e];
+            const int d = r.route[e] >> 16;
+            if (d != rank) {
+                fm_i64* head = reinterpret_cast<fm_i64*>(head_ptrs[d]) + (parity * world + rank) * head_width;
+                head[2 + (r.route[e] & 0xffff)] = r.all_e[e];
+            }
         }
     }
 
-    // Rows and metadata, a warp per (token, destination, part).
+    // Rows and metadata for the peers, a warp per (token, destination, part).
     for (fm_i64 q = warp; q < items; q += n_warps) {
         const int part = static_cast<int>(q % split);
         const fm_i64 item = q / split;
         const fm_i64 i = item / world;
         const int d = static_cast<int>(item % world);
-        const int p = pos[item];
-        if (p < 0 || p >= slots) {
-            continue;  // not for d, or past the capacity (the receiver reports the overflow)
+        const int p = r.pos[item];
+        if (d == rank || p < 0 || p >= slots) {
+            continue;  // this rank (self-routed), not for d, or past the capacity (d reports the overflow)
         }
         const fm_i64 row = (parity * world + rank) * slots + p;
         unsigned char* dst = reinterpret_cast<unsigned char*>(x_ptrs[d]) + row * row_bytes;
-        if (d == rank) {
-            // Self-direct: this rank's receive kernel reads its own rows from x; only the metadata goes.
-        } else if (q == warp && prefetched) {
+        if (q == warp && prefetched) {
             const fm_i64 n4 = (first_end - first_begin) >> 4;
             int4* dst4 = reinterpret_cast<int4*>(dst + first_begin);
 #pragma unroll
@@ -540,12 +607,12 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
                 meta[0] = static_cast<int>(t0 + i);
             }
             for (int k = lane; k < top_k; k += FM_LL_WARP) {
-                const int e = chunk_e[i * top_k + k];
-                const bool mine = e >= 0 && chunk_d[i * top_k + k] == d;
+                const int e = r.chunk_e[i * top_k + k];
+                const bool mine = e >= 0 && r.chunk_d[i * top_k + k] == d;
                 meta[1 + 4 * k] = mine ? e : -1;
-                meta[2 + 4 * k] = mine ? (route[e] & 0xffff) : 0;
-                meta[3 + 4 * k] = mine ? slot_pos[i * top_k + k] : 0;
-                meta[4 + 4 * k] = __float_as_int(chunk_w[i * top_k + k]);
+                meta[2 + 4 * k] = mine ? (r.route[e] & 0xffff) : 0;
+                meta[3 + 4 * k] = mine ? r.slot_pos[i * top_k + k] : 0;
+                meta[4 + 4 * k] = __float_as_int(r.chunk_w[i * top_k + k]);
             }
         }
     }
@@ -573,49 +640,128 @@ __device__ void fm_ll_dispatch_send(const unsigned char* __restrict__ x, fm_i64 
 FM_LL_DISPATCH_SEND(fuser_moe_ll_dispatch_send_i64, fm_i64)
 FM_LL_DISPATCH_SEND(fuser_moe_ll_dispatch_send_i32, int)
 
+// A warp stores the vectors v (its part [begin, begin + 16 n4) of a row, FM_LL_COPY_BATCH a lane from
+// vector v0) to the output row that each lane k < K holds in `out` (-1: none).
+__device__ __forceinline__ void fm_ll_fan_out(unsigned char* recv_x, fm_i64 row_bytes, fm_i64 begin, fm_i64 n4,
+                                              fm_i64 v0, const int4* v, fm_i64 out, int top_k, int lane)
+{
+    for (int k = 0; k < top_k; ++k) {
+        const fm_i64 o = __shfl_sync(0xffffffffu, out, k);
+        if (o < 0) {
+            continue;
+        }
+        int4* dst4 = reinterpret_cast<int4*>(recv_x + o * row_bytes + begin);
+#pragma unroll
+        for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
+            if (v0 + lane + u * FM_LL_WARP < n4) {
+                dst4[v0 + lane + u * FM_LL_WARP] = v[u];
+            }
+        }
+    }
+}
+
+// A warp copies part [begin, end) of the row at src to the output rows in `out` (lane k: slot k's),
+// reading it once; `v` holds the part's first FM_LL_COPY_BATCH vectors a lane, loaded already.
+__device__ __forceinline__ void fm_ll_copy_out(unsigned char* recv_x, fm_i64 row_bytes, const unsigned char* src,
+                                               fm_i64 begin, fm_i64 end, int4* v, fm_i64 out, int top_k, int lane)
+{
+    const int4* src4 = reinterpret_cast<const int4*>(src + begin);
+    const fm_i64 n4 = (end - begin) >> 4;
+    for (fm_i64 v0 = 0; v0 < n4; v0 += FM_LL_COPY_BATCH * FM_LL_WARP) {
+        if (v0 > 0) {
+#pragma unroll
+            for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
+                if (v0 + lane + u * FM_LL_WARP < n4) {
+                    v[u] = src4[v0 + lane + u * FM_LL_WARP];
+                }
+            }
+        }
+        fm_ll_fan_out(recv_x, row_bytes, begin, n4, v0, v, out, top_k, lane);
+    }
+}
+
+__device__ __forceinline__ void fm_ll_load_part(const unsigned char* src, fm_i64 begin, fm_i64 end, int4* v, int lane)
+{
+    const int4* src4 = reinterpret_cast<const int4*>(src + begin);
+    const fm_i64 n4 = (end - begin) >> 4;
+#pragma unroll
+    for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
+        if (lane + u * FM_LL_WARP < n4) {
+            v[u] = src4[lane + u * FM_LL_WARP];
+        }
+    }
+}
+
 // Receiver. Outputs have `capacity` rows; rows [V, capacity) are padding (-1, weight 0, zero row).
 //   wire_rows int32 [world * slots * K] (the handle): output row of each (source, slot, k), -1 if none.
 //   summary int64 [4]: V, wire rows in, wire rows in from other ranks, (unused).
-// Dynamic shared memory: fm_i64 base[world * n_local], tot[n_local + 1].
-extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatch_recv(
+// Block b routes chunk b of this rank's own tokens (chunks of `chunk` tokens, not the send kernel's; the
+// grid has a block for each) and copies their rows from x; the peers' wire rows and the padding go to
+// every warp.
+// Dynamic shared memory: the routing tables (FmLlRoute), then fm_i64 base[world * n_local], tot[n_local + 1].
+template <typename I>
+__device__ void fm_ll_dispatch_recv(
     const unsigned char* __restrict__ x_buf, const int* __restrict__ meta_buf, const fm_i64* __restrict__ head_buf,
-    const fm_i64* flag_buf, const unsigned char* __restrict__ x, fm_i64 row_bytes, int top_k, int world, int rank,
+    const fm_i64* flag_buf, const unsigned char* __restrict__ x, fm_i64 row_bytes, const I* __restrict__ topk_idx,
+    const float* __restrict__ weights, fm_i64 tokens, int top_k, const fm_i64* __restrict__ expert_to_rank,
+    const fm_i64* __restrict__ local_index, fm_i64 num_experts, fm_i64 chunk, int world, int rank,
     fm_i64 slots, int head_width, int n_local, fm_i64 capacity, unsigned char* recv_x, fm_i64* recv_idx,
     float* recv_w, fm_i64* src_idx, fm_i64* src_rank, fm_i64* n_from, fm_i64* per_expert, fm_i64* summary,
     int* wire_rows, fm_i64* state, fm_i64* errors, fm_i64 timeout_ns, int split)
 {
-    fm_i64* base = reinterpret_cast<fm_i64*>(fm_ll_shared);  // [world * n_local]
-    fm_i64* tot = base + world * n_local;                     // [n_local + 1]: exclusive prefix, then V
-    __shared__ fm_i64 wire_base[FM_LL_MAX_WORLD + 1];
+    const FmLlRoute r = fm_ll_route_tables(fm_ll_shared, chunk, num_experts, world, top_k);
+    fm_i64* base = reinterpret_cast<fm_i64*>((reinterpret_cast<fm_u64>(r.end) + 7) & ~fm_u64(7));  // [world * n_local]
+    fm_i64* tot = base + world * n_local;  // [n_local + 1]: exclusive prefix, then V
+    __shared__ fm_i64 wire_base[FM_LL_MAX_WORLD + 1];  // the peers' wire rows, this rank's left out
     __shared__ fm_i64 received[FM_LL_MAX_WORLD];
 
+    FM_LL_BLOCK_START();
     const fm_i64 generation = state[FM_LL_GEN_DISPATCH] + 1;
     const fm_i64 parity = generation & 1;
     FM_LL_STAMP(8);
-    const bool timed_out = fm_ll_wait_flags(flag_buf, world, fm_ll_arrived(generation), state, 1, timeout_ns);
+    const fm_i64 t0 = blockIdx.x * chunk < tokens ? blockIdx.x * chunk : tokens;
+    const fm_i64 t1 = t0 + chunk < tokens ? t0 + chunk : tokens;
+    const fm_i64 n = t1 - t0;
+    fm_ll_route<I>(r, topk_idx, weights, tokens, top_k, expert_to_rank, local_index, num_experts, world, t0, t1, 24);
+    const bool timed_out = fm_ll_wait_flags(flag_buf, world, fm_ll_arrived(generation), state, 1, timeout_ns, rank, FM_LL_WAIT_PEERS);
     FM_LL_STAMP(9);
 
+    // Pairs of each source for each local expert: this rank's from its own routing, the peers' from
+    // their headers.
     const fm_i64* heads = head_buf + parity * world * head_width;
     for (int s = threadIdx.x; s < world; s += blockDim.x) {
-        received[s] = timed_out ? 0 : heads[s * head_width];
+        received[s] = timed_out ? 0 : (s == rank ? r.all_d[rank] : heads[s * head_width]);
     }
+    for (fm_i64 e = threadIdx.x; e < num_experts; e += blockDim.x) {
+        if ((r.route[e] >> 16) == rank) {
+            base[rank * n_local + (r.route[e] & 0xffff)] = timed_out ? 0 : r.all_e[e];
+        }
+    }
+    for (int q = threadIdx.x; q < world * n_local; q += blockDim.x) {
+        const int s = q / n_local;
+        if (s != rank) {
+            base[q] = timed_out ? 0 : heads[s * head_width + 2 + q % n_local];
+        }
+    }
+    FM_LL_STAMP(13);
+    __syncthreads();
     for (int j = threadIdx.x; j < n_local; j += blockDim.x) {
         fm_i64 sum = 0;
         for (int s = 0; s < world; ++s) {
-            const fm_i64 c = timed_out ? 0 : heads[s * head_width + 2 + j];
-            base[s * n_local + j] = c;
-            sum += c;
+            sum += base[s * n_local + j];
         }
         tot[j] = sum;
     }
     __syncthreads();
+    FM_LL_STAMP(14);
     const fm_i64 all_pairs = fm_ll_block_scan(tot, n_local);
+    FM_LL_STAMP(15);
     if (threadIdx.x == 0) {
         tot[n_local] = all_pairs;
         fm_i64 wire = 0;
         for (int s = 0; s < world; ++s) {
             wire_base[s] = wire;
-            wire += received[s] < slots ? received[s] : slots;
+            wire += s == rank ? 0 : (received[s] < slots ? received[s] : slots);
         }
         wire_base[world] = wire;
     }
@@ -655,89 +801,131 @@ extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) fuser_moe_ll_dispatc
             }
         }
     }
+    FM_LL_STAMP(10);
 
     const int lane = threadIdx.x & (FM_LL_WARP - 1);
-    const fm_i64 warps = static_cast<fm_i64>(gridDim.x) * (blockDim.x / FM_LL_WARP);
-    const fm_i64 slot_items = wire_base[world] * top_k * split;
-    FM_LL_STAMP(10);
-    const fm_i64 pad_items = (capacity - kept) * split;
-    const int meta_width = 1 + 4 * top_k;
-    for (fm_i64 q = blockIdx.x * (blockDim.x / FM_LL_WARP) + threadIdx.x / FM_LL_WARP; q < slot_items + pad_items;
-         q += warps) {
-        const int part = static_cast<int>(q % split);
-        fm_i64 begin, end;
-        fm_ll_part(row_bytes, part, split, &begin, &end);
-        if (q < slot_items) {
-            const fm_i64 item = q / split;
-            const int k = static_cast<int>(item % top_k);
-            const fm_i64 g = item / top_k;
-            int s = 0;
-            while (wire_base[s + 1] <= g) {
-                ++s;
+    const int warp = threadIdx.x / FM_LL_WARP;
+    const int n_warps = blockDim.x / FM_LL_WARP;
+    int4 v[FM_LL_COPY_BATCH];
+    // This rank's own tokens of the block's chunk, (token, part) a warp: each token's row is read from x
+    // once and stored to the output row of each of its slots here.
+    if (!timed_out) {
+        int split_own = n > 0 ? static_cast<int>(n_warps / n) : 1;
+        split_own = split_own < 1 ? 1 : split_own;
+        const int most = static_cast<int>(row_bytes / 512);
+        split_own = split_own > most ? (most > 1 ? most : 1) : split_own;
+        for (fm_i64 q = warp; q < n * split_own; q += n_warps) {
+            const int part = static_cast<int>(q % split_own);
+            const fm_i64 i = q / split_own;
+            const int p = r.pos[i * world + rank];
+            if (p < 0 || p >= slots) {
+                continue;  // nothing of this token here, or past the capacity (then so are its rows)
             }
-            const fm_i64 i = g - wire_base[s];
-            const fm_i64 row = (parity * world + s) * slots + i;
-            const int* meta = meta_buf + row * meta_width;
-            // The part's first vectors are loaded together with the metadata that says where they go
-            // (one memory round trip for both; the host checks that rows are 16-byte multiples). This
-            // rank's own rows were not sent (self-direct): they are read from x, at the token the
-            // metadata names.
-            const unsigned char* src_row = s == rank ? x + static_cast<fm_i64>(meta[0]) * row_bytes
-                                                     : x_buf + row * row_bytes;
-            const int4* src4 = reinterpret_cast<const int4*>(src_row + begin);
-            const fm_i64 n4 = (end - begin) >> 4;
-            int4 v[FM_LL_COPY_BATCH];
-#pragma unroll
-            for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
-                if (lane + u * FM_LL_WARP < n4) {
-                    v[u] = src4[lane + u * FM_LL_WARP];
-                }
-            }
-            const int e = meta[1 + 4 * k];
+            fm_i64 begin, end;
+            fm_ll_part(row_bytes, part, split_own, &begin, &end);
+            const unsigned char* src = x + (t0 + i) * row_bytes;
+            fm_ll_load_part(src, begin, end, v, lane);
             fm_i64 out = -1;
-            if (e >= 0) {
-                out = base[s * n_local + meta[2 + 4 * k]] + meta[3 + 4 * k];
-                if (out >= capacity) {
-                    out = -1;
-                }
-            }
-            if (part == 0 && lane == 0) {
-                wire_rows[(s * slots + i) * top_k + k] = static_cast<int>(out);
-                if (out >= 0) {
-                    recv_idx[out] = e;
-                    recv_w[out] = __int_as_float(meta[4 + 4 * k]);
-                    src_idx[out] = meta[0];
-                    src_rank[out] = s;
-                }
-            }
-            if (out >= 0) {
-                int4* dst4 = reinterpret_cast<int4*>(recv_x + out * row_bytes + begin);
-#pragma unroll
-                for (int u = 0; u < FM_LL_COPY_BATCH; ++u) {
-                    if (lane + u * FM_LL_WARP < n4) {
-                        dst4[lane + u * FM_LL_WARP] = v[u];
+            if (lane < top_k) {
+                const int e = r.chunk_e[i * top_k + lane];
+                if (e >= 0 && r.chunk_d[i * top_k + lane] == rank) {
+                    out = base[rank * n_local + (r.route[e] & 0xffff)] + r.slot_pos[i * top_k + lane];
+                    if (out >= capacity) {
+                        out = -1;
                     }
                 }
-                const fm_i64 done = static_cast<fm_i64>(FM_LL_COPY_BATCH) * FM_LL_WARP * 16;
-                if (begin + done < end) {
-                    fm_ll_warp_copy(recv_x + out * row_bytes, src_row, begin + done, end, lane);
+                if (part == 0) {
+                    wire_rows[(static_cast<fm_i64>(rank) * slots + p) * top_k + lane] = static_cast<int>(out);
+                    if (out >= 0) {
+                        recv_idx[out] = e;
+                        recv_w[out] = r.chunk_w[i * top_k + lane];
+                        src_idx[out] = t0 + i;
+                        src_rank[out] = rank;
+                    }
                 }
             }
-        } else {
-            const fm_i64 out = kept + (q - slot_items) / split;
-            fm_ll_warp_zero(recv_x + out * row_bytes, begin, end, lane);
-            if (part == 0 && lane == 0) {
+            fm_ll_copy_out(recv_x, row_bytes, src, begin, end, v, out, top_k, lane);
+        }
+    }
+
+    // The peers' wire rows, (wire row, part) a warp, then the padding rows, a warp a row.
+    const fm_i64 warps = static_cast<fm_i64>(gridDim.x) * n_warps;
+    const fm_i64 copy_items = wire_base[world] * split;
+    const int meta_width = 1 + 4 * top_k;
+    for (fm_i64 q = blockIdx.x * n_warps + warp; q < copy_items + capacity - kept; q += warps) {
+        if (q >= copy_items) {
+            const fm_i64 out = kept + (q - copy_items);
+            fm_ll_warp_zero(recv_x + out * row_bytes, 0, row_bytes, lane);
+            if (lane == 0) {
                 recv_idx[out] = -1;
                 recv_w[out] = 0.0f;
                 src_idx[out] = -1;
                 src_rank[out] = -1;
             }
+            continue;
         }
+        const int part = static_cast<int>(q % split);
+        const fm_i64 g = q / split;
+        int s = 0;
+        while (wire_base[s + 1] <= g) {
+            ++s;
+        }
+        const fm_i64 i = g - wire_base[s];
+        const fm_i64 row = (parity * world + s) * slots + i;
+        const int* meta = meta_buf + row * meta_width;
+        fm_i64 begin, end;
+        fm_ll_part(row_bytes, part, split, &begin, &end);
+        // The part's first vectors are loaded together with the metadata that says where they go (one
+        // memory round trip for both; the host checks that rows are 16-byte multiples).
+        const unsigned char* src = x_buf + row * row_bytes;
+        fm_ll_load_part(src, begin, end, v, lane);
+        fm_i64 out = -1;
+        if (lane < top_k) {
+            const int e = meta[1 + 4 * lane];
+            if (e >= 0) {
+                out = base[s * n_local + meta[2 + 4 * lane]] + meta[3 + 4 * lane];
+                if (out >= capacity) {
+                    out = -1;
+                }
+            }
+            if (part == 0) {
+                wire_rows[(s * slots + i) * top_k + lane] = static_cast<int>(out);
+                if (out >= 0) {
+                    recv_idx[out] = e;
+                    recv_w[out] = __int_as_float(meta[4 + 4 * lane]);
+                    src_idx[out] = meta[0];
+                    src_rank[out] = s;
+                }
+            }
+        }
+        fm_ll_copy_out(recv_x, row_bytes, src, begin, end, v, out, top_k, lane);
     }
     FM_LL_STAMP(11);
+    // Its own send's arrival, last: nothing here reads what that kernel writes, but the generation this
+    // kernel advances, and the handle (send_pos) that the combine reads, must follow it.
+    fm_ll_wait_flags(flag_buf, world, fm_ll_arrived(generation), state, 1, timeout_ns, rank, FM_LL_WAIT_SELF);
     fm_ll_finish_receive(state, FM_LL_TICKET_DRECV, FM_LL_GEN_DISPATCH, generation);
     FM_LL_STAMP(12);
 }
+
+#define FM_LL_DISPATCH_RECV(NAME, I)                                                                         \
+    extern "C" __global__ void __launch_bounds__(FM_LL_THREADS) NAME(                                        \
+        const unsigned char* x_buf, const int* meta_buf, const fm_i64* head_buf, const fm_i64* flag_buf,      \
+        const unsigned char* x, fm_i64 row_bytes, const I* topk_idx, const float* weights, fm_i64 tokens,     \
+        int top_k, const fm_i64* expert_to_rank, const fm_i64* local_index, fm_i64 num_experts, fm_i64 chunk, \
+        int world, int rank, fm_i64 slots, int head_width, int n_local, fm_i64 capacity,                     \
+        unsigned char* recv_x, fm_i64* recv_idx, float* recv_w, fm_i64* src_idx, fm_i64* src_rank,            \
+        fm_i64* n_from, fm_i64* per_expert, fm_i64* summary, int* wire_rows, fm_i64* state, fm_i64* errors,   \
+        fm_i64 timeout_ns, int split)                                                                        \
+    {                                                                                                        \
+        fm_ll_dispatch_recv<I>(x_buf, meta_buf, head_buf, flag_buf, x, row_bytes, topk_idx, weights, tokens, \
+                               top_k, expert_to_rank, local_index, num_experts, chunk, world, rank, slots,   \
+                               head_width, n_local, capacity, recv_x, recv_idx, recv_w, src_idx, src_rank,    \
+                               n_from, per_expert, summary, wire_rows, state, errors, timeout_ns, split);    \
+    }
+
+FM_LL_DISPATCH_RECV(fuser_moe_ll_dispatch_recv_i64, fm_i64)
+FM_LL_DISPATCH_RECV(fuser_moe_ll_dispatch_recv_i32, int)
 
 // ------------------------------------------------------------------------------------------ combine
 // The partial's arithmetic, in one place for this path (the send writes it for its peers; the receive
@@ -937,7 +1125,7 @@ __device__ void fm_ll_combine_recv(const T* __restrict__ part_buf, const fm_i64*
         own = load_token(first / split);
     }
     FM_LL_STAMP(20);
-    const bool timed_out = fm_ll_wait_flags(flag_buf, world, fm_ll_arrived(generation), state, 2, timeout_ns);
+    const bool timed_out = fm_ll_wait_flags(flag_buf, world, fm_ll_arrived(generation), state, 2, timeout_ns, rank, FM_LL_WAIT_ALL);
     FM_LL_STAMP(21);
     const fm_i64 vectors = hidden / VEC;
     const fm_i64 per_part = (vectors + split - 1) / split;

@@ -152,53 +152,109 @@ def _probe_nan_bits() -> Optional[int]:
 
 def _compile():
     import numpy as np
-    from numba import njit
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic, overload
 
-    one = np.uint32(1)
-    sixteen = np.uint32(16)
-    abs_mask = np.uint32(0x7FFFFFFF)
-    inf_bits = np.uint32(0x7F800000)
-    half = np.uint32(0x7FFF)
+    # The bfloat16 conversions as LLVM integer operations on 32 bits. Numba widens integer arithmetic
+    # to 64 bits, and the loop vectoriser then works on half as many lanes, or (with the cast's NaN
+    # test) not at all; written here, widening, summing and casting a row fuse into one vector loop.
+    i32 = ir.IntType(32)
+
+    @intrinsic
+    def bf16_to_f32(typingctx, bits):  # pragma: no cover - compiled
+        # float32 of bfloat16 bits (uint16): the bits in the high half, exact
+        def codegen(context, builder, signature, args):
+            wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+            return builder.bitcast(wide, ir.FloatType())
+        return types.float32(types.uint16), codegen
+
+    @intrinsic
+    def f32_to_bf16(typingctx, value, nan_bits):  # pragma: no cover - compiled
+        # bfloat16 bits of a float32, rounded to nearest even as torch's cast; a NaN gives nan_bits
+        def codegen(context, builder, signature, args):
+            value, nan = args
+            u = builder.bitcast(value, i32)
+            lsb = builder.and_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+            rounded = builder.lshr(builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), lsb), ir.Constant(i32, 16))
+            return builder.select(builder.fcmp_unordered("uno", value, value), nan,
+                                  builder.trunc(rounded, ir.IntType(16)))
+        return types.uint16(types.float32, types.uint16), codegen
+
+    # The element types are told apart when Numba types a call, not by flags read in the loops, so each
+    # compiled variant's loops hold no branch: uint16 rows are bfloat16 bits, float32 rows are float32,
+    # and weights of None mean a plain sum.
+    def widen(value):
+        pass
+
+    @overload(widen, inline="always")
+    def _widen(value):  # pragma: no cover - compiled
+        if value == types.uint16:
+            return lambda value: bf16_to_f32(value)
+        return lambda value: value
+
+    def narrow(value, nan_bits, target):
+        pass
+
+    @overload(narrow, inline="always")
+    def _narrow(value, nan_bits, target):  # pragma: no cover - compiled
+        if target.dtype == types.uint16:
+            return lambda value, nan_bits, target: f32_to_bf16(value, nan_bits)
+        return lambda value, nan_bits, target: value
+
+    def weight(w, r):
+        pass
+
+    @overload(weight, inline="always")
+    def _weight(w, r):  # pragma: no cover - compiled
+        if isinstance(w, types.NoneType):
+            return lambda w, r: None
+        return lambda w, r: w[r]
+
+    def term(value, w_row):
+        pass
+
+    @overload(term, inline="always")
+    def _term(value, w_row):  # pragma: no cover - compiled
+        # (w *) float32(y): the product rounded once
+        if isinstance(w_row, types.NoneType):
+            return lambda value, w_row: widen(value)
+        return lambda value, w_row: widen(value) * w_row
 
     @njit(cache=True, nogil=True, boundscheck=False)
-    def grouped_sums(y, y_bf16, w, weighted, order, starts, first, out, out_bf16, nan_bits):  # pragma: no cover
+    def grouped_sums(y, w, order, starts, first, out, nan_bits):  # pragma: no cover
         # Groups first .. first + len(out): out[i] = cast(sum over j in [starts[g], starts[g + 1]) of
-        # (w[order[j]] *) y[order[j]]), g = first + i, added in j order from +0.0. y and out hold
-        # bfloat16 bits (uint16) when y_bf16 / out_bf16, else float32.
+        # (w[order[j]] *) y[order[j]]), g = first + i, added in j order from +0.0; w None: no weights.
+        # y and out hold bfloat16 bits (uint16) or float32. The group's last row is added in the loop
+        # that casts and writes the output row, so a group of one row never touches `acc`; rows are 1-D
+        # views, so every loop over h compiles to a vector loop (2-D indexing does not).
         hidden = y.shape[1]
         acc = np.empty(hidden, np.float32)
-        acc_bits = acc.view(np.uint32)
-        row = np.empty(hidden, np.uint32)
-        row_f = row.view(np.float32)
+        nan16 = np.uint16(nan_bits)
+        zero = np.float32(0.0)
         for i in range(out.shape[0]):
             g = first + i
-            for h in range(hidden):
-                acc[h] = np.float32(0.0)
-            for j in range(starts[g], starts[g + 1]):
-                r = order[j]
-                if y_bf16:
-                    for h in range(hidden):
-                        row[h] = np.uint32(y[r, h]) << sixteen
-                else:
-                    for h in range(hidden):
-                        row_f[h] = y[r, h]
-                if weighted:
-                    wr = w[r]
-                    for h in range(hidden):
-                        acc[h] = acc[h] + row_f[h] * wr
-                else:
-                    for h in range(hidden):
-                        acc[h] = acc[h] + row_f[h]
-            if out_bf16:
+            lo, last = starts[g], starts[g + 1] - 1
+            target = out[i]
+            if last < lo:  # no row: +0.0
                 for h in range(hidden):
-                    u = acc_bits[h]
-                    if (u & abs_mask) > inf_bits:
-                        out[i, h] = nan_bits
-                    else:
-                        out[i, h] = (u + half + ((u >> sixteen) & one)) >> sixteen
+                    target[h] = 0
+                continue
+            for j in range(lo, last):
+                y_row, w_row = y[order[j]], weight(w, order[j])
+                if j == lo:
+                    for h in range(hidden):
+                        acc[h] = zero + term(y_row[h], w_row)
+                else:
+                    for h in range(hidden):
+                        acc[h] = acc[h] + term(y_row[h], w_row)
+            y_row, w_row = y[order[last]], weight(w, order[last])
+            if last == lo:
+                for h in range(hidden):
+                    target[h] = narrow(zero + term(y_row[h], w_row), nan16, target)
             else:
                 for h in range(hidden):
-                    out[i, h] = acc[h]
+                    target[h] = narrow(acc[h] + term(y_row[h], w_row), nan16, target)
 
     @njit(cache=True, nogil=True, boundscheck=False)
     def group_rows(index, n, order, starts):  # pragma: no cover
@@ -319,19 +375,17 @@ def grouped_sums(rows: torch.Tensor, weights: Optional[torch.Tensor], index: tor
     kernel = _load()[0]
     order_np, starts_np = csr(index, n_groups)
     y = _bits(rows)
-    w = weights.contiguous().numpy() if weights is not None else _bits(torch.zeros(1, dtype=torch.float32))
-    y_bf16, weighted = rows.dtype == torch.bfloat16, weights is not None
+    w = weights.contiguous().numpy() if weights is not None else None
     for first, out in outs:
         if out.shape[0] == 0:
             continue
         direct = out.is_contiguous() and (out.dtype == torch.float32
                                           or (out.dtype == torch.bfloat16 and _nan_bits is not None))
         if direct:
-            kernel(y, y_bf16, w, weighted, order_np, starts_np, first, _bits(out), out.dtype == torch.bfloat16,
-                   _nan_bits or 0)
+            kernel(y, w, order_np, starts_np, first, _bits(out), _nan_bits or 0)
         else:  # float32 sums, cast by torch
             wide = torch.empty(out.shape, dtype=torch.float32)
-            kernel(y, y_bf16, w, weighted, order_np, starts_np, first, wide.numpy(), False, 0)
+            kernel(y, w, order_np, starts_np, first, wide.numpy(), 0)
             out.copy_(wide)
 
 

@@ -86,6 +86,37 @@ def test_fused_reductions_keep_the_row_order(monkeypatch):
     assert torch.equal(_bits(got[0]), _bits(expected))
 
 
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+@pytest.mark.parametrize("hidden", [1, 7, 64])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "plain"])
+def test_fused_sums_of_every_group_size_match_a_row_by_row_loop(monkeypatch, dtype, hidden, weighted):
+    """Groups of 0, 1, 2, 3 and 9 rows (the loop writes a group's last row straight into its cast output
+    row, and a group of one row never uses its float32 buffer), rows in a scattered order, against the
+    contract's sum written out one row at a time: +0.0, then each float32 product added in row order,
+    then the cast. A -0.0 product of a one-row group gives +0.0 (the sum starts at +0.0)."""
+    sizes = [0, 1, 2, 3, 9, 1, 0, 2]
+    gen = torch.Generator().manual_seed(hidden)
+    group = torch.cat([torch.full((n,), g, dtype=torch.int64) for g, n in enumerate(sizes)] + [torch.tensor([-1])])
+    group = group[torch.randperm(group.numel(), generator=gen)]
+    y = _rows(dtype, group.numel(), hidden, seed=hidden)
+    w = torch.rand(group.numel(), generator=gen)
+    lone = int((group == 1).nonzero()[0])
+    y[lone], w[lone] = -0.0, 0.5  # a one-row group whose product is -0.0
+    y[int((group == 5).nonzero()[0])] = float("nan")  # a one-row group of NaNs
+    monkeypatch.setenv("FUSER_MOE_CPU_REDUCE", "1")
+    outs = [torch.empty(3, hidden, dtype=dtype), torch.empty(len(sizes) - 3, hidden, dtype=dtype)]
+    cpu_reduce.grouped_sums(y, w if weighted else None, group, len(sizes), [(0, outs[0]), (3, outs[1])])
+    wide = torch.empty(len(sizes), hidden, dtype=torch.float32)
+    cpu_reduce.grouped_sums(y, w if weighted else None, group, len(sizes), [(0, wide)])
+    for g in range(len(sizes)):
+        expected = torch.zeros(hidden)
+        for r in (group == g).nonzero().flatten().tolist():  # ascending row order
+            expected = expected + (y[r].float() * w[r] if weighted else y[r].float())
+        assert torch.equal(_bits(torch.cat(outs)[g]), _bits(expected.to(dtype))), f"group {g} of {sizes[g]} rows"
+        assert torch.equal(_bits(wide[g]), _bits(expected)), f"float32 sums of group {g} of {sizes[g]} rows"
+
+
 def test_when_the_fused_loop_is_not_used_the_reason_is_named(monkeypatch):
     bf16 = torch.zeros(512, 256, dtype=torch.bfloat16)
     monkeypatch.setenv("FUSER_MOE_CPU_REDUCE", "0")

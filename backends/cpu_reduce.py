@@ -10,7 +10,9 @@ pass each, and tests/test_cpu_reduce.py checks every one against the torch twin 
   from +0.0, cast; per token the float32 sum of its partials in ascending expert-rank order, cast):
   torch widens, multiplies, `index_add_`s and casts, each pass reading and writing megabytes; here one
   loop per group reads each bfloat16 or float32 row once, keeps the group's float32 sum in a row-sized
-  buffer and writes the group's row once, already cast. The arithmetic is the same operation for
+  buffer and writes the group's row once, already cast (its last row is added in that same loop).
+  Bfloat16 rows of even length into bfloat16 are read and written two elements a uint32 word
+  (`sums_loop`), which spares the vector loops the widening and narrowing shuffles. The arithmetic is the same operation for
   operation: each product w * y rounded to float32, then added to the running float32 sum (Numba
   compiles without fast-math, so nothing is contracted into a fused multiply-add or reordered), and
   the cast to bfloat16 rounds to nearest even as torch does, NaN becoming the very bits that torch's
@@ -36,7 +38,7 @@ from typing import Optional, Sequence
 import torch
 
 _DEFAULT_MIN_ELEMENTS = 1 << 16
-_kernel = None  # the compiled loops (grouped_sums, group_rows, expand_rows, pack_meta), once imported
+_kernel = None  # the compiled loops (grouped_sums, group_rows, expand_rows, pack_meta, pair_sums), once imported
 _unavailable: Optional[str] = None  # why the fused path cannot run here (set at first use)
 _nan_bits: Optional[int] = None  # the bfloat16 bits torch's cast gives a float32 NaN, None if it varies
 
@@ -152,53 +154,179 @@ def _probe_nan_bits() -> Optional[int]:
 
 def _compile():
     import numpy as np
-    from numba import njit
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic, overload
 
-    one = np.uint32(1)
-    sixteen = np.uint32(16)
-    abs_mask = np.uint32(0x7FFFFFFF)
-    inf_bits = np.uint32(0x7F800000)
-    half = np.uint32(0x7FFF)
+    # The bfloat16 conversions as LLVM integer operations on 32 bits. Numba widens integer arithmetic
+    # to 64 bits, and the loop vectoriser then works on half as many lanes, or (with the cast's NaN
+    # test) not at all; written here, widening, summing and casting a row fuse into one vector loop.
+    i32 = ir.IntType(32)
+
+    @intrinsic
+    def bf16_to_f32(typingctx, bits):  # pragma: no cover - compiled
+        # float32 of bfloat16 bits (uint16): the bits in the high half, exact
+        def codegen(context, builder, signature, args):
+            wide = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+            return builder.bitcast(wide, ir.FloatType())
+        return types.float32(types.uint16), codegen
+
+    @intrinsic
+    def f32_to_bf16(typingctx, value, nan_bits):  # pragma: no cover - compiled
+        # bfloat16 bits of a float32, rounded to nearest even as torch's cast; a NaN gives nan_bits
+        def codegen(context, builder, signature, args):
+            value, nan = args
+            u = builder.bitcast(value, i32)
+            lsb = builder.and_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+            rounded = builder.lshr(builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), lsb), ir.Constant(i32, 16))
+            return builder.select(builder.fcmp_unordered("uno", value, value), nan,
+                                  builder.trunc(rounded, ir.IntType(16)))
+        return types.uint16(types.float32, types.uint16), codegen
+
+    # Two bfloat16 elements as one uint32 word (element 2i in the low half: little-endian), which saves
+    # the vector loops the zero-extension and the narrowing shuffles that single elements need.
+    @intrinsic
+    def pair_to_f32(typingctx, bits):  # pragma: no cover - compiled
+        # the float32 values of the word's (low, high) bfloat16 elements, exact
+        def codegen(context, builder, signature, args):
+            low = builder.bitcast(builder.shl(args[0], ir.Constant(i32, 16)), ir.FloatType())
+            high = builder.bitcast(builder.and_(args[0], ir.Constant(i32, 0xFFFF0000)), ir.FloatType())
+            return context.make_tuple(builder, signature.return_type, [low, high])
+        return types.UniTuple(types.float32, 2)(types.uint32), codegen
+
+    @intrinsic
+    def f32_to_pair(typingctx, low, high, nan_bits):  # pragma: no cover - compiled
+        # the word of two bfloat16 elements, each rounded as f32_to_bf16 rounds
+        def codegen(context, builder, signature, args):
+            nan = builder.zext(args[2], i32)
+
+            def rounded(value):  # the bfloat16 bits in the high half, the low half garbage
+                u = builder.bitcast(value, i32)
+                lsb = builder.and_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+                return builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), lsb)
+
+            def is_nan(value):
+                return builder.fcmp_unordered("uno", value, value)
+
+            low = builder.select(is_nan(args[0]), nan, builder.lshr(rounded(args[0]), ir.Constant(i32, 16)))
+            high = builder.select(is_nan(args[1]), builder.shl(nan, ir.Constant(i32, 16)),
+                                  builder.and_(rounded(args[1]), ir.Constant(i32, 0xFFFF0000)))
+            return builder.or_(low, high)
+        return types.uint32(types.float32, types.float32, types.uint16), codegen
+
+    # The element types are told apart when Numba types a call, not by flags read in the loops, so each
+    # compiled variant's loops hold no branch: uint16 rows are bfloat16 bits, float32 rows are float32,
+    # and weights of None mean a plain sum.
+    def widen(value):
+        pass
+
+    @overload(widen, inline="always")
+    def _widen(value):  # pragma: no cover - compiled
+        if value == types.uint16:
+            return lambda value: bf16_to_f32(value)
+        return lambda value: value
+
+    def narrow(value, nan_bits, target):
+        pass
+
+    @overload(narrow, inline="always")
+    def _narrow(value, nan_bits, target):  # pragma: no cover - compiled
+        if target.dtype == types.uint16:
+            return lambda value, nan_bits, target: f32_to_bf16(value, nan_bits)
+        return lambda value, nan_bits, target: value
+
+    def weight(w, r):
+        pass
+
+    @overload(weight, inline="always")
+    def _weight(w, r):  # pragma: no cover - compiled
+        if isinstance(w, types.NoneType):
+            return lambda w, r: None
+        return lambda w, r: w[r]
+
+    def scale(value, w_row):
+        pass
+
+    @overload(scale, inline="always")
+    def _scale(value, w_row):  # pragma: no cover - compiled
+        # w * value, rounded once; the value itself without weights
+        if isinstance(w_row, types.NoneType):
+            return lambda value, w_row: value
+        return lambda value, w_row: value * w_row
 
     @njit(cache=True, nogil=True, boundscheck=False)
-    def grouped_sums(y, y_bf16, w, weighted, order, starts, first, out, out_bf16, nan_bits):  # pragma: no cover
+    def grouped_sums(y, w, order, starts, first, out, nan_bits):  # pragma: no cover
         # Groups first .. first + len(out): out[i] = cast(sum over j in [starts[g], starts[g + 1]) of
-        # (w[order[j]] *) y[order[j]]), g = first + i, added in j order from +0.0. y and out hold
-        # bfloat16 bits (uint16) when y_bf16 / out_bf16, else float32.
+        # (w[order[j]] *) y[order[j]]), g = first + i, added in j order from +0.0; w None: no weights.
+        # y and out hold bfloat16 bits (uint16) or float32. The group's last row is added in the loop
+        # that casts and writes the output row, so a group of one row never touches `acc`; rows are 1-D
+        # views, so every loop over h compiles to a vector loop (2-D indexing does not).
         hidden = y.shape[1]
         acc = np.empty(hidden, np.float32)
-        acc_bits = acc.view(np.uint32)
-        row = np.empty(hidden, np.uint32)
-        row_f = row.view(np.float32)
+        nan16 = np.uint16(nan_bits)
+        zero = np.float32(0.0)
         for i in range(out.shape[0]):
             g = first + i
-            for h in range(hidden):
-                acc[h] = np.float32(0.0)
-            for j in range(starts[g], starts[g + 1]):
-                r = order[j]
-                if y_bf16:
-                    for h in range(hidden):
-                        row[h] = np.uint32(y[r, h]) << sixteen
-                else:
-                    for h in range(hidden):
-                        row_f[h] = y[r, h]
-                if weighted:
-                    wr = w[r]
-                    for h in range(hidden):
-                        acc[h] = acc[h] + row_f[h] * wr
-                else:
-                    for h in range(hidden):
-                        acc[h] = acc[h] + row_f[h]
-            if out_bf16:
+            lo, last = starts[g], starts[g + 1] - 1
+            target = out[i]
+            if last < lo:  # no row: +0.0
                 for h in range(hidden):
-                    u = acc_bits[h]
-                    if (u & abs_mask) > inf_bits:
-                        out[i, h] = nan_bits
-                    else:
-                        out[i, h] = (u + half + ((u >> sixteen) & one)) >> sixteen
+                    target[h] = 0
+                continue
+            for j in range(lo, last):
+                y_row, w_row = y[order[j]], weight(w, order[j])
+                if j == lo:
+                    for h in range(hidden):
+                        acc[h] = zero + scale(widen(y_row[h]), w_row)
+                else:
+                    for h in range(hidden):
+                        acc[h] = acc[h] + scale(widen(y_row[h]), w_row)
+            y_row, w_row = y[order[last]], weight(w, order[last])
+            if last == lo:
+                for h in range(hidden):
+                    target[h] = narrow(zero + scale(widen(y_row[h]), w_row), nan16, target)
             else:
                 for h in range(hidden):
-                    out[i, h] = acc[h]
+                    target[h] = narrow(acc[h] + scale(widen(y_row[h]), w_row), nan16, target)
+
+    @njit(cache=True, nogil=True, boundscheck=False)
+    def pair_sums(y, w, order, starts, first, out, nan_bits):  # pragma: no cover
+        # grouped_sums of bfloat16 rows into bfloat16 rows, two elements a uint32 word: y [V, H / 2] and
+        # out [n, H / 2] uint32. Each element gets the same operations as in grouped_sums; the even
+        # and the odd elements of the group's float32 sum are kept apart (acc_low, acc_high).
+        words = y.shape[1]
+        acc_low, acc_high = np.empty(words, np.float32), np.empty(words, np.float32)
+        nan16 = np.uint16(nan_bits)
+        zero = np.float32(0.0)
+        for i in range(out.shape[0]):
+            g = first + i
+            lo, last = starts[g], starts[g + 1] - 1
+            target = out[i]
+            if last < lo:  # no row: +0.0
+                for h in range(words):
+                    target[h] = 0
+                continue
+            for j in range(lo, last):
+                y_row, w_row = y[order[j]], weight(w, order[j])
+                if j == lo:
+                    for h in range(words):
+                        low, high = pair_to_f32(y_row[h])
+                        acc_low[h] = zero + scale(low, w_row)
+                        acc_high[h] = zero + scale(high, w_row)
+                else:
+                    for h in range(words):
+                        low, high = pair_to_f32(y_row[h])
+                        acc_low[h] = acc_low[h] + scale(low, w_row)
+                        acc_high[h] = acc_high[h] + scale(high, w_row)
+            y_row, w_row = y[order[last]], weight(w, order[last])
+            if last == lo:
+                for h in range(words):
+                    low, high = pair_to_f32(y_row[h])
+                    target[h] = f32_to_pair(zero + scale(low, w_row), zero + scale(high, w_row), nan16)
+            else:
+                for h in range(words):
+                    low, high = pair_to_f32(y_row[h])
+                    target[h] = f32_to_pair(acc_low[h] + scale(low, w_row), acc_high[h] + scale(high, w_row), nan16)
 
     @njit(cache=True, nogil=True, boundscheck=False)
     def group_rows(index, n, order, starts):  # pragma: no cover
@@ -272,7 +400,7 @@ def _compile():
                     meta[n, experts_at + k] = experts[t, k] if here else -1
                     meta[n, weights_at + k] = weight_bits[t, k]
 
-    return grouped_sums, group_rows, expand_rows, pack_meta
+    return grouped_sums, group_rows, expand_rows, pack_meta, pair_sums
 
 
 def _bits(t: torch.Tensor):
@@ -298,6 +426,16 @@ def csr(index: torch.Tensor, n: int):
     return order, starts
 
 
+def sums_loop(rows, out) -> str:
+    """Which compiled loop sums these rows (numpy views, `_bits`) into this output: "pairs" (bfloat16
+    into bfloat16 two elements a uint32 word: an even row length, both 4-byte aligned) or "elements"."""
+    if rows.dtype != out.dtype or rows.dtype.itemsize != 2 or rows.shape[1] % 2:
+        return "elements"
+    if rows.ctypes.data % 4 or out.ctypes.data % 4:
+        return "elements"
+    return "pairs"
+
+
 def grouped_sums(rows: torch.Tensor, weights: Optional[torch.Tensor], index: torch.Tensor, n_groups: int,
                  outs: Sequence[tuple]) -> None:
     """For each (first, out) of `outs`: out[i] = cast of the float32 sum, in row order from +0.0, of
@@ -316,22 +454,26 @@ def grouped_sums(rows: torch.Tensor, weights: Optional[torch.Tensor], index: tor
         if out.dim() != 2 or out.shape[1] != hidden or first < 0 or first + out.shape[0] > n_groups:
             raise ValueError(f"grouped_sums: an output of shape {tuple(out.shape)} for groups from {first} "
                              f"of {n_groups}, rows of {hidden}")
-    kernel = _load()[0]
+    kernels = _load()
     order_np, starts_np = csr(index, n_groups)
     y = _bits(rows)
-    w = weights.contiguous().numpy() if weights is not None else _bits(torch.zeros(1, dtype=torch.float32))
-    y_bf16, weighted = rows.dtype == torch.bfloat16, weights is not None
+    w = weights.contiguous().numpy() if weights is not None else None
     for first, out in outs:
         if out.shape[0] == 0:
             continue
         direct = out.is_contiguous() and (out.dtype == torch.float32
                                           or (out.dtype == torch.bfloat16 and _nan_bits is not None))
         if direct:
-            kernel(y, y_bf16, w, weighted, order_np, starts_np, first, _bits(out), out.dtype == torch.bfloat16,
-                   _nan_bits or 0)
+            target = _bits(out)
+            if sums_loop(y, target) == "pairs":
+                import numpy as np
+
+                kernels[4](y.view(np.uint32), w, order_np, starts_np, first, target.view(np.uint32), _nan_bits)
+            else:
+                kernels[0](y, w, order_np, starts_np, first, target, _nan_bits or 0)
         else:  # float32 sums, cast by torch
             wide = torch.empty(out.shape, dtype=torch.float32)
-            kernel(y, y_bf16, w, weighted, order_np, starts_np, first, wide.numpy(), False, 0)
+            kernels[0](y, w, order_np, starts_np, first, wide.numpy(), 0)
             out.copy_(wide)
 
 

@@ -86,6 +86,42 @@ def test_fused_reductions_keep_the_row_order(monkeypatch):
     assert torch.equal(_bits(got[0]), _bits(expected))
 
 
+@needs_numba
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+@pytest.mark.parametrize("hidden", [1, 7, 64])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weighted", "plain"])
+def test_fused_sums_of_every_group_size_match_a_row_by_row_loop(monkeypatch, dtype, hidden, weighted):
+    """Groups of 0, 1, 2, 3 and 9 rows (the loop writes a group's last row straight into its cast output
+    row, and a group of one row never uses its float32 buffer), rows in a scattered order, against the
+    contract's sum written out one row at a time: +0.0, then each float32 product added in row order,
+    then the cast. A -0.0 product of a one-row group gives +0.0 (the sum starts at +0.0)."""
+    sizes = [0, 1, 2, 3, 9, 1, 0, 2]
+    gen = torch.Generator().manual_seed(hidden)
+    group = torch.cat([torch.full((n,), g, dtype=torch.int64) for g, n in enumerate(sizes)] + [torch.tensor([-1])])
+    group = group[torch.randperm(group.numel(), generator=gen)]
+    y = _rows(dtype, group.numel(), hidden, seed=hidden)
+    w = torch.rand(group.numel(), generator=gen)
+    lone = int((group == 1).nonzero()[0])
+    y[lone], w[lone] = -0.0, 0.5  # a one-row group whose product is -0.0
+    y[int((group == 5).nonzero()[0])] = float("nan")  # a one-row group of NaNs
+    monkeypatch.setenv("FUSER_MOE_CPU_REDUCE", "1")
+    outs = [torch.empty(3, hidden, dtype=dtype), torch.empty(len(sizes) - 3, hidden, dtype=dtype)]
+    loops = []
+    real_loop = cpu_reduce.sums_loop
+    monkeypatch.setattr(cpu_reduce, "sums_loop", lambda *args: loops.append(real_loop(*args)) or loops[-1])
+    cpu_reduce.grouped_sums(y, w if weighted else None, group, len(sizes), [(0, outs[0]), (3, outs[1])])
+    # bfloat16 rows of even length are summed two elements a uint32 word, the others one by one
+    assert loops == ["pairs" if dtype == torch.bfloat16 and hidden % 2 == 0 else "elements"] * 2
+    wide = torch.empty(len(sizes), hidden, dtype=torch.float32)
+    cpu_reduce.grouped_sums(y, w if weighted else None, group, len(sizes), [(0, wide)])
+    for g in range(len(sizes)):
+        expected = torch.zeros(hidden)
+        for r in (group == g).nonzero().flatten().tolist():  # ascending row order
+            expected = expected + (y[r].float() * w[r] if weighted else y[r].float())
+        assert torch.equal(_bits(torch.cat(outs)[g]), _bits(expected.to(dtype))), f"group {g} of {sizes[g]} rows"
+        assert torch.equal(_bits(wide[g]), _bits(expected)), f"float32 sums of group {g} of {sizes[g]} rows"
+
+
 def test_when_the_fused_loop_is_not_used_the_reason_is_named(monkeypatch):
     bf16 = torch.zeros(512, 256, dtype=torch.bfloat16)
     monkeypatch.setenv("FUSER_MOE_CPU_REDUCE", "0")
@@ -148,12 +184,14 @@ def fused_combine_body(comm, backend, mode, hidden, dtype):
     else:
         os.environ["FUSER_MOE_CPU_REDUCE"] = mode
     served = {}
-    real = {name: getattr(cpu_reduce, name) for name in ("grouped_sums", "expand_rows", "pack_meta")}
+    real = {name: getattr(cpu_reduce, name) for name in ("grouped_sums", "expand_rows", "pack_meta", "sums_loop")}
 
     def counting(name):
         def counted(*args, **kwargs):
-            served[name] = served.get(name, 0) + 1
-            return real[name](*args, **kwargs)
+            result = real[name](*args, **kwargs)
+            key = f"sums_loop {result}" if name == "sums_loop" else name  # which loop summed
+            served[key] = served.get(key, 0) + 1
+            return result
         return counted
 
     for name in real:
@@ -195,6 +233,8 @@ def test_combines_with_the_fused_loop_give_the_reference_bits(backend, mode, hid
     served = run_on_ranks(3, fused_combine_body, backend, mode, hidden, dtype)[0]
     assert served.get("grouped_sums"), f"the fused sums never ran on rank 0: {served}"
     assert served.get("expand_rows"), f"the fused expansion never ran on rank 0: {served}"
+    loop = "pairs" if dtype == "bfloat16" else "elements"  # bfloat16 rows of even length: two a word
+    assert served.get(f"sums_loop {loop}"), f"the fused sums never took the {loop} loop on rank 0: {served}"
     if mode == "1":
         assert served.get("pack_meta"), f"the fused metadata never ran on rank 0: {served}"
 

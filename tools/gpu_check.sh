@@ -34,7 +34,8 @@
 #          for W > 1) into ll_tests.log, the vanished-peer cases into ll_vanished.log; the decode workload (T=128) under CUDA graphs, cuda backend, at
 #          W=1 and then with 4 ranks on cuda:0 under MPS, alternating with the checkout at $BEFORE when it
 #          is set (LL_ROUNDS rounds of each, default 2; ll_<w1|mps4>_<before|after>_<round>.txt); then the
-#          phase-stamp timeline of tools/ll_stamps.py at W=1 and shared W=4 (ll_stamps_w1.txt, _w4.txt),
+#          phase-stamp timeline of tools/ll_stamps.py at W=1 (eager and in a CUDA graph: ll_stamps_w1.txt,
+#          ll_stamps_w1_graph.txt) and shared W=4 (ll_stamps_w4.txt),
 #          and tools/ll_floor.py, the same bytes moved by torch in a graph (ll_floor.txt).
 # Usage: tools/gpu_check.sh [suite|bench|soak|compare|one-gpu|mps|combine|ll|all]    (default all = suite, bench, soak; PYTEST_ARGS
 #        passes extra pytest options)
@@ -198,6 +199,7 @@ if [ "$what" = ll ]; then
     }
     ll_rounds 1 w1
     python3 tools/ll_stamps.py >"$OUT/ll_stamps_w1.txt" 2>&1 || status=1
+    python3 tools/ll_stamps.py --graph >"$OUT/ll_stamps_w1_graph.txt" 2>&1 || status=1
     python3 tools/ll_floor.py >"$OUT/ll_floor.txt" 2>&1 || status=1
     cat "$OUT/ll_floor.txt"
     ll_mps=0

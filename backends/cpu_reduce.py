@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 import torch
 
 _DEFAULT_MIN_ELEMENTS = 1 << 16
-_kernel = None  # the compiled loops (grouped_sums, group_rows, expand_rows, pack_meta, pair_sums), once imported
+_kernel = None  # the compiled loops: backends/cpu_loops.py, once imported
 _unavailable: Optional[str] = None  # why the fused path cannot run here (set at first use)
 _nan_bits: Optional[int] = None  # the bfloat16 bits torch's cast gives a float32 NaN, None if it varies
 
@@ -155,8 +155,7 @@ def _probe_nan_bits() -> Optional[int]:
 def _compile():
     from . import cpu_loops
 
-    return (cpu_loops.grouped_sums, cpu_loops.group_rows, cpu_loops.expand_rows, cpu_loops.pack_meta,
-            cpu_loops.pair_sums)
+    return cpu_loops
 
 
 def _bits(t: torch.Tensor):
@@ -178,7 +177,7 @@ def csr(index: torch.Tensor, n: int):
         index_np = index_np.astype(np.int64)
     order = np.empty(index_np.shape[0], dtype=np.int64)
     starts = np.empty(n + 1, dtype=np.int64)
-    _load()[1](index_np, n, order, starts)
+    _load().group_rows(index_np, n, order, starts)
     return order, starts
 
 
@@ -210,7 +209,9 @@ def grouped_sums(rows: torch.Tensor, weights: Optional[torch.Tensor], index: tor
         if out.dim() != 2 or out.shape[1] != hidden or first < 0 or first + out.shape[0] > n_groups:
             raise ValueError(f"grouped_sums: an output of shape {tuple(out.shape)} for groups from {first} "
                              f"of {n_groups}, rows of {hidden}")
-    kernels = _load()
+    import numpy as np
+
+    loops = _load()
     order_np, starts_np = csr(index, n_groups)
     y = _bits(rows)
     w = weights.contiguous().numpy() if weights is not None else None
@@ -222,14 +223,12 @@ def grouped_sums(rows: torch.Tensor, weights: Optional[torch.Tensor], index: tor
         if direct:
             target = _bits(out)
             if sums_loop(y, target) == "pairs":
-                import numpy as np
-
-                kernels[4](y.view(np.uint32), w, order_np, starts_np, first, target.view(np.uint32), _nan_bits)
+                loops.pair_sums(y.view(np.uint32), w, order_np, starts_np, first, target.view(np.uint32), _nan_bits)
             else:
-                kernels[0](y, w, order_np, starts_np, first, target, _nan_bits or 0)
+                loops.grouped_sums(y, w, order_np, starts_np, first, target, _nan_bits or 0)
         else:  # float32 sums, cast by torch
             wide = torch.empty(out.shape, dtype=torch.float32)
-            kernels[0](y, w, order_np, starts_np, first, wide.numpy(), 0)
+            loops.grouped_sums(y, w, order_np, starts_np, first, wide.numpy(), 0)
             out.copy_(wide)
 
 
@@ -273,7 +272,7 @@ def expand_rows(meta: torch.Tensor, wire_x: torch.Tensor, top_k: int, pairs: int
     wire_row = torch.empty(real, dtype=torch.int64)
     flat, stride, row_bytes = _flat_rows(wire_x)
     rows_out = recv_x.view(torch.uint8).numpy() if row_bytes else np.empty((out_rows, 0), dtype=np.uint8)
-    _load()[2](meta.numpy(), np.array(layout, dtype=np.int64), flat, stride, row_bytes, top_k, real, rows_out,
+    _load().expand_rows(meta.numpy(), np.array(layout, dtype=np.int64), flat, stride, row_bytes, top_k, real, rows_out,
                idx.numpy(), weights.view(torch.int32).numpy().view(np.uint32), src_idx.numpy(), src_rank.numpy(),
                wire_row.numpy())
     return recv_x, idx, weights, src_idx, src_rank, wire_row
@@ -307,7 +306,7 @@ def pack_meta(meta: torch.Tensor, token: torch.Tensor, row_rank: torch.Tensor, s
     def words(t):
         return np.zeros((1, 1), dtype=np.int64) if t is None else t.long().contiguous().numpy()
 
-    _load()[3](token.contiguous().numpy(), row_rank.contiguous().numpy(), words(slot_rank), words(out_rows),
+    _load().pack_meta(token.contiguous().numpy(), row_rank.contiguous().numpy(), words(slot_rank), words(out_rows),
                out_rows is not None, words(topk_idx), words(weight_bits), rank, np.array(layout, dtype=np.int64),
                top_k, meta.numpy(), only_rows)
     return meta

@@ -206,7 +206,10 @@ def dispatch(comm, group_state, x: torch.Tensor, topk_idx: torch.Tensor, topk_we
     # Block b routes chunk b of this rank's tokens (chunks of its own) and copies their rows; the peers'
     # wire rows go to every warp, (wire row, part) a warp: a row is read once and written to each of its
     # pairs' output rows. About min(C, (W - 1) x T) of them arrive (every peer sends at most its T
-    # tokens); the C - V padding rows are a warp's each. Started beside its send kernel (programmatic
+    # tokens); the C - V padding rows are cut into the same parts, and all these items go round the
+    # blocks (item q to block q % blocks), so that no block takes more than a like share. The grid
+    # counts a padding row as a warp's work (sized by parts, it took every SM at W=1, and blocks that
+    # start only when the send ends route their chunk late). Started beside its send kernel (programmatic
     # launch), it gets the SMs that kernel leaves at once, the rest when it ends: the chunks go to the
     # blocks that start at once (a block started late would route late), the peers' rows to all.
     overlap = _overlap(stats)

@@ -848,15 +848,23 @@ __device__ void fm_ll_dispatch_recv(
         }
     }
 
-    // The peers' wire rows, (wire row, part) a warp, then the padding rows, a warp a row.
+    // The peers' wire rows, then the padding rows, (row, part) a warp. Items go round the blocks (item q
+    // to block q % gridDim.x), so that every block takes a like share of them: given out block by block,
+    // the padding (zero rows, written after the wire rows) fell to the first blocks, which then wrote
+    // twice the bytes of the others.
     const fm_i64 warps = static_cast<fm_i64>(gridDim.x) * n_warps;
     const fm_i64 copy_items = wire_base[world] * split;
+    const fm_i64 items = copy_items + (capacity - kept) * split;
     const int meta_width = 1 + 4 * top_k;
-    for (fm_i64 q = blockIdx.x * n_warps + warp; q < copy_items + capacity - kept; q += warps) {
+    for (fm_i64 q = static_cast<fm_i64>(warp) * gridDim.x + blockIdx.x; q < items; q += warps) {
+        const int part = static_cast<int>(q % split);
+        const fm_i64 g = q / split;
         if (q >= copy_items) {
-            const fm_i64 out = kept + (q - copy_items);
-            fm_ll_warp_zero(recv_x + out * row_bytes, 0, row_bytes, lane);
-            if (lane == 0) {
+            const fm_i64 out = kept + (g - wire_base[world]);
+            fm_i64 begin, end;
+            fm_ll_part(row_bytes, part, split, &begin, &end);
+            fm_ll_warp_zero(recv_x + out * row_bytes, begin, end, lane);
+            if (lane == 0 && part == 0) {
                 recv_idx[out] = -1;
                 recv_w[out] = 0.0f;
                 src_idx[out] = -1;
@@ -864,8 +872,6 @@ __device__ void fm_ll_dispatch_recv(
             }
             continue;
         }
-        const int part = static_cast<int>(q % split);
-        const fm_i64 g = q / split;
         int s = 0;
         while (wire_base[s + 1] <= g) {
             ++s;

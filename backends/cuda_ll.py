@@ -43,6 +43,9 @@ _MAX_CHUNK = 8  # tokens a send block handles: positions inside a chunk cost O(c
 _SLOTS = 4  # kernels/ll.cu FM_LL_SLOTS
 MAX_EXPERTS = 2048  # the dispatch kernels keep three int tables of E entries in shared memory
 SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without opting in
+# Room left for the kernels' static __shared__ arrays (about 1.3 KiB in ll.cu) when a launch opts in to
+# more dynamic shared memory than SHARED_LIMIT.
+_STATIC_SHARED_ROOM = 4 * 1024
 
 
 def max_rows() -> int:
@@ -81,9 +84,10 @@ def unavailable_reason(x: torch.Tensor, top_k: int, world: int, num_experts: int
         return (f"E={num_experts}, W x most local experts = {world * n_local_max} (the path's shared-memory tables "
                 f"take E <= {MAX_EXPERTS} and W x local experts <= 4096)")
     shared = _recv_shared(_MAX_CHUNK, num_experts, world, top_k, n_local_max)
-    if shared > SHARED_LIMIT:
+    limit = shared_limit(getattr(x, "device", None))
+    if shared > limit:
         return (f"E={num_experts}, W={world}, K={top_k}, most local experts {n_local_max}: the dispatch receive's "
-                f"tables take {shared} bytes of shared memory (the path takes {SHARED_LIMIT})")
+                f"tables take {shared} bytes of shared memory (the path takes {limit} on this device)")
     if mode == "1":
         return None
     if capacity > max_rows():
@@ -287,6 +291,16 @@ def _chunk(tokens: int, blocks: int, cap: int) -> int:
     inside a chunk cost O(chunk x K) a slot) unless the budget's `cap` blocks could not hold them."""
     chunk = min(_MAX_CHUNK, max(1, -(-tokens // max(1, blocks))))
     return max(chunk, -(-tokens // cap))
+
+
+def shared_limit(device) -> int:
+    """Dynamic shared memory the path's kernels may take on `device`: what a block may opt in to there,
+    less room for their static arrays; SHARED_LIMIT where no CUDA device is named."""
+    if device is None or getattr(device, "type", None) != "cuda":
+        return SHARED_LIMIT
+    from .transport import nvrtc
+
+    return max(SHARED_LIMIT, nvrtc.shared_memory_limit(device) - _STATIC_SHARED_ROOM)
 
 
 def _route_shared(chunk: int, num_experts: int, world: int, top_k: int) -> int:

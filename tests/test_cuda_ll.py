@@ -43,13 +43,33 @@ def test_low_latency_path_refusals_name_the_reason(monkeypatch):
     assert "CPU" in cuda_ll.unavailable_reason(torch.zeros(4, 8), 2, 2, 4, 2, 16)
     assert "16 bytes" in cuda_ll.unavailable_reason(_fake_cuda_x(hidden=3), 2, 2, 4, 2, 16)
     assert "K=40" in cuda_ll.unavailable_reason(_fake_cuda_x(), 40, 2, 64, 32, 16)
-    # Every expert on one of two ranks, E=2048: the receive's tables would pass 48 KiB of shared memory.
+    # Every expert on one of two ranks, E=2048: the receive's tables would pass 48 KiB of shared memory,
+    # all a launch gets where no device says that a block may opt in to more.
     assert "shared memory" in cuda_ll.unavailable_reason(_fake_cuda_x(), 32, 2, 2048, 2048, 16)
     assert cuda_ll.unavailable_reason(_fake_cuda_x(), 8, 64, 1024, 16, 16) is None
     monkeypatch.setenv("FUSER_MOE_LL", "0")
     assert cuda_ll.unavailable_reason(_fake_cuda_x(), 2, 2, 4, 2, 16) == "FUSER_MOE_LL=0"
     monkeypatch.setenv("FUSER_MOE_LL", "1")
     assert cuda_ll.unavailable_reason(_fake_cuda_x(), 2, 2, 4, 2, cuda_ll.max_rows() * 2) is None
+
+
+def test_the_shared_memory_limit_is_the_devices(monkeypatch):
+    from fuser_moe.backends.transport import nvrtc
+
+    monkeypatch.delenv("FUSER_MOE_LL", raising=False)
+    x = _fake_cuda_x()
+    x.device = torch.device("cuda", 0)
+    tables = cuda_ll._recv_shared(cuda_ll._MAX_CHUNK, 2048, 2, 32, 2048)
+    assert tables > cuda_ll.SHARED_LIMIT
+    # A block may opt in to 227 KiB on compute capability 9.0: E=2048 on two ranks fits.
+    monkeypatch.setattr(nvrtc, "shared_memory_limit", lambda device: 227 * 1024)
+    assert cuda_ll.shared_limit(x.device) == 227 * 1024 - cuda_ll._STATIC_SHARED_ROOM
+    assert cuda_ll.unavailable_reason(x, 32, 2, 2048, 2048, 16) is None
+    # A device that allows less refuses it, and says how much it allows.
+    monkeypatch.setattr(nvrtc, "shared_memory_limit", lambda device: tables)
+    reason = cuda_ll.unavailable_reason(x, 32, 2, 2048, 2048, 16)
+    assert "shared memory" in reason and f"takes {tables - cuda_ll._STATIC_SHARED_ROOM} on this device" in reason
+    assert cuda_ll.shared_limit(None) == cuda_ll.SHARED_LIMIT
 
 
 def _reference(case, capacity):
@@ -111,6 +131,20 @@ def test_low_latency_path_gives_the_reference_bits(world_size, top_k, routing, d
                 dtype=dtype, routing=routing)
     capacity = sum(case.token_counts()) * min(top_k, experts // world_size) + 3
     run_on_ranks(world_size, ll_round_body, case, capacity, mode, 3)
+
+
+@on_gpu
+@pytest.mark.parametrize("world_size", GPU_WORLDS)
+def test_many_experts_opt_in_to_more_shared_memory(world_size):
+    # E=2048 (2046 at W=3), K=8: the receive's routing tables pass 48 KiB of shared memory at W = 1 to 4 (67 to 55 KB:
+    # three int tables of E entries, int64 bases for every (source, local expert)), so its launch opts
+    # in to more.
+    experts = 2048 // world_size * world_size  # contiguous placement: a multiple of W
+    case = Case(world_size, 8, num_experts=experts, hidden=64, tokens=[13 + 5 * r for r in range(world_size)], seed=3)
+    shared = cuda_ll._recv_shared(cuda_ll._MAX_CHUNK, experts, world_size, 8, experts // world_size)
+    capacity = sum(case.token_counts()) * 8 + 3
+    assert shared > cuda_ll.SHARED_LIMIT
+    run_on_ranks(world_size, ll_round_body, case, capacity, "1", 2)
 
 
 @on_gpu

@@ -225,6 +225,16 @@ class Kernel:
         self.device = device
         self.function = function
         self.param_sizes = param_sizes
+        self.shared_allowed = DEFAULT_SHARED  # dynamic shared memory a launch may ask for without opting in
+
+    def _allow_shared(self, d, shared_mem: int) -> None:
+        """Opts the kernel in to `shared_mem` bytes of dynamic shared memory (past the 48 KiB every launch
+        may take), once per size it grows to; the driver refuses more than the device's opt-in limit."""
+        attribute = d.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        _cuda.call(d.cuFuncSetAttribute(self.function, attribute, int(shared_mem)),
+                   f"cuFuncSetAttribute({self.name}, MAX_DYNAMIC_SHARED_SIZE_BYTES={shared_mem}) on {self.device} "
+                   f"(the device allows {shared_memory_limit(self.device)} bytes a block)")
+        self.shared_allowed = int(shared_mem)
 
     def _pack(self, args: Sequence) -> tuple:
         values = []
@@ -268,7 +278,8 @@ class Kernel:
             args: the kernel's arguments in order (see the module's argument convention).
             stream: a `torch.cuda.Stream`, a raw `cudaStream_t` as an int, or None for torch's current
                 stream on the kernel's device.
-            shared_mem: bytes of dynamic shared memory per block.
+            shared_mem: bytes of dynamic shared memory per block; past 48 KiB the kernel is opted in to
+                it first (up to `shared_memory_limit(device)`, less the kernel's static shared memory).
             overlap_previous: let the kernel start before the previous kernel of the stream has ended
                 (programmatic dependent launch, where `programmatic_launch(device)` allows it); only for
                 kernels that order themselves after it by flags of their own.
@@ -283,6 +294,8 @@ class Kernel:
             handle = int(stream)
         values, pointers = self._pack(args)
         with _cuda.on_device(self.device.index):
+            if shared_mem > self.shared_allowed:
+                self._allow_shared(d, shared_mem)
             if overlap_previous and programmatic_launch(self.device):
                 config = d.CUlaunchConfig()
                 config.gridDimX, config.gridDimY, config.gridDimZ = grid3
@@ -299,6 +312,24 @@ class Kernel:
                 api = "cuLaunchKernel"
         del values  # kept alive until the driver has copied the parameters
         _cuda.call(result, f"{api}({self.name}, grid={grid3}, block={block3}) on {self.device}")
+
+
+DEFAULT_SHARED = 48 * 1024  # dynamic shared memory a launch gets without opting in
+_shared_limits: dict = {}  # device index -> the most shared memory a block may opt in to
+
+
+def shared_memory_limit(device) -> int:
+    """Bytes of shared memory one block may use on this device after opting in (static and dynamic
+    together; 227 KiB on compute capability 9.0), or 48 KiB where the driver does not say."""
+    index = _device_index(device)
+    limit = _shared_limits.get(index)
+    if limit is None:
+        try:
+            limit = _cuda.device_attribute(index, "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN")
+        except (AttributeError, RuntimeError):  # a driver binding or driver without the attribute
+            limit = DEFAULT_SHARED
+        limit = _shared_limits[index] = max(int(limit), DEFAULT_SHARED)
+    return limit
 
 
 _programmatic: dict = {}  # device index -> whether programmatic dependent launch is used there

@@ -6,6 +6,8 @@ the call; median over calls of each rank, median over ranks), with the all-to-al
 the unit:
   a2a              all_to_all_single of the de-duplicated x rows with the dispatch's split sizes (the
                    bench's baseline); "combine a2a" is the reverse collective
+  counts           the count rows' all-to-all alone (W x (W + E + 1) int64 words): what the dispatch
+                   pays beyond the a2a before its rows can travel (the receivers need their split sizes)
   dispatch floor   what the backend's dispatch cannot do without, as bare torch: the count rows'
                    all-to-all, the gather of x rows into the send buffer, the all-to-all of the rows and
                    the expansion's copy into a fresh [V, H] output, with the routing precomputed
@@ -63,6 +65,9 @@ def body(comm, args):
     def a2a():
         comm.all_to_all_single(recv, send, n_from, n_to)
 
+    def counts_a2a():
+        comm.all_to_all_single(rows_from, row_to)
+
     def dispatch_floor():
         comm.all_to_all_single(rows_from, row_to)
         torch.index_select(x, 0, token, out=send)
@@ -82,7 +87,7 @@ def body(comm, args):
                             d.n_tokens_to_rank, d.n_tokens_from_rank, args.tokens, check_inputs=False,
                             handle=handle)
 
-    cases = [("dispatch a2a", a2a), ("dispatch floor", dispatch_floor), ("dispatch nccl", dispatch),
+    cases = [("dispatch a2a", a2a), ("dispatch counts", counts_a2a), ("dispatch floor", dispatch_floor), ("dispatch nccl", dispatch),
              ("combine a2a", combine_a2a), ("combine floor", combine_floor), ("combine nccl", combine)]
     medians = {}
     for _round in range(2):  # two alternations of every case, the median of both rounds' samples
@@ -114,7 +119,9 @@ def main():
           f"K={args.topk} bf16: ms, median over ranks of each rank's median of {2 * args.reps} calls")
     for op in ("dispatch", "combine"):
         unit = statistics.median(r[f"{op} a2a"] for r in per_rank)
-        for case in ("a2a", "floor", "nccl"):
+        for case in ("a2a", "counts", "floor", "nccl"):
+            if f"{op} {case}" not in per_rank[0]:
+                continue
             value = statistics.median(r[f"{op} {case}"] for r in per_rank)
             print(f"  {op:8s} {case:6s} {value:8.2f} ms  {value / unit:5.2f}x the a2a   ranks: "
                   + " ".join(f"{r[f'{op} {case}']:.2f}" for r in per_rank))

@@ -35,7 +35,8 @@
 #          W=1 and then with 4 ranks on cuda:0 under MPS, alternating with the checkout at $BEFORE when it
 #          is set (LL_ROUNDS rounds of each, default 2; ll_<w1|mps4>_<before|after>_<round>.txt); then the
 #          phase-stamp timeline of tools/ll_stamps.py at W=1 (eager and in a CUDA graph: ll_stamps_w1.txt,
-#          ll_stamps_w1_graph.txt) and shared W=4 (ll_stamps_w4.txt),
+#          ll_stamps_w1_graph.txt) and shared W=4 (ll_stamps_w4.txt; in a graph, with every rank's marks
+#          against the earliest rank's send start, ll_stamps_w4_graph.txt),
 #          and tools/ll_floor.py, the same bytes moved by torch in a graph (ll_floor.txt).
 # Usage: tools/gpu_check.sh [suite|bench|soak|compare|one-gpu|mps|combine|ll|all]    (default all = suite, bench, soak; PYTEST_ARGS
 #        passes extra pytest options)
@@ -211,6 +212,7 @@ if [ "$what" = ll ]; then
     fi
     ll_rounds 4 mps4
     python3 tools/ll_stamps.py --world-size 4 --shared >"$OUT/ll_stamps_w4.txt" 2>&1 || status=1
+    python3 tools/ll_stamps.py --world-size 4 --shared --graph >"$OUT/ll_stamps_w4_graph.txt" 2>&1 || status=1
     if [ "$ll_mps" -eq 1 ]; then
         echo quit | nvidia-cuda-mps-control && echo "gpu_check: MPS daemon stopped"
         ll_mps=0

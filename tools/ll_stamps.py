@@ -10,6 +10,11 @@ The stamps cost a few atomics a block, so the figures are a little above the uni
 With --graph the two ops are captured in one CUDA graph and replayed, so the receive kernels start
 as the bench's graph mode starts them (programmatic launches beside their send kernels).
 
+With --shared and W > 1 every rank's kernels run on one GPU, whose %globaltimer they all read, so it
+also prints each rank's marks against the earliest rank's dispatch send start of the same repetition:
+when its send started, when its dispatch and its combine took their last tickets (the skew between
+the ranks' launches, and who waits for whom).
+
 Usage: python3 tools/ll_stamps.py [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256] [--reps 20]
        [--world-size 1] [--shared] [--graph]
 """
@@ -100,8 +105,15 @@ def body(comm, args):
         torch.cuda.synchronize()
         runs.append(host.cpu().tolist())
         block_starts.append([v for v in starts.cpu().tolist() if v])
+    # Every rank's marks in %globaltimer ns (None where a point was not reached): dispatch send start,
+    # dispatch recv ticket, combine send start, combine recv ticket.
+    def mark(r, i, last):
+        value = r[1][i] if last else r[0][i]
+        return None if r[0][i] == -1 or r[1][i] == 0 else value
+
+    marks = [(mark(r, 0, False), mark(r, 12, True), mark(r, 16, False), mark(r, 23, True)) for r in runs]
     if comm.rank != 0:
-        return None
+        return {"text": None, "marks": marks}
     lines = [f"low-latency path stamps{' (CUDA graph)' if args.graph else ''}, rank 0 of {comm.world_size}: T={args.tokens} H={args.hidden} "
              f"K={args.topk} E={args.experts} C={capacity} bf16; median of {args.reps} (us from the first stamp)",
              f"{'point':36s} {'first':>8s} {'last':>8s}"]
@@ -120,6 +132,26 @@ def body(comm, args):
         lines.append(f"dispatch recv blocks: {len(block_starts[0])}; begun after the send's last arrival: median "
                      f"{statistics.median(late)} a run; first run's block starts (us): "
                      + " ".join(f"{v:.1f}" for v in offsets[:: max(1, len(offsets) // 16)]))
+    return {"text": "\n".join(lines), "marks": marks}
+
+
+def skew_table(marks_by_rank: list) -> str:
+    """Each rank's marks against the earliest dispatch send start of the same repetition (ranks sharing
+    one GPU read one %globaltimer), median over repetitions, in us."""
+    names = ("dispatch send start", "dispatch recv ticket", "combine send start", "combine recv ticket")
+    lines = ["ranks on one GPU, us from the earliest rank's dispatch send start of each repetition (median):",
+             f"{'rank':6s}" + "".join(f"{n:>22s}" for n in names)]
+    reps = min(len(m) for m in marks_by_rank)
+    for rank, marks in enumerate(marks_by_rank):
+        cells = []
+        for j in range(len(names)):
+            values = []
+            for i in range(reps):
+                starts = [m[i][0] for m in marks_by_rank if m[i][0] is not None]
+                if starts and marks[i][j] is not None:
+                    values.append((marks[i][j] - min(starts)) / 1e3)
+            cells.append(f"{statistics.median(values):22.2f}" if values else f"{'-':>22s}")
+        lines.append(f"{rank:<6d}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -141,7 +173,9 @@ def main():
     from fuser_moe.launch import spawn
 
     reports = spawn(body, args.world_size, (args,), device="cuda:0" if args.shared else "cuda", timeout_s=300)
-    print(reports[0])
+    print(reports[0]["text"])
+    if args.shared and args.world_size > 1:
+        print(skew_table([r["marks"] for r in reports]))
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def body(comm, args):
                             d.n_tokens_to_rank, d.n_tokens_from_rank, args.tokens, check_inputs=False,
                             handle=handle)
 
-    cases = [("dispatch a2a", a2a), ("dispatch counts", counts_a2a), ("dispatch floor", dispatch_floor), ("dispatch nccl", dispatch),
+    cases = [("dispatch a2a", a2a), ("dispatch counts", counts_a2a), ("dispatch floor", dispatch_floor),
+             ("dispatch nccl", dispatch),
              ("combine a2a", combine_a2a), ("combine floor", combine_floor), ("combine nccl", combine)]
     medians = {}
     for _round in range(2):  # two alternations of every case, the median of both rounds' samples

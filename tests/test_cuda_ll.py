@@ -136,9 +136,9 @@ def test_low_latency_path_gives_the_reference_bits(world_size, top_k, routing, d
 @on_gpu
 @pytest.mark.parametrize("world_size", GPU_WORLDS)
 def test_many_experts_opt_in_to_more_shared_memory(world_size):
-    # E=2048 (2046 at W=3), K=8: the receive's routing tables pass 48 KiB of shared memory at W = 1 to 4 (67 to 55 KB:
-    # three int tables of E entries, int64 bases for every (source, local expert)), so its launch opts
-    # in to more.
+    # E=2048 (2046 at W=3), K=8: the receive's routing tables pass 48 KiB of shared memory at W = 1 to 4
+    # (67 to 55 KB: three int tables of E entries, int64 bases for every (source, local expert)), so its
+    # launch opts in to more.
     experts = 2048 // world_size * world_size  # contiguous placement: a multiple of W
     case = Case(world_size, 8, num_experts=experts, hidden=64, tokens=[13 + 5 * r for r in range(world_size)], seed=3)
     shared = cuda_ll._recv_shared(cuda_ll._MAX_CHUNK, experts, world_size, 8, experts // world_size)

@@ -142,14 +142,12 @@ def skew_table(marks_by_rank: list) -> str:
     lines = ["ranks on one GPU, us from the earliest rank's dispatch send start of each repetition (median):",
              f"{'rank':6s}" + "".join(f"{n:>22s}" for n in names)]
     reps = min(len(m) for m in marks_by_rank)
+    earliest = [min((m[i][0] for m in marks_by_rank if m[i][0] is not None), default=None) for i in range(reps)]
     for rank, marks in enumerate(marks_by_rank):
         cells = []
         for j in range(len(names)):
-            values = []
-            for i in range(reps):
-                starts = [m[i][0] for m in marks_by_rank if m[i][0] is not None]
-                if starts and marks[i][j] is not None:
-                    values.append((marks[i][j] - min(starts)) / 1e3)
+            values = [(marks[i][j] - earliest[i]) / 1e3 for i in range(reps)
+                      if earliest[i] is not None and marks[i][j] is not None]
             cells.append(f"{statistics.median(values):22.2f}" if values else f"{'-':>22s}")
         lines.append(f"{rank:<6d}" + "".join(cells))
     return "\n".join(lines)

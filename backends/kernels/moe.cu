@@ -522,12 +522,14 @@ FM_DISPATCH_SEND(fuser_moe_dispatch_send_i32, int)
 //   word, nonzero from then until the host has seen it): a peer that missed the barrier sends nothing.
 constexpr int FM_EXPAND_BATCH = 4;  // 16-byte vectors a lane loads before it stores them
 #ifndef FM_STREAM_STORES
-#define FM_STREAM_STORES 0  // 1: the expansion's output rows are stored with st.global.cs (evict-first)
+#define FM_STREAM_STORES 1  // 0: the expansion's output rows are stored with plain stores
 #endif
 // An expansion output row store, which nobody in this kernel reads again: with FM_STREAM_STORES the
-// evict-first kind. One H200, W=1, T=4096, CUDA graph, one run: dispatch 221.7 us with it against
-// 225.0 without, too close to call from one run; the same stores in combine's reduce took it from
-// 152.2 to 184.2 us, so the reduce keeps plain stores.
+// evict-first kind (st.global.cs), so that the rows written do not push the rows still to be read out
+// of L2. One H200, W=1, T=4096, CUDA graph: dispatch 221.7 us against 225.0 with plain stores (session
+// 5), then 222.0 / 222.0 against 224.7 / 225.3 in two alternated rounds of one call (session 12), so
+// it is on. The same stores in combine's reduce took it from 152.2 to 184.2 us, so the reduce keeps
+// plain stores.
 __device__ __forceinline__ void fm_store_out(int4* at, const int4& v)
 {
 #if FM_STREAM_STORES

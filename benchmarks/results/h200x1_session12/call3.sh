@@ -4,7 +4,8 @@
 # - the gate's test and the shared-GPU bench tests (2 ranks on cuda:0);
 # - under MPS, 4 ranks on cuda:0: tools/ll_stamps.py --shared --graph (the skew table that is left), then
 #   the decode workload under CUDA graphs, the tree before the patch (.carry_before: host-clock start) and
-#   this one (gate) alternated, two rounds each.
+#   this one (gate) alternated, two rounds each; then tools/ll_floor.py --world-size 4: each rank's share of
+#   the HBM traffic, all four at once, against the backend in the same run.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 T0=$(date +%s)
@@ -24,5 +25,7 @@ nvidia-cuda-mps-control -d >"$L/mps_start.log" 2>&1 && mps=1 || mps=0
 timeout 90 python3 tools/ll_stamps.py --world-size 4 --shared --graph --reps 40 >"$L/st_w4_graph.txt" 2>&1
 echo "st_w4_graph rc=$?"; tail -6 "$L/st_w4_graph.txt"
 for r in 1 2; do b mps4_before$r "$B"; b mps4_after$r "$A"; done
+timeout 120 python3 tools/ll_floor.py --world-size 4 >"$L/floor_w4.txt" 2>&1; echo "floor_w4 rc=$?"
+cat "$L/floor_w4.txt"
 [ "$mps" = 1 ] && echo quit | nvidia-cuda-mps-control
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$L"

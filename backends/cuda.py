@@ -240,6 +240,7 @@ class CudaBackend:
             out = cuda_kernels.combine(comm, state, x, topk_weights, src_idx, src_rank, num_tokens,
                                         max(tokens_of_rank), stats)
         else:
+            stats.path = "general"  # the torch twin of the same protocol (CPU tensors; worlds past the kernels')
             torch_handle = handle if handle is not None and handle.partial_base is not None else None
             out = cuda_torch.combine(comm, state, x, topk_weights, src_idx, src_rank, n_tokens_to_rank, num_tokens,
                                      stats, torch_handle)

@@ -68,6 +68,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fuser_moe.backends.common import CommStats
+
 STANDARD_TOKENS = 4096
 DECODE_TOKENS = 128
 DEFAULT_SWEEP = "1:16384"
@@ -514,13 +516,17 @@ class RankBench:
     def publish(self, tokens: int, backend: str, mode: str, op: str, *, stats: Optional[dict] = None,
                 wire_bytes: int = 0, deepep_bytes: int = 0, status: str = "ok", reason: Optional[str] = None,
                 note: Optional[str] = None, capacity: Optional[int] = None, checked: bool = False,
-                emulated: bool = False, payload: Optional[str] = None) -> None:
+                emulated: bool = False, payload: Optional[str] = None, path: Optional[str] = None,
+                sms: Optional[int] = None) -> None:
         """Records one measurement (one row of the tables). Collective when status is "ok" (the ranks'
         statistics are gathered); otherwise every rank must pass the same status and reason. `payload`
-        names an fp8 variant (FP8_VARIANTS); None is x in the config's dtype."""
+        names an fp8 variant (FP8_VARIANTS); None is x in the config's dtype. `path` and `sms`: the
+        protocol the backend's calls took and the SMs they used (`_sms_used`), as the backend's
+        CommStats said (None: not said, e.g. a baseline); the record keeps rank 0's path and the largest
+        SMs of any rank."""
         per_rank = None
         if status == "ok":
-            mine = dict(stats, wire_bytes=wire_bytes, deepep_bytes=deepep_bytes,
+            mine = dict(stats, path=path, sms=sms, wire_bytes=wire_bytes, deepep_bytes=deepep_bytes,
                         wire_gbps=wire_bytes / stats["median_us"] / 1e3 if stats["median_us"] > 0 else 0.0,
                         deepep_gbps=deepep_bytes / stats["median_us"] / 1e3 if stats["median_us"] > 0 else 0.0)
             per_rank = self.comm.exchange(mine)
@@ -539,6 +545,9 @@ class RankBench:
             record.update(median_us=over_ranks("median_us"), min_us=over_ranks("min_us"),
                           host_median_us=over_ranks("host_median_us"), wire_gbps=over_ranks("wire_gbps"),
                           deepep_gbps=over_ranks("deepep_gbps"), per_rank=per_rank)
+            if path is not None or any(r.get("sms") for r in per_rank):
+                record.update(path=per_rank[0].get("path"),
+                              sms=max((r["sms"] for r in per_rank if r.get("sms")), default=None))
         self.records.append(record)
         if self.cfg.progress:
             print(self._progress_line(record), file=sys.stderr, flush=True)
@@ -640,22 +649,28 @@ class MainBench(RankBench):
         return get_backend(name), None
 
     def _calls(self, work: Workload, backend, capacity: Optional[int]):
+        """(dispatch(), combine(d), seen) of `backend` on the workload. Each call leaves its `CommStats` in
+        seen[op] (the last call's: the protocol path it took and the SMs it used)."""
         cfg, comm = self.cfg, self.comm
         # As the evaluator does: the dispatch's handle goes to the combine of its outputs.
         handles = WeakIdKeyDictionary()
+        seen = {}
 
         def dispatch():
+            stats = seen["dispatch"] = CommStats()
             d, handle = backend.dispatch(comm, work.x, work.topk_idx, work.topk_weights, num_experts=cfg.experts,
-                                         max_recv_tokens=capacity, check_inputs=False, return_handle=True)
+                                         max_recv_tokens=capacity, check_inputs=False, return_handle=True,
+                                         stats=stats)
             handles[d.recv_src_idx] = handle
             return d
 
         def combine(d):
+            stats = seen["combine"] = CommStats()
             return backend.combine(comm, d.recv_x, d.recv_topk_weights, d.recv_src_idx, d.recv_src_rank,
                                    d.n_tokens_to_rank, d.n_tokens_from_rank, work.tokens, check_inputs=False,
-                                   handle=handles.get(d.recv_src_idx))
+                                   handle=handles.get(d.recv_src_idx), stats=stats)
 
-        return dispatch, combine
+        return dispatch, combine, seen
 
     def _failed(self, work: Workload, name: str, mode: str, verdict: tuple, backend=None,
                 capacity: Optional[int] = None) -> None:
@@ -677,13 +692,24 @@ class MainBench(RankBench):
             return "error", f"reported after the timed calls: {_describe(exc)}"
         return None
 
+    def _sms_used(self, call: Optional[CommStats]) -> Optional[int]:
+        """The SMs a call's kernels took: the most blocks one of them launched (CommStats.sms), at most
+        the GPU's SMs (more blocks queue on them); None where nothing said (CPU ranks, baselines)."""
+        if call is None or not call.sms or not self.cuda:
+            return None
+        return min(call.sms, torch.cuda.get_device_properties(self.device).multi_processor_count)
+
     def _publish_pair(self, work: Workload, name: str, mode: str, stats: dict, capacity, emulated=False,
-                      note=None) -> None:
+                      note=None, calls: Optional[dict] = None) -> None:
+        """Publishes both ops' timings; calls: the backend's CommStats of each op (`_calls`' seen), if any."""
         op_bytes = work.op_bytes(self.comm.rank)
+        calls = calls or {}
         for op in OPS:
             wire, deepep = op_bytes[op]
+            call = calls.get(op)
             self.publish(work.tokens, name, mode, op, stats=stats[op], wire_bytes=wire, deepep_bytes=deepep,
-                         capacity=capacity, checked=self.cfg.check, emulated=emulated, note=note)
+                         capacity=capacity, checked=self.cfg.check, emulated=emulated, note=note,
+                         path=call.path or None if call is not None else None, sms=self._sms_used(call))
 
     def plain_case(self, work: Workload, name: str, mode: str) -> None:
         """Exact or capacity mode: one checked call of each op, then each op timed on its own."""
@@ -691,7 +717,7 @@ class MainBench(RankBench):
         backend, missing = self._backend(name)
         if backend is None:
             return self.skip(work.tokens, name, mode, missing, capacity=capacity)
-        dispatch, combine = self._calls(work, backend, capacity)
+        dispatch, combine, seen = self._calls(work, backend, capacity)
         d, problem = self.attempt("error", "dispatch", dispatch)
         if (verdict := self.agree(problem)) is not None:
             return self._failed(work, name, mode, verdict, backend, capacity)
@@ -706,7 +732,7 @@ class MainBench(RankBench):
         stats = {"dispatch": self.time(dispatch), "combine": self.time(lambda: combine(d))}
         if (verdict := self.agree(self._device_errors(backend))) is not None:
             return self._failed(work, name, mode, verdict, None, capacity)
-        self._publish_pair(work, name, mode, stats, capacity)
+        self._publish_pair(work, name, mode, stats, capacity, calls=seen)
 
     def graph_case(self, work: Workload, name: str) -> None:
         """Capacity mode under a CUDA graph: warm-up on a side stream, one capture of dispatch and one of
@@ -717,7 +743,7 @@ class MainBench(RankBench):
         backend, missing = self._backend(name)
         if backend is None:
             return self.skip(work.tokens, name, "graph", missing, capacity=capacity)
-        dispatch, combine = self._calls(work, backend, capacity)
+        dispatch, combine, seen = self._calls(work, backend, capacity)
 
         def capture():
             if not self.cuda:
@@ -748,7 +774,7 @@ class MainBench(RankBench):
         if (verdict := self.agree(self._device_errors(backend))) is not None:
             return self._failed(work, name, "graph", verdict, None, capacity)
         self._publish_pair(work, name, "graph", stats, capacity, emulated=not self.cuda,
-                           note=None if self.cuda else "CPU: no CUDA graphs, replay re-runs the calls")
+                           note=None if self.cuda else "CPU: no CUDA graphs, replay re-runs the calls", calls=seen)
 
     # ---------------------------------------------------------------- fp8 dispatch
     def fp8_cases(self, work: Workload) -> None:
@@ -799,10 +825,14 @@ class MainBench(RankBench):
         if backend is None:
             return skip(missing)
 
+        seen = {}
+
         def dispatch():
             x_fp8, x_scales = fp8.quantize_fp8(work.x) if variant == "fp8+quantize" else (q, scales)
+            stats = seen["dispatch"] = CommStats()
             return payload.dispatch(backend, comm, x_fp8, work.topk_idx, work.topk_weights, x_scales=x_scales,
-                                    num_experts=cfg.experts, max_recv_tokens=capacity, check_inputs=False)
+                                    num_experts=cfg.experts, max_recv_tokens=capacity, check_inputs=False,
+                                    stats=stats)
 
         if mode == "graph":
             def capture():
@@ -840,9 +870,11 @@ class MainBench(RankBench):
         note = "x from quantize_fp8, sent as is" if variant == "fp8" else "quantize_fp8 of x + dispatch"
         if mode == "graph" and not self.cuda:
             note += "; CPU: no CUDA graphs, replay re-runs the calls"
+        call = seen.get("dispatch")
         self.publish(work.tokens, name, mode, "dispatch", stats=stats, wire_bytes=wire, deepep_bytes=deepep,
                      capacity=capacity, checked=cfg.check, emulated=mode == "graph" and not self.cuda, note=note,
-                     payload=variant)
+                     payload=variant, path=call.path or None if call is not None else None,
+                     sms=self._sms_used(call))
 
     def all_to_all_case(self, work: Workload) -> None:
         """Baseline: `all_to_all_single` of the de-duplicated rows with the nccl dispatch's split sizes

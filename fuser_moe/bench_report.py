@@ -9,7 +9,10 @@ The document (`"format": "fuser_moe.bench/1"`):
     "all_to_all_vdev_2d"), mode ("exact", "capacity", "graph"), op ("dispatch", "combine"),
     status ("ok", "skipped", "mismatch", "error") and reason (why, when not ok), note, capacity (C of
     capacity and graph modes), checked (compared bit for bit with the nccl exact-mode outputs before
-    timing), emulated (graph mode on the CPU: a stand-in re-runs the calls); payload, only on fp8 dispatch
+    timing), emulated (graph mode on the CPU: a stand-in re-runs the calls); path and sms, on the
+    backends' rows where the backend said them (its CommStats: the protocol its calls took, "general" or
+    "low-latency" on the cuda backend, and the SMs they used: the most blocks a kernel of theirs
+    launched, at most the GPU's SMs, the largest over ranks), shown in the tables' note column; payload, only on fp8 dispatch
     rows: "fp8" (dispatch of quantize_fp8's outputs) or "fp8+quantize" (quantisation and dispatch);
     when ok: median_us and min_us (median over ranks of each rank's median and minimum),
     host_median_us, wire_gbps and deepep_gbps (median over ranks of each rank's GB/s),
@@ -128,7 +131,10 @@ def _label(record: dict) -> str:
 
 def _status_text(record: dict, width: int = 70) -> str:
     if record["status"] == "ok":
-        notes = [n for n in (record.get("note"),) if n]
+        # the protocol the backend took and the SMs it used, where it said (docs/benchmarks.md)
+        said = [f"{record['path']} path" if record.get("path") else None,
+                f"{record['sms']} SMs" if record.get("sms") else None]
+        notes = [n for n in (", ".join(n for n in said if n), record.get("note")) if n]
         if not record.get("checked"):
             notes.append("not checked")
         return "; ".join(notes)

@@ -99,6 +99,21 @@ def test_every_measured_row_was_checked_against_nccl(bench_run):
     assert "CUDA" in by_series["all_to_all_vdev_2d", "capacity"]["reason"]
 
 
+def test_rows_say_the_path_and_the_sms_the_backend_used(bench_run):
+    """The backends' rows carry the protocol their calls took and the SMs their kernels used, as the
+    backend's CommStats said (on CPU ranks: the cuda backend's general protocol, in torch, no SMs); the
+    baselines' rows say neither. The tables show them in the note column."""
+    proc, _, doc, _ = bench_run
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    cuda_rows = [r for r in ok if r["backend"] == "cuda"]
+    assert cuda_rows and all(r["path"] == "general" and r.get("sms") is None for r in cuda_rows)
+    assert all("path" not in r and "sms" not in r for r in ok if r["backend"] == "all_to_all_single")
+    assert "general path" in proc.stdout
+    shown = bench_report._status_text({"status": "ok", "checked": True, "path": "low-latency", "sms": 66,
+                                       "note": "a note"})
+    assert shown == "low-latency path, 66 SMs; a note"
+
+
 def test_table_and_progress_print(bench_run):
     proc, _, doc, _ = bench_run
     table = proc.stdout

@@ -137,10 +137,17 @@ def body(comm, args):
 
 def skew_table(marks_by_rank: list) -> str:
     """Each rank's marks against the earliest dispatch send start of the same repetition (ranks sharing
-    one GPU read one %globaltimer), median over repetitions, in us."""
+    one GPU read one %globaltimer), median over repetitions, in us; then each rank's own spans, from its
+    own send start to its own last ticket, per op (the median of a difference, not a difference of the
+    medians: with skew that varies between repetitions the two differ).
+
+    marks_by_rank[r][i]: rank r's (dispatch send start, dispatch recv ticket, combine send start,
+    combine recv ticket) of repetition i, in ns, None where a point was not reached."""
     names = ("dispatch send start", "dispatch recv ticket", "combine send start", "combine recv ticket")
-    lines = ["ranks on one GPU, us from the earliest rank's dispatch send start of each repetition (median):",
-             f"{'rank':6s}" + "".join(f"{n:>22s}" for n in names)]
+    spans = (("dispatch own", 0, 1), ("combine own", 2, 3))
+    lines = ["ranks on one GPU, us from the earliest rank's dispatch send start of each repetition (median), and "
+             "each rank's own send start to last ticket (median):",
+             f"{'rank':6s}" + "".join(f"{n:>22s}" for n in names) + "".join(f"{n:>14s}" for n, _, _ in spans)]
     reps = min(len(m) for m in marks_by_rank)
     earliest = [min((m[i][0] for m in marks_by_rank if m[i][0] is not None), default=None) for i in range(reps)]
     for rank, marks in enumerate(marks_by_rank):
@@ -149,6 +156,10 @@ def skew_table(marks_by_rank: list) -> str:
             values = [(marks[i][j] - earliest[i]) / 1e3 for i in range(reps)
                       if earliest[i] is not None and marks[i][j] is not None]
             cells.append(f"{statistics.median(values):22.2f}" if values else f"{'-':>22s}")
+        for _, begin, end in spans:
+            values = [(marks[i][end] - marks[i][begin]) / 1e3 for i in range(reps)
+                      if marks[i][begin] is not None and marks[i][end] is not None]
+            cells.append(f"{statistics.median(values):14.2f}" if values else f"{'-':>14s}")
         lines.append(f"{rank:<6d}" + "".join(cells))
     return "\n".join(lines)
 

@@ -12,8 +12,9 @@ The document (`"format": "fuser_moe.bench/1"`):
     timing), emulated (graph mode on the CPU: a stand-in re-runs the calls); path and sms, on the
     backends' rows where the backend said them (its CommStats: the protocol its calls took, "general" or
     "low-latency" on the cuda backend, and the SMs they used: the most blocks a kernel of theirs
-    launched, at most the GPU's SMs, the largest over ranks), shown in the tables' note column; payload, only on fp8 dispatch
-    rows: "fp8" (dispatch of quantize_fp8's outputs) or "fp8+quantize" (quantisation and dispatch);
+    launched, at most the GPU's SMs, the largest over ranks), shown in the tables' note column;
+    payload, only on fp8 dispatch rows: "fp8" (dispatch of quantize_fp8's outputs) or "fp8+quantize"
+    (quantisation and dispatch);
     when ok: median_us and min_us (median over ranks of each rank's median and minimum),
     host_median_us, wire_gbps and deepep_gbps (median over ranks of each rank's GB/s),
     speedup_vs_nccl (the nccl backend's median time in the same mode over this one's; graph mode and

@@ -29,6 +29,7 @@ import torch
 from .common import CommStats, DeviceCount, DispatchOutputs
 from .cuda_kernels import _DTYPE_SUFFIX, _IDX_SUFFIX, grid, sm_budget
 from .cuda_kernels import _kernel as _moe_kernel
+from .transport import nvrtc
 
 KERNEL_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "ll.cu")
 MAX_WORLD = 64
@@ -42,7 +43,7 @@ STATE_WORDS = 8
 _MAX_CHUNK = 8  # tokens a send block handles: positions inside a chunk cost O(chunk * K) per slot
 _SLOTS = 4  # kernels/ll.cu FM_LL_SLOTS
 MAX_EXPERTS = 2048  # the dispatch kernels keep three int tables of E entries in shared memory
-SHARED_LIMIT = 48 * 1024  # dynamic shared memory a launch gets without opting in
+SHARED_LIMIT = nvrtc.DEFAULT_SHARED  # dynamic shared memory a launch gets without opting in
 # Room left for the kernels' static __shared__ arrays (about 1.3 KiB in ll.cu) when a launch opts in to
 # more dynamic shared memory than SHARED_LIMIT.
 _STATIC_SHARED_ROOM = 4 * 1024
@@ -298,8 +299,6 @@ def shared_limit(device) -> int:
     less room for their static arrays; SHARED_LIMIT where no CUDA device is named."""
     if device is None or getattr(device, "type", None) != "cuda":
         return SHARED_LIMIT
-    from .transport import nvrtc
-
     return max(SHARED_LIMIT, nvrtc.shared_memory_limit(device) - _STATIC_SHARED_ROOM)
 
 

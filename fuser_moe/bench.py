@@ -521,7 +521,7 @@ class RankBench:
         """Records one measurement (one row of the tables). Collective when status is "ok" (the ranks'
         statistics are gathered); otherwise every rank must pass the same status and reason. `payload`
         names an fp8 variant (FP8_VARIANTS); None is x in the config's dtype. `path` and `sms`: the
-        protocol the backend's calls took and the SMs they used (`_sms_used`), as the backend's
+        protocol the backend's calls took and the SMs they used (`_said`), as the backend's
         CommStats said (None: not said, e.g. a baseline); the record keeps rank 0's path and the largest
         SMs of any rank."""
         per_rank = None
@@ -692,12 +692,15 @@ class MainBench(RankBench):
             return "error", f"reported after the timed calls: {_describe(exc)}"
         return None
 
-    def _sms_used(self, call: Optional[CommStats]) -> Optional[int]:
-        """The SMs a call's kernels took: the most blocks one of them launched (CommStats.sms), at most
-        the GPU's SMs (more blocks queue on them); None where nothing said (CPU ranks, baselines)."""
-        if call is None or not call.sms or not self.cuda:
-            return None
-        return min(call.sms, torch.cuda.get_device_properties(self.device).multi_processor_count)
+    def _said(self, call: Optional[CommStats]) -> dict:
+        """What a backend call's CommStats says for its row (`publish`'s path and sms): the protocol it
+        took, and the SMs its kernels took: the most blocks one of them launched, at most the GPU's SMs
+        (more blocks queue on them). None for what was not said (CPU ranks, baselines)."""
+        if call is None:
+            return {"path": None, "sms": None}
+        sms = (min(call.sms, torch.cuda.get_device_properties(self.device).multi_processor_count)
+               if call.sms and self.cuda else None)
+        return {"path": call.path or None, "sms": sms}
 
     def _publish_pair(self, work: Workload, name: str, mode: str, stats: dict, capacity, emulated=False,
                       note=None, calls: Optional[dict] = None) -> None:
@@ -706,10 +709,9 @@ class MainBench(RankBench):
         calls = calls or {}
         for op in OPS:
             wire, deepep = op_bytes[op]
-            call = calls.get(op)
             self.publish(work.tokens, name, mode, op, stats=stats[op], wire_bytes=wire, deepep_bytes=deepep,
                          capacity=capacity, checked=self.cfg.check, emulated=emulated, note=note,
-                         path=call.path or None if call is not None else None, sms=self._sms_used(call))
+                         **self._said(calls.get(op)))
 
     def plain_case(self, work: Workload, name: str, mode: str) -> None:
         """Exact or capacity mode: one checked call of each op, then each op timed on its own."""
@@ -870,11 +872,9 @@ class MainBench(RankBench):
         note = "x from quantize_fp8, sent as is" if variant == "fp8" else "quantize_fp8 of x + dispatch"
         if mode == "graph" and not self.cuda:
             note += "; CPU: no CUDA graphs, replay re-runs the calls"
-        call = seen.get("dispatch")
         self.publish(work.tokens, name, mode, "dispatch", stats=stats, wire_bytes=wire, deepep_bytes=deepep,
                      capacity=capacity, checked=cfg.check, emulated=mode == "graph" and not self.cuda, note=note,
-                     payload=variant, path=call.path or None if call is not None else None,
-                     sms=self._sms_used(call))
+                     payload=variant, **self._said(seen.get("dispatch")))
 
     def all_to_all_case(self, work: Workload) -> None:
         """Baseline: `all_to_all_single` of the de-duplicated rows with the nccl dispatch's split sizes

@@ -48,7 +48,7 @@ class _GroupState:
         # waited for in vain; 1 + a token whose partial rows a streaming combine waited for in vain
         # (moe.cu FM_ERR_*).
         self.errors = torch.zeros(ERROR_WORDS, dtype=torch.int64, device=device)
-        # Streaming dispatch: the call counter that notify advances ([0]) and the send-expand kernel's
+        # Streaming dispatch: the call counter that plan advances ([0]) and the send-expand kernel's
         # tickets ([1], [2]), zero between calls. Streaming combine: its call counter ([4], advanced by
         # its last block) and tickets ([5], [6]).
         self.stream_words = torch.zeros(8, dtype=torch.int64, device=device)

@@ -40,7 +40,7 @@ MAX_KERNEL_WORLD = 64
 MAX_KERNEL_TOP_K = 64
 GROUP_CAP = 64
 _THREADS = 256  # the kernels that keep per-warp shared arrays assume 8 warps a block
-_NOTIFY_THREADS = 1024
+_PLAN_THREADS = 1024
 _MAX_CHUNK = 32  # tokens a dispatch block handles
 # Words of the summary that the plan kernel writes (moe.cu FM_SUM_*).
 _SUM_WIRE_IN, _SUM_PAIRS_IN, _SUM_MAX_WIRE_IN, _SUM_MAX_TOKENS, _SUM_SENT_REMOTE, _SUM_RECV_REMOTE = range(6)
@@ -98,6 +98,19 @@ def grid(blocks: int, cap: int, stats: CommStats) -> int:
     return blocks
 
 
+def launch_notify(chunk_e: torch.Tensor, chunk_d: torch.Tensor, n_chunks: int, num_experts: int, world: int,
+                  rank: int, tokens: int, count_ptrs, n_to: torch.Tensor, gen_state: Optional[torch.Tensor],
+                  cap: int, stats: CommStats) -> None:
+    """moe.cu's notify (both backends): a warp per column of the count row (W ranks, then E experts),
+    8 columns a block, within the SM budget `cap`. `count_ptrs`: where row `rank` of every rank's count
+    buffer is; gen_state: the call counter (None: one count buffer)."""
+    columns = world + num_experts
+    _kernel("fuser_moe_dispatch_notify", chunk_e.device).launch(
+        grid(-(-columns // (_THREADS // 32)), cap, stats), _THREADS, [
+            chunk_e, chunk_d, ctypes.c_int64(n_chunks), ctypes.c_int64(num_experts), ctypes.c_int32(world),
+            ctypes.c_int32(rank), ctypes.c_int64(tokens), count_ptrs, n_to, gen_state])
+
+
 def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
                       topk_weights: torch.Tensor, placement, max_recv_tokens: Optional[int], check_inputs: bool,
                       stats: CommStats):
@@ -133,15 +146,14 @@ def dispatch(comm: Communicator, state, x: torch.Tensor, topk_idx: torch.Tensor,
         _kernel(f"fuser_moe_dispatch_count_{suffix}", device).launch(grid(n_chunks, cap, stats), _THREADS, [
             idx, ctypes.c_int64(tokens), ctypes.c_int32(top_k), e2r, ctypes.c_int64(num_experts),
             ctypes.c_int32(world), ctypes.c_int64(chunk), chunk_e, chunk_d])
-    _kernel("fuser_moe_dispatch_notify", device).launch(1, _NOTIFY_THREADS, [
-        chunk_e, chunk_d, ctypes.c_int64(n_chunks), ctypes.c_int64(num_experts), ctypes.c_int32(world),
-        ctypes.c_int32(rank), ctypes.c_int64(tokens), counts.peer_ptrs, n_to, gen_state])
+    launch_notify(chunk_e, chunk_d, n_chunks, num_experts, world, rank, tokens, counts.peer_ptrs, n_to, gen_state,
+                  cap, stats)
     tr.barrier()
     n_from = torch.empty(world, dtype=i64, device=device)
     per_expert = torch.empty(placement.n_local[rank], dtype=i64, device=device)
     summary = torch.empty(8, dtype=i64, device=device)
     plan = torch.empty(3 * num_experts + world, dtype=i64, device=device)  # totals, start_e, scan, base_d
-    _kernel("fuser_moe_dispatch_plan", device).launch(1, _NOTIFY_THREADS, [
+    _kernel("fuser_moe_dispatch_plan", device).launch(1, _PLAN_THREADS, [
         counts.local, ctypes.c_int64(num_experts), ctypes.c_int32(world), ctypes.c_int32(rank), e2r,
         placement.expert_order, placement.rank_begin, plan, n_from, per_expert, summary, ctypes.c_int32(0),
         gen_state])

@@ -32,8 +32,8 @@ import torch
 from . import routing
 from .common import CommStats, DispatchOutputs
 from .communicator import Communicator
-from .cuda_kernels import (GROUP_CAP, MAX_KERNEL_TOP_K, MAX_KERNEL_WORLD, _IDX_SUFFIX, _MAX_CHUNK, _NOTIFY_THREADS,
-                           _THREADS, _kernel, combine_operands, grid, launch_combine, sm_budget)
+from .cuda_kernels import (GROUP_CAP, MAX_KERNEL_TOP_K, MAX_KERNEL_WORLD, _IDX_SUFFIX, _MAX_CHUNK, _PLAN_THREADS,
+                           _THREADS, _kernel, combine_operands, grid, launch_combine, launch_notify, sm_budget)
 
 _NO_LIMIT = torch.iinfo(torch.int64).max
 _available: dict = {}
@@ -140,9 +140,7 @@ def dispatch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_w
             ctypes.c_int32(world), ctypes.c_int64(chunk), chunk_e, chunk_d])
     # notify writes row r of "rank d's" count buffer: row d of rows_to
     count_ptrs = buffers.pointers(rows_to, 8, scale=width, offset=-rank * row_len)
-    _kernel("fuser_moe_dispatch_notify", device).launch(1, _NOTIFY_THREADS, [
-        chunk_e, chunk_d, ctypes.c_int64(n_chunks), ctypes.c_int64(experts), ctypes.c_int32(world),
-        ctypes.c_int32(rank), ctypes.c_int64(tokens), count_ptrs, n_to, None])
+    launch_notify(chunk_e, chunk_d, n_chunks, experts, world, rank, tokens, count_ptrs, n_to, None, cap, stats)
     if checks.numel():
         rows_to[:, row_len:] = checks
     rows_from = buffers.tensor("count_rows_from", world, (width,), i64)
@@ -153,7 +151,7 @@ def dispatch(comm: Communicator, x: torch.Tensor, topk_idx: torch.Tensor, topk_w
     summary = torch.empty(8, dtype=i64, device=device)
     plan = torch.empty(3 * experts + world, dtype=i64, device=device)
     # local_send: base_d is where each destination's rows start in this rank's own send buffer.
-    _kernel("fuser_moe_dispatch_plan", device).launch(1, _NOTIFY_THREADS, [
+    _kernel("fuser_moe_dispatch_plan", device).launch(1, _PLAN_THREADS, [
         matrix, ctypes.c_int64(experts), ctypes.c_int32(world), ctypes.c_int32(rank), e2r,
         placement.expert_order, placement.rank_begin, plan, n_from_dev, per_expert_dev, summary, ctypes.c_int32(1),
         None])

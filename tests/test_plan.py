@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fuser_moe.backends import cuda, cuda_kernels, routing
+from fuser_moe.backends.common import CommStats
 from fuser_moe.reference import reference_combine, reference_dispatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -291,6 +292,67 @@ def _kernel_world(xs, idxs, ws, experts, out_rows_of=None, self_direct=0):
         outs.append(recv)
     torch.cuda.synchronize()
     return counts, meta_bufs, summaries, n_froms, per_experts, outs
+
+
+@gpu
+@pytest.mark.parametrize("world", [1, 4])
+def test_notify_gives_the_same_counts_on_any_grid_and_plan_advances_the_call_counter(world):
+    """notify (a warp per column of the count row) writes the same prefixes, count rows and n_to whether
+    one block or many take the columns; with a call counter g its rows go to the count buffers of parity
+    (g + 1) & 1, which plan then reads, advancing the counter to g + 1."""
+    experts, tokens, top_k = 64 * world, 300, 4
+    gen = torch.Generator().manual_seed(world)
+    idx = torch.rand(tokens, experts, generator=gen).argsort(dim=1)[:, :top_k].cuda()
+    idx[::7, 1] = -1
+    plc = routing.make_placement(experts, world, None, torch.device("cuda"))
+    i32, i64, rank, chunk = torch.int32, torch.int64, world - 1, 8
+    n_chunks = -(-tokens // chunk)
+    row_len = world + experts + 1
+    results = []
+    for cap, counter in ((1, None), (3, None), (1 << 30, None), (1 << 30, 5)):
+        chunk_e = torch.empty(experts, n_chunks, dtype=i32, device="cuda")
+        chunk_d = torch.empty(world, n_chunks, dtype=i32, device="cuda")
+        _k("fuser_moe_dispatch_count_i64").launch(n_chunks, 256, [
+            idx, ctypes.c_int64(tokens), ctypes.c_int32(top_k), plc.expert_to_rank, ctypes.c_int64(experts),
+            ctypes.c_int32(world), ctypes.c_int64(chunk), chunk_e, chunk_d])
+        counts = [torch.full((2, world, row_len), -1, dtype=i64, device="cuda") for _ in range(world)]
+        n_to = torch.empty(world, dtype=i64, device="cuda")
+        gen_state = None if counter is None else torch.tensor([counter], dtype=i64, device="cuda")
+        stats = CommStats()
+        cuda_kernels.launch_notify(chunk_e, chunk_d, n_chunks, experts, world, rank, tokens, _ptrs(counts), n_to,
+                                   gen_state, cap, stats)
+        assert stats.sms == min(cap, -(-row_len // 8))
+        parity = 0 if counter is None else (counter + 1) & 1
+        rows = [c[parity, rank].cpu() for c in counts]
+        assert all(torch.equal(r, rows[0]) for r in rows)  # every rank's copy of this rank's row
+        assert all(bool((c[1 - parity] == -1).all()) for c in counts)  # the other parity untouched
+        if gen_state is not None:
+            summary = torch.empty(8, dtype=i64, device="cuda")
+            sizes = (3 * experts + world, world, plc.n_local[rank])
+            scratch = [torch.empty(n, dtype=i64, device="cuda") for n in sizes]
+            _k("fuser_moe_dispatch_plan").launch(1, 1024, [
+                counts[rank], ctypes.c_int64(experts), ctypes.c_int32(world), ctypes.c_int32(rank),
+                plc.expert_to_rank, plc.expert_order, plc.rank_begin, *scratch, summary, ctypes.c_int32(0), gen_state])
+            assert int(gen_state) == counter + 1
+            assert int(summary[cuda_kernels._SUM_MAX_TOKENS]) == tokens  # it read the parity notify wrote
+        results.append((chunk_e.cpu(), chunk_d.cpu(), rows[0], n_to.cpu()))
+    # What the counts must be, from topk_idx on the host.
+    host = idx.cpu()
+    per_chunk_e = torch.zeros(experts, n_chunks, dtype=i64)
+    per_chunk_d = torch.zeros(world, n_chunks, dtype=i64)
+    e2r = plc.expert_to_rank.cpu()
+    for t in range(tokens):
+        chosen = [int(e) for e in host[t] if int(e) >= 0]
+        for e in chosen:
+            per_chunk_e[e, t // chunk] += 1
+        for d in {int(e2r[e]) for e in chosen}:
+            per_chunk_d[d, t // chunk] += 1
+    want_row = torch.cat([per_chunk_d.sum(1), per_chunk_e.sum(1), torch.tensor([tokens])])
+    for chunk_e, chunk_d, row, n_to in results:
+        assert torch.equal(chunk_e.to(i64), per_chunk_e.cumsum(1) - per_chunk_e)  # exclusive prefixes
+        assert torch.equal(chunk_d.to(i64), per_chunk_d.cumsum(1) - per_chunk_d)
+        assert torch.equal(row, want_row)
+        assert torch.equal(n_to, want_row[:world])
 
 
 @gpu

@@ -175,30 +175,35 @@ __device__ fm_i64 fm_block_exclusive_scan(fm_i64* data, fm_i64 n)
     return grand_total;
 }
 
-// One block. Turns chunk_e / chunk_d into exclusive prefixes over chunks (a warp per row) and sends
-// this rank's count row [tokens to each rank (W), pairs per expert (E), tokens (1)] to row `rank` of
-// every rank's count buffer.
+// Any grid (a warp per column; cuda_kernels.launch_notify gives a block to 8 columns). Turns chunk_e /
+// chunk_d into exclusive prefixes over chunks and sends this rank's count row [tokens to each rank (W),
+// pairs per expert (E), tokens (1)] to row `rank` of every rank's count buffer: each warp writes its
+// columns' totals there itself, so no block waits for another.
 //   count_ptrs [world]: every rank's count buffer, [world, W + E + 1] int64 (two of them, by parity, with
 //                       gen_state)
 //   n_to [W] int64: this rank's n_tokens_to_rank output
-//   gen_state: null, or the call counter (int64, local): this call is gen_state[0] + 1, its rows go to the
-//              count buffer of its parity, and the counter is advanced at the end. With streaming (no
-//              barrier after the send) a fast rank's next call may write its row before a slow peer's
-//              plan has read this one: two buffers by parity keep them apart (the next call's barrier
-//              orders the call after, which writes this parity again).
+//   gen_state: null, or the call counter (int64, local): this call is gen_state[0] + 1 and its rows go to
+//              the count buffer of its parity; plan advances the counter (every block here has read it by
+//              then: plan follows this kernel in stream order). With streaming (no barrier after the
+//              send) a fast rank's next call may write its row before a slow peer's plan has read this
+//              one: two buffers by parity keep them apart (the next call's barrier orders the call after,
+//              which writes this parity again).
+// One H200, W=1, T=4096 (257 columns of 256 chunks): one block of 32 warps, 8 columns a warp one after
+// the other, took 15.8 us; a warp a column over 33 blocks takes one column's scan.
 extern "C" __global__ void fuser_moe_dispatch_notify(int* chunk_e, int* chunk_d, fm_i64 n_chunks, fm_i64 num_experts,
                                                      int world, int rank, fm_i64 tokens,
                                                      const fm_u64* __restrict__ count_ptrs, fm_i64* n_to,
-                                                     fm_i64* gen_state)
+                                                     const fm_i64* gen_state)
 {
     const fm_i64 row_len = world + num_experts + 1;
     const fm_i64 parity_rows = gen_state != nullptr ? ((gen_state[0] + 1) & 1) * world * row_len : 0;
-    fm_i64* own = reinterpret_cast<fm_i64*>(count_ptrs[rank]) + parity_rows + rank * row_len;
+    const fm_i64 row = parity_rows + rank * row_len;  // this rank's row in every rank's count buffer
     const int lane = threadIdx.x & (FM_WARP - 1);
-    const int n_warps = blockDim.x / FM_WARP;
+    const fm_i64 warps = static_cast<fm_i64>(gridDim.x) * (blockDim.x / FM_WARP);
     // A warp per column (W destination ranks, then E experts); a column's chunks are contiguous, scanned
     // 32 at a time (coalesced), FM_SCAN_BATCH rounds of loads issued before the first is used.
-    for (fm_i64 col = threadIdx.x / FM_WARP; col < world + num_experts; col += n_warps) {
+    for (fm_i64 col = blockIdx.x * static_cast<fm_i64>(blockDim.x / FM_WARP) + threadIdx.x / FM_WARP;
+         col < world + num_experts; col += warps) {
         int* base = col < world ? chunk_d + col * n_chunks : chunk_e + (col - world) * n_chunks;
         int carry = 0;
         for (fm_i64 c0 = 0; c0 < n_chunks; c0 += FM_SCAN_BATCH * FM_WARP) {
@@ -218,28 +223,16 @@ extern "C" __global__ void fuser_moe_dispatch_notify(int* chunk_e, int* chunk_d,
                 carry += __shfl_sync(0xffffffffu, inclusive, FM_WARP - 1);
             }
         }
-        if (lane == 0) {
-            own[col] = carry;
-            if (col < world) {
-                n_to[col] = carry;
-            }
+        for (int peer = lane; peer < world; peer += FM_WARP) {  // every rank's copy of the row, its own too
+            reinterpret_cast<fm_i64*>(count_ptrs[peer])[row + col] = carry;
+        }
+        if (lane == 0 && col < world) {
+            n_to[col] = carry;
         }
     }
-    if (threadIdx.x == 0) {
-        own[world + num_experts] = tokens;
-    }
-    __syncthreads();
-    for (fm_i64 i = threadIdx.x; i < static_cast<fm_i64>(world) * row_len; i += blockDim.x) {
-        const int peer = static_cast<int>(i / row_len);
-        const fm_i64 k = i % row_len;
-        if (peer != rank) {
-            reinterpret_cast<fm_i64*>(count_ptrs[peer])[parity_rows + rank * row_len + k] = own[k];
-        }
-    }
-    if (gen_state != nullptr) {
-        __syncthreads();  // every thread has read the counter
-        if (threadIdx.x == 0) {
-            gen_state[0] += 1;
+    if (blockIdx.x == 0) {
+        for (int peer = threadIdx.x; peer < world; peer += blockDim.x) {
+            reinterpret_cast<fm_i64*>(count_ptrs[peer])[row + world + num_experts] = tokens;
         }
     }
 }
@@ -253,18 +246,21 @@ extern "C" __global__ void fuser_moe_dispatch_notify(int* chunk_e, int* chunk_d,
 // (send adds the chunk's exclusive prefix to them) and this rank's receiving outputs: n_from [W],
 // n_per_expert [E_local], summary (FM_SUM_*, 8 words).
 //   expert_order [E]: experts by (rank, local index); rank_begin [W + 1]: each rank's run in it
-//   gen_state: null, or notify's call counter: the matrix is then the one of the call's parity
+//   gen_state: null, or the call counter that notify read: the matrix is then the one of this call's
+//              parity (gen_state[0] + 1), and the counter is advanced at the end
 //   scratch [3 * E + W] int64: totals, start_e, the scan, base_d
 extern "C" __global__ void fuser_moe_dispatch_plan(const fm_i64* __restrict__ matrix, fm_i64 num_experts, int world,
                                                    int rank, const fm_i64* __restrict__ expert_to_rank,
                                                    const fm_i64* __restrict__ expert_order,
                                                    const fm_i64* __restrict__ rank_begin, fm_i64* scratch,
                                                    fm_i64* n_from, fm_i64* n_per_expert, fm_i64* summary,
-                                                   int local_send, const fm_i64* gen_state)
+                                                   int local_send, fm_i64* gen_state)
 {
-    // With gen_state (notify's call counter, already advanced) the matrix is the one of this call's parity.
+    // With gen_state (the call counter, which this kernel advances: this call is gen_state[0] + 1) the
+    // matrix is the one of this call's parity.
+    const fm_i64 generation = gen_state != nullptr ? gen_state[0] + 1 : 0;
     if (gen_state != nullptr) {
-        matrix += (gen_state[0] & 1) * world * (world + num_experts + 1);
+        matrix += (generation & 1) * world * (world + num_experts + 1);
     }
     __shared__ fm_i64 sums[4];  // wire rows in, sent remote, received remote (sums); most wire rows in
     __shared__ fm_i64 max_tokens_s;
@@ -347,6 +343,9 @@ extern "C" __global__ void fuser_moe_dispatch_plan(const fm_i64* __restrict__ ma
         summary[FM_SUM_RECV_REMOTE] = sums[2];
         summary[6] = 0;
         summary[7] = 0;
+        if (gen_state != nullptr) {
+            gen_state[0] = generation;  // every thread read it before the barriers above
+        }
     }
 }
 
@@ -713,7 +712,7 @@ extern "C" __global__ void fuser_moe_dispatch_expand(const unsigned char* __rest
 // their rows on the receivers), the others expand this rank's wire rows as their stamps arrive. A block
 // that expands waits only for blocks that started before it or for peers, so the kernel cannot deadlock
 // however many of its blocks are resident at once. The last block to finish resets the tickets.
-//   gen_state: notify's call counter (this call's generation); tickets [2] int64, zero between calls;
+//   gen_state: the call counter (this call's generation: plan advanced it); tickets [2] int64, zero between calls;
 //   stamp_ptrs [world]: every rank's stamp buffer; stamps: this rank's.
 template <typename I>
 __device__ __forceinline__ void fm_dispatch_send_expand(

@@ -38,9 +38,11 @@ Ranks sharing one GPU (`--device cuda:N` with W > 1, every rank on GPU N): NCCL 
 GPU, so no NCCL collective is issued on a CUDA tensor. The nccl backend and the NCCL baselines
 (all_to_all_single, all_to_all_vdev_2d) are skipped and say why (`shared_gpu_skips`); the reference
 (the nccl backend's exact-mode outputs) is computed on CPU copies of the inputs over Gloo and moved to
-the GPU; instead of the barrier and the all-reduce, the ranks (one host, one clock) agree through the
-store on a moment a little ahead and each enqueues its spin and its call then, so every rank's clock
-starts within the host's scheduling jitter. Under MPS the ranks' kernels run at once, so such a run
+the GPU; instead of the spin, the barrier and the all-reduce, the ranks agree on a moment a little
+ahead on the GPU's own clock (%globaltimer, one clock for every process on a GPU: each rank reads it,
+the store exchanges the readings) and each holds its stream in a gate kernel until then
+(`gpu_start_gate`), so every rank's clock starts within a microsecond or so of the others', however
+late its host enqueued the call. Under MPS the ranks' kernels run at once, so such a run
 times W > 1 with the GPU's memory playing the wire; without MPS the GPU time-slices between the ranks.
 
 Bytes: wire bytes are rows that leave the rank (self excluded) x H x element size (fp8: x (H + 4 *
@@ -211,9 +213,27 @@ def parse_sweep(spec: str) -> list:
 
 
 _SPIN_CYCLES = 200_000  # ~100 us at the H100/H200 clock: the host enqueues the timed call meanwhile
-# Ranks sharing a GPU start each repetition at an agreed moment of the host clock this far after the
-# last rank asked (the store's answer reaches every rank well within it).
+# Ranks sharing a GPU start each repetition at an agreed moment of a clock they share (the host's on CPU
+# ranks, the GPU's %globaltimer on a GPU) this far after the last rank's reading (the store's answer
+# reaches every rank, and each enqueues its call, well within it).
 _HOST_START_AHEAD_S = 0.002
+_GATE_MOST_S = 1.0  # the longest a gate kernel holds its stream, whatever moment it was given
+
+
+def gpu_start_gate(comm, device, ahead_s: float = _HOST_START_AHEAD_S) -> None:
+    """Holds the current stream of `device` until a moment of the GPU's %globaltimer that every rank of
+    `comm` agrees on: the latest of the ranks' readings plus `ahead_s`. For ranks that share one GPU
+    (one clock); work enqueued after the gate starts on every rank at that moment. A collective step
+    (every rank calls it) with a host synchronisation (the reading)."""
+    import ctypes
+
+    from fuser_moe.backends.transport.nvrtc import get_kernel
+
+    now = torch.empty(1, dtype=torch.int64, device=device)
+    get_kernel("barrier.cu", "fuser_moe_clock_read", device).launch(1, 1, [now])
+    until = max(int(v) for v in comm.exchange(int(now.item()))) + int(ahead_s * 1e9)
+    get_kernel("barrier.cu", "fuser_moe_clock_wait", device).launch(1, 1, [
+        ctypes.c_int64(until), ctypes.c_int64(int(_GATE_MOST_S * 1e9))])
 
 
 @dataclass
@@ -477,7 +497,8 @@ class RankBench:
 
     def time(self, fn: Callable) -> dict:
         """Runs fn warm-up times, then reps timed times, each after a synchronisation and a barrier
-        (ranks sharing a GPU: `start_together` instead, and no all-reduce, which would be NCCL's).
+        (ranks sharing a GPU: `gpu_start_gate` instead, `start_together` on CPU ranks, and no
+        all-reduce, which would be NCCL's).
 
         Returns: this rank's {"median_us", "min_us", "host_median_us", "samples_us"}; device time
         from CUDA events on GPUs, the host clock on CPUs. host_median_us is the host time until fn
@@ -493,13 +514,16 @@ class RankBench:
                                                        and self.shared_gpu is None) else None
         for i in range(reps):
             self.sync()
-            if self.shared_gpu is not None:
+            if self.shared_gpu is not None and self.cuda:
+                gpu_start_gate(self.comm, self.device)
+            elif self.shared_gpu is not None:
                 self.start_together()
             else:
                 self.comm.barrier()
             t0 = time.perf_counter()
             if self.cuda:
-                torch.cuda._sleep(_SPIN_CYCLES)
+                if self.shared_gpu is None:
+                    torch.cuda._sleep(_SPIN_CYCLES)
                 if align is not None:
                     dist.all_reduce(align, group=self.comm.group)
                 events[i][0].record()

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from harness import available_world_sizes, run_on_ranks
+from harness import available_world_sizes, run_on_ranks, shares_gpu
 
 from fuser_moe import bench_report
 from fuser_moe.bench import (BenchConfig, MainBench, device_problem, gpu_sharing, launch_sharing, machine_facts,
@@ -174,6 +174,35 @@ def test_ranks_sharing_a_gpu_start_together_after_the_last_one():
 
 
 # ------------------------------------------------------------------------------------------ on a GPU
+def _gate_body(comm, late_s):
+    import time
+
+    from fuser_moe.backends.transport.nvrtc import get_kernel
+    from fuser_moe.bench import _HOST_START_AHEAD_S, gpu_start_gate
+
+    clock = torch.empty(1, dtype=torch.int64, device=comm.device)
+    read = get_kernel("barrier.cu", "fuser_moe_clock_read", comm.device)
+    if comm.rank == 1:
+        time.sleep(late_s)
+    read.launch(1, 1, [clock])
+    arrived = int(clock.item())
+    gpu_start_gate(comm, comm.device)
+    read.launch(1, 1, [clock])  # the first work after the gate
+    return arrived, int(clock.item()), int(_HOST_START_AHEAD_S * 1e9), str(comm.device)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and shares_gpu(2) and 2 in available_world_sizes((2,))),
+                    reason="needs 2 ranks on cuda:0 (FUSER_MOE_TEST_DEVICE=cuda on a one-GPU machine)")
+def test_the_gpu_start_gate_holds_every_rank_until_the_agreed_moment():
+    """Ranks sharing a GPU start a timed repetition at one moment of its %globaltimer: the early rank's
+    stream waits for the late rank's reading plus the margin, then both go."""
+    (arrived0, left0, ahead, dev0), (arrived1, left1, _, dev1) = run_on_ranks(2, _gate_body, 0.05)
+    assert dev0 == dev1 == "cuda:0"
+    assert arrived1 - arrived0 > 40e6  # rank 1 came 50 ms later (one clock)
+    assert left0 >= arrived1 + ahead and left1 >= arrived1 + ahead
+    assert left0 - arrived1 < ahead + 50e6  # and the gate let go soon after the moment
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: runs the bench with its ranks on cuda:0")
 @pytest.mark.parametrize("world", [1, 2])
 def test_bench_on_cuda0(world, tmp_path):

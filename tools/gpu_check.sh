@@ -37,7 +37,8 @@
 #          phase-stamp timeline of tools/ll_stamps.py at W=1 (eager and in a CUDA graph: ll_stamps_w1.txt,
 #          ll_stamps_w1_graph.txt) and shared W=4 (ll_stamps_w4.txt; in a graph, with every rank's marks
 #          against the earliest rank's send start, ll_stamps_w4_graph.txt),
-#          and tools/ll_floor.py, the same bytes moved by torch in a graph (ll_floor.txt).
+#          and tools/ll_floor.py, the same bytes moved by torch in a graph (ll_floor.txt; and each of
+#          the 4 ranks' share under MPS, all at once, ll_floor_w4.txt).
 # Usage: tools/gpu_check.sh [suite|bench|soak|compare|one-gpu|mps|combine|ll|all]    (default all = suite, bench, soak; PYTEST_ARGS
 #        passes extra pytest options)
 set -uo pipefail
@@ -213,6 +214,8 @@ if [ "$what" = ll ]; then
     ll_rounds 4 mps4
     python3 tools/ll_stamps.py --world-size 4 --shared >"$OUT/ll_stamps_w4.txt" 2>&1 || status=1
     python3 tools/ll_stamps.py --world-size 4 --shared --graph >"$OUT/ll_stamps_w4_graph.txt" 2>&1 || status=1
+    python3 tools/ll_floor.py --world-size 4 >"$OUT/ll_floor_w4.txt" 2>&1 || status=1
+    cat "$OUT/ll_floor_w4.txt"
     if [ "$ll_mps" -eq 1 ]; then
         echo quit | nvidia-cuda-mps-control && echo "gpu_check: MPS daemon stopped"
         ll_mps=0

@@ -10,10 +10,11 @@ The stamps cost a few atomics a block, so the figures are a little above the uni
 With --graph the two ops are captured in one CUDA graph and replayed, so the receive kernels start
 as the bench's graph mode starts them (programmatic launches beside their send kernels).
 
-With --shared and W > 1 every rank's kernels run on one GPU, whose %globaltimer they all read, so it
-also prints each rank's marks against the earliest rank's dispatch send start of the same repetition:
-when its send started, when its dispatch and its combine took their last tickets (the skew between
-the ranks' launches, and who waits for whom).
+With --shared and W > 1 every rank's kernels run on one GPU, whose %globaltimer they all read: each
+repetition starts on every rank at one agreed moment of that clock (the bench's `gpu_start_gate`),
+and it also prints each rank's marks against the earliest rank's dispatch send start of the same
+repetition: when its send started, when its dispatch and its combine took their last tickets (the
+skew that is left between the ranks' launches, and who waits for whom).
 
 Usage: python3 tools/ll_stamps.py [--tokens 128] [--hidden 7168] [--topk 8] [--experts 256] [--reps 20]
        [--world-size 1] [--shared] [--graph]
@@ -46,6 +47,7 @@ def body(comm, args):
     import torch
 
     from fuser_moe.backends.transport import _cuda, nvrtc
+    from fuser_moe.bench import gpu_start_gate
     from fuser_moe.executors import get_backend
 
     gen = torch.Generator().manual_seed(comm.rank)
@@ -95,7 +97,10 @@ def body(comm, args):
         _cuda.call(d.cuMemsetD8(last_ptr, 0, last_size), "cuMemsetD8")
         _cuda.call(d.cuMemsetD8(starts_ptr, 0, starts_size), "cuMemsetD8")
         torch.cuda.synchronize()
-        comm.barrier()
+        if args.shared and comm.world_size > 1:
+            gpu_start_gate(comm, comm.device)  # every rank's run starts at one moment of the GPU's clock
+        else:
+            comm.barrier()
         run()
         torch.cuda.synchronize()
         _cuda.call(d.cuMemcpyDtoD(host[0].data_ptr(), first_ptr, first_size), "cuMemcpyDtoD")

@@ -108,3 +108,25 @@ extern "C" __global__ void fuser_moe_barrier(const fm_u64* __restrict__ control_
     // the stream) observe what every peer released.
     __threadfence_system();
 }
+
+// A start gate for ranks that share one GPU (the bench, tools/ll_stamps.py). %globaltimer is one clock
+// for every process on a GPU, so ranks that agree on a moment of it (each reads it, they exchange the
+// readings through the host, and take the latest plus a margin) and hold their streams until then
+// start their timed work within a microsecond or so of each other, however late each host enqueued it.
+//   fuser_moe_clock_read:  out[0] = the GPU's %globaltimer now (ns)
+//   fuser_moe_clock_wait:  returns once %globaltimer reaches `until`, or after `most_ns` of waiting (a
+//                          moment far ahead, or one read on another GPU, never holds the stream long)
+extern "C" __global__ void fuser_moe_clock_read(fm_i64* out)
+{
+    out[0] = static_cast<fm_i64>(fm_globaltimer_ns());
+}
+
+extern "C" __global__ void fuser_moe_clock_wait(fm_i64 until, fm_i64 most_ns)
+{
+    const fm_u64 start = fm_globaltimer_ns();
+    for (fm_u64 now = start; static_cast<fm_i64>(now) < until; now = fm_globaltimer_ns()) {
+        if (static_cast<fm_i64>(now - start) > most_ns) {
+            break;
+        }
+    }
+}

@@ -56,6 +56,7 @@ results document; fuser_moe/bench_report.py makes the tables, the JSON and the p
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import platform
@@ -225,8 +226,6 @@ def gpu_start_gate(comm, device, ahead_s: float = _HOST_START_AHEAD_S) -> None:
     `comm` agrees on: the latest of the ranks' readings plus `ahead_s`. For ranks that share one GPU
     (one clock); work enqueued after the gate starts on every rank at that moment. A collective step
     (every rank calls it) with a host synchronisation (the reading)."""
-    import ctypes
-
     from fuser_moe.backends.transport.nvrtc import get_kernel
 
     now = torch.empty(1, dtype=torch.int64, device=device)

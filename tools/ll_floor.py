@@ -40,6 +40,8 @@ SPIN_CYCLES = 200_000  # as fuser_moe/bench.py: the host enqueues the replay whi
 def _time(torch, fn, reps: int, comm=None) -> float:
     """Median us of fn replayed as a CUDA graph; with comm (ranks sharing one GPU), every repetition
     starts at one agreed moment of the GPU's clock on every rank, else after a spin kernel."""
+    from fuser_moe.bench import gpu_start_gate
+
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -56,8 +58,6 @@ def _time(torch, fn, reps: int, comm=None) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         if comm is not None:
-            from fuser_moe.bench import gpu_start_gate
-
             gpu_start_gate(comm, comm.device)
         else:
             torch.cuda._sleep(SPIN_CYCLES)
